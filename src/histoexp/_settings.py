@@ -1,0 +1,94 @@
+"""Global settings: device, mixed precision, progress bars, data directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("histoexp")
+
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class Settings:
+    """Package-wide settings, available as ``hx.settings``.
+
+    Attributes
+    ----------
+    device
+        ``'auto'`` (default: cuda, then mps, then cpu) or an explicit torch device string
+        such as ``'cpu'``, ``'cuda'`` or ``'cuda:1'``.
+    amp
+        Use automatic mixed precision (bfloat16/float16 autocast) on GPU for encoders and training.
+    progress
+        Show ``tqdm`` progress bars on long loops.
+    num_workers
+        Default number of DataLoader workers for patch streaming.
+    data_dir
+        Where datasets are looked up and downloaded; defaults to ``$HISTOEXP_DATA_DIR`` or the
+        user cache (``pooch.os_cache('histoexp')``).
+    """
+
+    def __init__(self) -> None:
+        self._device = "auto"
+        self.amp = True
+        self.progress = True
+        self.num_workers = 0
+        self._data_dir: Path | None = None
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @device.setter
+    def device(self, value: str) -> None:
+        if not isinstance(value, str) or value.split(":")[0] not in _DEVICES:
+            raise ValueError(f"`device` must be one of {_DEVICES} (optionally 'cuda:N'), got {value!r}.")
+        self._device = value
+
+    @property
+    def data_dir(self) -> Path | None:
+        if self._data_dir is not None:
+            return self._data_dir
+        env = os.environ.get("HISTOEXP_DATA_DIR")
+        return Path(env) if env else None
+
+    @data_dir.setter
+    def data_dir(self, value: str | os.PathLike | None) -> None:
+        self._data_dir = None if value is None else Path(value)
+
+    @property
+    def verbosity(self) -> int:
+        """Logging level of the ``'histoexp'`` logger."""
+        return logger.getEffectiveLevel()
+
+    @verbosity.setter
+    def verbosity(self, level: int | str) -> None:
+        logger.setLevel(level)
+
+    def resolve_device(self, device: str | None = None):
+        """Return a :class:`torch.device` for ``device`` (``None``: the setting; ``'auto'``: best available)."""
+        import torch
+
+        choice = self._device if device is None else str(device)
+        if choice.split(":")[0] not in _DEVICES:
+            raise ValueError(f"`device` must be one of {_DEVICES} (optionally 'cuda:N'), got {device!r}.")
+        if choice == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"`device={choice!r}` was requested but CUDA is not available.")
+        return torch.device(choice)
+
+    def __repr__(self) -> str:
+        return (
+            f"histoexp settings: device={self.device!r}, amp={self.amp}, progress={self.progress}, "
+            f"num_workers={self.num_workers}, data_dir={self.data_dir}"
+        )
+
+
+settings = Settings()

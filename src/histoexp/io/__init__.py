@@ -1,0 +1,6 @@
+"""Readers and converters: legacy ST, Visium / Visium HD, SpatialData."""
+
+from ._read import read_st, read_visium
+from ._spatialdata import from_spatialdata, to_spatialdata
+
+__all__ = ["from_spatialdata", "read_st", "read_visium", "to_spatialdata"]

@@ -1,0 +1,7 @@
+"""Placeholder: being implemented."""
+
+
+def spatial_domains(*args, **kwargs):  # noqa: D103
+    raise NotImplementedError
+
+
