@@ -1,0 +1,57 @@
+"""Sphinx configuration for histoexp."""
+
+import os
+from datetime import date
+from importlib.metadata import version as _version
+
+project = "histoexp"
+author = "histoexp developers"
+copyright = f"{date.today().year}, {author}"
+release = _version("histoexp")
+version = release
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "sphinx_autodoc_typehints",
+]
+# Inventories are fetched from the internet: only where the docs are published (Read the Docs).
+if os.environ.get("READTHEDOCS"):
+    extensions.append("sphinx.ext.intersphinx")
+    intersphinx_mapping = {
+        "python": ("https://docs.python.org/3", None),
+        "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+        "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+        "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
+        "numpy": ("https://numpy.org/doc/stable/", None),
+        "torch": ("https://docs.pytorch.org/docs/stable/", None),
+    }
+
+autosummary_generate = True
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+typehints_use_signature = False
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = True
+napoleon_use_param = True
+always_document_param_types = False
+nitpicky = False
+
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+nb_execution_mode = "off"  # tutorials are stored with their outputs
+nb_merge_streams = True
+
+templates_path = ["_templates"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
+suppress_warnings = ["myst.header", "mystnb.unknown_mime_type"]
+
+html_theme = "sphinx_book_theme"
+html_title = "histoexp"
+html_theme_options = {
+    "repository_url": "https://github.com/histoexp/histoexp",
+    "use_repository_button": True,
+}

@@ -1,0 +1,91 @@
+"""Package-level behaviour: fast import without torch, settings, public namespaces."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_import_is_fast_and_lazy():
+    code = (
+        "import sys, time; t = time.perf_counter(); import histoexp as hx; dt = time.perf_counter() - t; "
+        "heavy = [m for m in ('torch', 'torchvision', 'squidpy', 'spatialdata', 'timm') if m in sys.modules]; "
+        "print(dt); print(','.join(heavy))"
+    )
+    # warm the bytecode cache first so we time the import, not compilation
+    subprocess.run([sys.executable, "-c", "import histoexp"], check=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert out[1] == "", f"heavy modules imported at `import histoexp`: {out[1]}"
+    assert float(out[0]) < 3.0
+
+
+def test_namespaces():
+    import histoexp as hx
+
+    for mod in (hx.pp, hx.tl, hx.pl, hx.io, hx.datasets):
+        for name in mod.__all__:
+            assert callable(getattr(mod, name)), f"{mod.__name__}.{name}"
+    assert hx.__version__
+
+
+def test_settings_validation():
+    import histoexp as hx
+
+    with pytest.raises(ValueError, match="device"):
+        hx.settings.device = "tpu"
+    assert str(hx.settings.resolve_device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        hx.settings.resolve_device("gpu")
+
+
+def test_data_dir_from_env(monkeypatch, tmp_path):
+    import histoexp as hx
+
+    monkeypatch.setenv("HISTOEXP_DATA_DIR", str(tmp_path))
+    assert hx.settings.data_dir == tmp_path
+    hx.settings.data_dir = tmp_path / "x"
+    try:
+        assert hx.settings.data_dir == tmp_path / "x"
+    finally:
+        hx.settings.data_dir = None
+
+
+def test_expression_matrix_normalisation(synth):
+    import numpy as np
+
+    import histoexp as hx
+
+    X_before = synth.X.copy()
+    out = hx.pp.expression_matrix(synth, ["gene001", "gene000"])
+    counts = synth.X.toarray()
+    expected = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)[:, [1, 0]]
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert out.dtype == np.float32
+    assert (synth.X != X_before).nnz == 0  # caller's data untouched
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        hx.pp.expression_matrix(synth, ["nope"])
+
+
+def test_select_genes(synth):
+    import histoexp as hx
+
+    hv = hx.pp.select_genes(synth, 10)
+    assert len(hv) == 10 and len(set(hv)) == 10
+    assert hx.pp.select_genes(synth, ["gene003", "gene001"]) == ["gene003", "gene001"]
+    assert hx.pp.select_genes(synth, "all") == list(synth.var_names)
+    with pytest.raises(KeyError):
+        hx.pp.select_genes(synth, ["gene003", "missing"])
+
+
+def test_synthetic_expression_follows_image(synth):
+    import numpy as np
+
+    import histoexp as hx
+
+    X = hx.pp.expression_matrix(synth)
+    drivers = synth.obs[["density", "tint"]].to_numpy()
+    # the hidden drivers explain a large share of expression for genes with large coefficients
+    coef = synth.varm["true_coef"]
+    g = int(np.argmax(np.abs(coef).sum(1)))
+    r = np.corrcoef(drivers @ coef[g], X[:, g])[0, 1]
+    assert r > 0.5
