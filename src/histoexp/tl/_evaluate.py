@@ -1,7 +1,329 @@
-"""Placeholder: being implemented."""
+"""Evaluation of predicted expression against measured expression (per gene and summarised)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._settings import logger
+from .._utils import jsonable
+
+#: Status values of :func:`gene_metrics` rows. Only ``'ok'`` and ``'constant_prediction'`` rows are evaluated.
+STATUS = ("ok", "constant_prediction", "constant_truth", "not_predicted")
+_EPS = 1e-12
 
 
-def evaluate(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def _pearson_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise Pearson correlation; also returns the two centred norms (0 for a constant column)."""
+    a = a - a.mean(axis=0, keepdims=True)
+    b = b - b.mean(axis=0, keepdims=True)
+    na = np.sqrt((a * a).sum(axis=0))
+    nb = np.sqrt((b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(axis=0) / (na * nb)
+    return np.clip(r, -1.0, 1.0), na, nb
 
 
+def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per-gene agreement between a prediction and the truth, on plain arrays.
+
+    Parameters
+    ----------
+    pred
+        Predicted expression, shape ``(n_spots, n_genes)``. A gene whose prediction is NaN in every
+        spot counts as *not predicted*; spots where any predicted gene is NaN are dropped (logged).
+    truth
+        Measured expression on the same scale (e.g. ``log1p`` of normalised counts), same shape.
+    genes
+        Gene names (the table's index); default ``'0'``, ``'1'``, ....
+
+    Returns
+    -------
+    DataFrame indexed by gene with columns
+
+    ``pcc``, ``spearman``
+        Pearson / Spearman correlation across spots. A gene whose **prediction is constant** (the
+        correlation is undefined) gets ``0`` for both and ``status='constant_prediction'``: it stays in
+        every mean, as a prediction that carries no information (excluding it would reward a model for
+        giving up on hard genes).
+    ``mse``, ``mae``
+        Mean squared / absolute error across spots.
+    ``truth_mean``, ``truth_var``
+        Mean and (population) variance of the truth, used for the HEG / HVG selections.
+    ``status``
+        ``'ok'``, ``'constant_prediction'``, ``'constant_truth'`` (truth has zero variance: the gene is
+        excluded, all metrics NaN) or ``'not_predicted'`` (prediction all NaN: excluded, NaN).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape != truth.shape:
+        raise ValueError(f"`pred` and `truth` must be 2-D arrays of one shape, got {pred.shape} and {truth.shape}.")
+    n_spots, n_genes = pred.shape
+    if genes is None:
+        genes = [str(i) for i in range(n_genes)]
+    genes = pd.Index([str(g) for g in genes])
+    if len(genes) != n_genes:
+        raise ValueError(f"`genes` has {len(genes)} names but the arrays have {n_genes} columns.")
+    if not np.isfinite(truth).all():
+        raise ValueError("`truth` contains NaN or infinite values.")
+
+    nan_pred = np.isnan(pred)
+    predicted = ~nan_pred.all(axis=0)
+    bad_spots = nan_pred[:, predicted].any(axis=1)
+    if bad_spots.any():
+        logger.warning("evaluate: %d of %d spots have NaN predictions and are left out.", bad_spots.sum(), n_spots)
+    keep = ~bad_spots
+    if keep.sum() < 2:
+        raise ValueError(f"At least 2 spots with finite predictions are needed, found {int(keep.sum())}.")
+    p, t = pred[keep][:, predicted], truth[keep][:, predicted]
+
+    from scipy.stats import rankdata
+
+    pcc, _, _ = _pearson_columns(p, t)
+    scc, _, _ = _pearson_columns(rankdata(p, axis=0), rankdata(t, axis=0))
+    t_var = t.var(axis=0)
+    const_truth = t_var <= (_EPS * np.maximum(np.abs(t).max(axis=0), 1.0)) ** 2
+    const_pred = (p.var(axis=0) <= (_EPS * np.maximum(np.abs(p).max(axis=0), 1.0)) ** 2) & ~const_truth
+    pcc[const_pred] = 0.0
+    scc[const_pred] = 0.0
+
+    out = pd.DataFrame(
+        np.nan,
+        index=genes,
+        columns=["pcc", "spearman", "mse", "mae", "truth_mean", "truth_var"],
+    )
+    out["status"] = "not_predicted"
+    idx = np.flatnonzero(predicted)
+    out.iloc[idx, 0] = pcc
+    out.iloc[idx, 1] = scc
+    out.iloc[idx, 2] = ((p - t) ** 2).mean(axis=0)
+    out.iloc[idx, 3] = np.abs(p - t).mean(axis=0)
+    out.iloc[idx, 4] = t.mean(axis=0)
+    out.iloc[idx, 5] = t_var
+    status = np.where(const_truth, "constant_truth", np.where(const_pred, "constant_prediction", "ok"))
+    out.iloc[idx, out.columns.get_loc("status")] = status
+    out.loc[out["status"] == "constant_truth", ["pcc", "spearman", "mse", "mae"]] = np.nan
+    out.attrs["n_spots"] = int(keep.sum())
+    return out
+
+
+def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = None) -> dict:
+    """Summary metrics of a :func:`gene_metrics` table.
+
+    Evaluated genes are those with ``status`` ``'ok'`` or ``'constant_prediction'``.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`gene_metrics`.
+    n_top
+        Size of the HVG / HEG / best-gene selections (all evaluated genes when fewer).
+    n_spots
+        Number of spots (default: ``table.attrs['n_spots']``).
+
+    Returns
+    -------
+    A JSON-able dict with
+
+    ``pcc_mean`` (= ``pcc_at_m``)
+        Mean Pearson over all evaluated genes (PCC@M).
+    ``pcc_at_h``
+        PCC@H: mean Pearson of the ``n_top`` best-predicted genes (the top ``n_top`` by Pearson among the
+        evaluated genes). This selects on the evaluated data itself, so it is optimistic by construction;
+        it is what the zero-shot / retrieval literature calls the highly predictive genes.
+    ``pcc_at_f``, ``pcc_at_s``
+        First quartile and median of the per-gene Pearson (EGN's PCC@F / PCC@S).
+    ``pcc_hvg``
+        Mean Pearson over the ``n_top`` most variable genes of the truth (highest variance of the
+        log-normalised truth among the evaluated genes) (HVG-50 with the default).
+    ``pcc_heg``
+        Mean Pearson over the ``n_top`` most expressed genes (highest mean truth) (HEG-50).
+    ``spearman_mean``, ``mse_mean``, ``mae_mean``
+        Means over the evaluated genes.
+    ``n_genes``, ``n_spots``, ``n_top``, ``n_constant_excluded`` (constant truth),
+    ``n_constant_prediction`` (kept, with correlation 0), ``n_not_predicted``.
+    """
+    ev = table[table["status"].isin(["ok", "constant_prediction"])]
+    n = len(ev)
+    counts = table["status"].value_counts()
+    res: dict = {
+        "n_genes": n,
+        "n_spots": int(n_spots if n_spots is not None else table.attrs.get("n_spots", -1)),
+        "n_top": int(min(n_top, n)),
+        "n_constant_excluded": int(counts.get("constant_truth", 0)),
+        "n_constant_prediction": int(counts.get("constant_prediction", 0)),
+        "n_not_predicted": int(counts.get("not_predicted", 0)),
+    }
+    if n == 0:
+        raise ValueError("No gene can be evaluated (all genes are constant in the truth or not predicted).")
+    pcc = ev["pcc"].to_numpy()
+    k = min(n_top, n)
+    hvg = ev["truth_var"].sort_values(ascending=False, kind="stable").index[:k]
+    heg = ev["truth_mean"].sort_values(ascending=False, kind="stable").index[:k]
+    res.update(
+        {
+            "pcc_mean": float(pcc.mean()),
+            "pcc_at_m": float(pcc.mean()),
+            "pcc_at_h": float(np.sort(pcc)[::-1][:k].mean()),
+            "pcc_at_f": float(np.quantile(pcc, 0.25)),
+            "pcc_at_s": float(np.median(pcc)),
+            "pcc_hvg": float(ev.loc[hvg, "pcc"].mean()),
+            "pcc_heg": float(ev.loc[heg, "pcc"].mean()),
+            "spearman_mean": float(ev["spearman"].mean()),
+            "mse_mean": float(ev["mse"].mean()),
+            "mae_mean": float(ev["mae"].mean()),
+        }
+    )
+    return res
+
+
+def _truth_matrix(adata: AnnData, truth, genes: list[str], normalize: str) -> tuple[np.ndarray, str]:
+    if truth is None:
+        from ..pp import expression_matrix
+
+        return expression_matrix(adata, genes, normalize=normalize), f"X ({normalize})"
+    if isinstance(truth, str):
+        if truth not in adata.layers:
+            raise KeyError(f"`truth={truth!r}` is not in adata.layers (found {list(adata.layers)}).")
+        M = adata.layers[truth]
+        idx = adata.var_names.get_indexer(genes)
+        M = M[:, idx]
+        M = M.toarray() if hasattr(M, "toarray") else np.asarray(M)
+        return M.astype(np.float64), f"layers[{truth!r}]"
+    if isinstance(truth, pd.DataFrame):
+        missing = [g for g in genes if g not in truth.columns]
+        if missing:
+            raise KeyError(f"`truth` lacks {len(missing)} of the evaluated genes (e.g. {missing[:5]}).")
+        if len(truth) != adata.n_obs:
+            raise ValueError(f"`truth` has {len(truth)} rows, expected adata.n_obs={adata.n_obs}.")
+        return truth[genes].to_numpy(np.float64), "DataFrame"
+    M = truth.toarray() if hasattr(truth, "toarray") else np.asarray(truth)
+    if M.shape != (adata.n_obs, adata.n_vars):
+        raise ValueError(f"`truth` as an array must have shape (n_obs, n_vars)={adata.shape}, got {M.shape}.")
+    return M[:, adata.var_names.get_indexer(genes)].astype(np.float64), "array"
+
+
+def evaluate(
+    adata: AnnData,
+    *,
+    layer: str = "bleep",
+    truth: str | np.ndarray | pd.DataFrame | None = None,
+    genes: Sequence[str] | None = None,
+    normalize: str = "log1p",
+    n_top: int = 50,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> pd.DataFrame | None:
+    """Compare predicted with measured expression, per gene and summarised.
+
+    Per gene: Pearson and Spearman correlation across spots, mean squared error and mean absolute
+    error between ``adata.layers[layer]`` and the measured log-normalised expression (see
+    :func:`gene_metrics` for the exact rules). Summaries (see :func:`summarize`): mean Pearson over all
+    evaluated genes (PCC@M), over the ``n_top`` most variable (HVG-50) and most expressed (HEG-50)
+    genes of the truth, PCC@H (mean of the ``n_top`` best-predicted genes), quartiles, mean Spearman,
+    MSE and MAE.
+
+    Genes evaluated: the genes with a prediction (not all-NaN in ``layers[layer]``), intersected with
+    ``genes``. Genes constant in the truth are excluded and counted (``n_constant_excluded``). Genes
+    whose prediction is constant get correlation ``0`` and are kept (``n_constant_prediction``).
+
+    Parameters
+    ----------
+    adata
+        Annotated data with predictions in ``layers[layer]`` and the measurement in ``X`` (counts) or
+        in ``truth``.
+    layer
+        Layer holding the predictions (e.g. written by :func:`histoexp.tl.impute`).
+    truth
+        ``None``: :func:`histoexp.pp.expression_matrix` of ``X`` with ``normalize`` (``log1p`` of counts
+        normalised to 10,000 per spot, library size over all genes). A layer name: that layer as it is.
+        An array of shape ``(n_obs, n_vars)`` or a DataFrame with gene columns: used as it is.
+    genes
+        Restrict to these genes (default: every predicted gene).
+    normalize
+        Normalisation of ``X`` when ``truth`` is ``None`` (``'log1p'`` or ``'none'``).
+    n_top
+        Size of the HVG / HEG / best-gene selections.
+    key_added
+        Prefix of the results (default: ``layer``).
+    copy
+        Return the per-gene table instead of writing to ``adata``.
+
+    Returns
+    -------
+    With ``copy=True`` the per-gene DataFrame (:func:`gene_metrics` columns), with the summary in
+    ``table.attrs['metrics']``. Otherwise ``None`` and writes
+
+    - ``var[f'{key}_pcc']``, ``var[f'{key}_spearman']``, ``var[f'{key}_mse']``, ``var[f'{key}_mae']``
+      (NaN for genes not evaluated),
+    - ``uns[key]['metrics']``: the summary dict. Evaluation is a recomputation: an existing
+      ``metrics`` entry and existing metric columns are replaced (logged); other entries of
+      ``uns[key]`` such as ``'params'`` are kept.
+    """
+    key = key_added or layer
+    if layer not in adata.layers:
+        raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}); run impute first.")
+    P = adata.layers[layer]
+    P = P.toarray() if hasattr(P, "toarray") else np.asarray(P)
+    P = P.astype(np.float64)
+    predicted = ~np.isnan(P).all(axis=0)
+    cand = [g for g, ok in zip(adata.var_names, predicted, strict=True) if ok]
+    if genes is not None:
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        unknown = [g for g in genes if g not in adata.var_names]
+        if unknown:
+            raise KeyError(f"{len(unknown)} of {len(genes)} `genes` are not in adata.var_names (e.g. {unknown[:5]}).")
+        wanted = set(genes)
+        cand = [g for g in cand if g in wanted]
+    if not cand:
+        raise ValueError(f"No gene has a prediction in layers[{layer!r}] (all NaN) among the requested genes.")
+    if truth is None and adata.n_vars and _x_is_empty(adata):
+        raise ValueError(
+            "adata.X holds no measurement (all zero or NaN), e.g. an H&E-only query: pass `truth=` or evaluate "
+            "on an AnnData that has measured counts."
+        )
+    T, truth_desc = _truth_matrix(adata, truth, cand, normalize)
+    idx = adata.var_names.get_indexer(cand)
+    table = gene_metrics(P[:, idx], T, cand)
+    metrics = summarize(table, n_top=n_top)
+    metrics.update({"layer": layer, "truth": truth_desc})
+    metrics = jsonable(metrics)
+    table.attrs["metrics"] = metrics
+    logger.info(
+        "evaluate %s: %d genes, %d spots, mean Pearson %.3f (HVG-%d %.3f), %d constant genes excluded.",
+        layer,
+        metrics["n_genes"],
+        metrics["n_spots"],
+        metrics["pcc_mean"],
+        metrics["n_top"],
+        metrics["pcc_hvg"],
+        metrics["n_constant_excluded"],
+    )
+    if copy:
+        return table
+    for col in ("pcc", "spearman", "mse", "mae"):
+        name = f"{key}_{col}"
+        if name in adata.var:
+            logger.info("evaluate: replacing var[%r].", name)
+        values = pd.Series(np.nan, index=adata.var_names, dtype=np.float64)
+        values.loc[table.index] = table[col].to_numpy()
+        adata.var[name] = values.to_numpy()
+    entry = adata.uns.get(key)
+    entry = dict(entry) if isinstance(entry, dict) else {}
+    if "metrics" in entry:
+        logger.info("evaluate: replacing uns[%r]['metrics'].", key)
+    entry["metrics"] = metrics
+    adata.uns[key] = entry
+    return None
+
+
+def _x_is_empty(adata: AnnData) -> bool:
+    X = adata.X
+    if X is None:
+        return True
+    data = X.data if hasattr(X, "nnz") else np.asarray(X)
+    data = np.asarray(data)
+    return data.size == 0 or not np.any(np.nan_to_num(data) != 0)
