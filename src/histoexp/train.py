@@ -1,0 +1,429 @@
+"""The one training loop every histoexp method uses.
+
+:func:`fit` trains any ``nn.Module`` with a user-supplied ``loss_fn(model, batch) -> scalar`` and takes
+care of the parts every method needs: device and mixed precision, seeding, shuffling, validation
+and early stopping with best-weights restore, a progress bar with the losses, and a checkpoint per
+epoch that :func:`fit` can resume from after an interruption. :func:`split_by_library` makes the
+validation split (whole sections, or spatial stripes when there is only one section).
+
+Reproducibility: every epoch ``e`` draws its shuffling order and its dropout noise from the seed
+``(random_state, e)`` inside :func:`torch.random.fork_rng`, so the caller's global RNG is untouched,
+two runs with the same seed on the same device give the same numbers, and a run resumed from the
+checkpoint of epoch ``e`` continues exactly as the uninterrupted run (same weights, same losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._settings import logger, settings
+from ._utils import progress as _progress
+
+__all__ = ["fit", "split_by_library", "to_device"]
+
+_STATE = "state.json"
+_LAST = "last.safetensors"
+_BEST = "best.safetensors"
+_OPTIM = "optimizer.pt"
+
+
+def split_by_library(
+    obs: pd.DataFrame,
+    library_key: str | None = None,
+    *,
+    val_fraction: float = 0.2,
+    random_state: int = 0,
+    coords: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split spots into training and validation without neighbouring spots on both sides.
+
+    - Several sections (``obs[library_key]`` has more than one value): whole sections go to
+      validation, ``max(1, round(val_fraction * n_sections))`` of them chosen at random (at least one
+      section always stays for training).
+    - One section (or ``library_key=None``): a spatially blocked split. The spots are cut into
+      ``round(1 / val_fraction)`` stripes of equal spot count along the longer axis of ``coords``
+      and one stripe, chosen at random, is the validation set. Only the spots along the stripe's
+      border(s) have a training neighbour; there is no buffer zone.
+
+    Parameters
+    ----------
+    obs
+        Spot annotations (``adata.obs``).
+    library_key
+        Column of ``obs`` with the section of each spot; ``None``: treat all spots as one section.
+    val_fraction
+        Target fraction of validation spots; ``0`` returns an empty validation set.
+    random_state
+        Seed for the choice of sections / stripe.
+    coords
+        ``(n_obs, 2)`` spot coordinates (e.g. ``obsm['spatial']``), needed for the single-section
+        split; when ``None``, ``obs[['array_col', 'array_row']]`` or ``obs[['array_x', 'array_y']]``
+        are used if present.
+
+    Returns
+    -------
+    ``(train_idx, val_idx)``: sorted integer positions.
+    """
+    n = len(obs)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+    all_idx = np.arange(n)
+    if val_fraction == 0 or n < 2:
+        return all_idx, np.array([], dtype=int)
+    rng = np.random.default_rng(random_state)
+    if library_key is not None:
+        if library_key not in obs:
+            raise KeyError(f"`library_key={library_key!r}` is not a column of obs (found {list(obs.columns)}).")
+        labels = obs[library_key].astype(str).to_numpy()
+        libs = list(pd.unique(labels))
+        if len(libs) > 1:
+            n_val = min(max(1, round(val_fraction * len(libs))), len(libs) - 1)
+            val_libs = set(rng.choice(np.array(libs, dtype=object), size=n_val, replace=False).tolist())
+            is_val = np.isin(labels, list(val_libs))
+            logger.info("Validation sections: %s (%d spots).", sorted(val_libs), int(is_val.sum()))
+            return all_idx[~is_val], all_idx[is_val]
+    if coords is None:
+        for cols in (("array_col", "array_row"), ("array_x", "array_y"), ("x", "y")):
+            if all(c in obs for c in cols):
+                coords = obs[list(cols)].to_numpy(dtype=float)
+                break
+    if coords is None:
+        raise ValueError(
+            "A single section needs spot coordinates for the spatially blocked validation split: "
+            "pass `coords` (e.g. adata.obsm['spatial'])."
+        )
+    coords = np.asarray(coords, dtype=float)
+    if coords.shape != (n, 2):
+        raise ValueError(f"`coords` must have shape ({n}, 2), got {coords.shape}.")
+    axis = int(np.argmax(np.ptp(coords, axis=0)))
+    n_blocks = max(2, round(1 / val_fraction))
+    order = np.argsort(coords[:, axis], kind="stable")
+    block = np.empty(n, dtype=int)
+    block[order] = np.arange(n) * n_blocks // n
+    chosen = int(rng.integers(n_blocks))
+    is_val = block == chosen
+    logger.info(
+        "Single section: validation = stripe %d of %d along axis %d (%d spots).", chosen, n_blocks, axis, is_val.sum()
+    )
+    return all_idx[~is_val], all_idx[is_val]
+
+
+def to_device(batch: Any, device) -> Any:
+    """Move the tensors of a batch (tensor, tuple/list or dict of tensors) to ``device``."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _as_dataset(data):
+    import torch
+    from torch.utils.data import Dataset, TensorDataset
+
+    if data is None or isinstance(data, Dataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TensorDataset(data)
+    if isinstance(data, Sequence) and all(isinstance(t, torch.Tensor) for t in data):
+        return TensorDataset(*data)
+    raise TypeError(f"Training data must be a torch Dataset, a tensor or a tuple of tensors, got {type(data)}.")
+
+
+def _epoch_seed(random_state: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(random_state), int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _state_dict_cpu(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(ckpt: Path, model, optimizer, scaler, state: dict, best_weights: dict | None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    _atomic(ckpt / _LAST, lambda p: save_file(_state_dict_cpu(model), p))
+    if best_weights is not None:
+        _atomic(ckpt / _BEST, lambda p: save_file(best_weights, p))
+    opt = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
+    _atomic(ckpt / _OPTIM, lambda p: torch.save(opt, p))
+    _atomic(ckpt / _STATE, lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+
+
+def _load_weights(model, path: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path), device=str(device)))
+
+
+def fit(
+    model,
+    train_data,
+    val_data=None,
+    *,
+    loss_fn: Callable[[Any, Any], Any],
+    epochs: int = 50,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-3,
+    optimizer: str = "adamw",
+    patience: int | None = 5,
+    device=None,
+    amp: bool | None = None,
+    random_state: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    drop_last: bool | None = None,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> dict:
+    """Train ``model`` by minimising ``loss_fn`` with early stopping on the validation loss.
+
+    Parameters
+    ----------
+    model
+        The ``torch.nn.Module`` to train (in place). Only parameters with ``requires_grad`` are optimised.
+    train_data
+        A map-style ``torch.utils.data.Dataset``, a tensor, or a tuple of tensors (same first dimension).
+    val_data
+        Same kinds, or ``None`` (no validation: no early stopping, the last weights are kept).
+    loss_fn
+        ``loss_fn(model, batch) -> scalar tensor``; ``batch`` is what the DataLoader yields, already on
+        the device. It is called in ``model.train()`` mode for training and under ``torch.no_grad()`` in
+        ``model.eval()`` mode for validation.
+    epochs
+        Maximum number of epochs.
+    batch_size
+        Spots per batch (also the number of in-batch negatives of contrastive losses).
+    lr, weight_decay
+        Optimiser learning rate and weight decay.
+    optimizer
+        ``'adamw'``, ``'adam'`` or ``'sgd'`` (momentum 0.9).
+    patience
+        Stop after this many epochs without a lower validation loss; ``None``: never stop early.
+        The weights of the best epoch are restored at the end when there is validation data.
+    device
+        Device (``None``: ``hx.settings``).
+    amp
+        Mixed precision (CUDA only; ``None``: ``hx.settings.amp``). Ignored on CPU/MPS.
+    random_state
+        Seed of the shuffling and dropout noise (per epoch, see module docs). Seed the model
+        initialisation yourself before building the model.
+    checkpoint_dir
+        Folder receiving a checkpoint after every epoch: ``last.safetensors`` (weights),
+        ``best.safetensors`` (best weights so far), ``optimizer.pt`` (optimizer/AMP state, tensors
+        only, read back with ``weights_only=True``) and ``state.json`` (epoch, losses, early-stopping
+        state, hyper-parameters).
+    resume
+        Continue from the checkpoint in ``checkpoint_dir`` (if there is one): the result equals the
+        uninterrupted run. The hyper-parameters must match those of the checkpoint.
+    drop_last
+        Drop the last incomplete training batch (``None``: when there are more training samples than
+        ``batch_size``, as BLEEP does: in-batch contrastive losses degrade on tiny batches).
+    num_workers
+        DataLoader workers.
+    collate_fn
+        DataLoader collate function.
+    progress
+        Show a progress bar over epochs with the losses (also subject to ``hx.settings.progress``).
+    desc
+        Progress bar label.
+
+    Returns
+    -------
+    History dict (JSON-able): ``train_loss`` and ``val_loss`` per epoch, ``best_epoch`` (0-based, or
+    ``None``), ``best_val_loss``, ``epochs_run``, ``stopped_early``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if epochs < 1:
+        raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
+    device = settings.resolve_device(device) if not isinstance(device, torch.device) else device
+    train_ds, val_ds = _as_dataset(train_data), _as_dataset(val_data)
+    if val_ds is not None and len(val_ds) == 0:
+        val_ds = None
+    if len(train_ds) == 0:
+        raise ValueError("`train_data` is empty.")
+    use_amp = (settings.amp if amp is None else amp) and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
+    else:
+        raise ValueError(f"`optimizer` must be 'adamw', 'adam' or 'sgd', got {optimizer!r}.")
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    if drop_last is None:
+        drop_last = len(train_ds) > batch_size
+    hparams = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "optimizer": optimizer,
+        "patience": patience,
+        "random_state": random_state,
+        "drop_last": bool(drop_last),
+        "n_train": len(train_ds),
+        "n_val": 0 if val_ds is None else len(val_ds),
+    }
+    state = {
+        "epoch": -1,
+        "train_loss": [],
+        "val_loss": [],
+        "best_epoch": None,
+        "best_val_loss": None,
+        "bad_epochs": 0,
+        "stopped_early": False,
+        "hparams": hparams,
+    }
+    best_weights = None
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and ckpt is None:
+        raise ValueError("`resume=True` needs `checkpoint_dir`.")
+    if resume and (ckpt / _STATE).is_file():
+        saved = json.loads((ckpt / _STATE).read_text())
+        diff = {
+            k: (saved["hparams"].get(k), v)
+            for k, v in hparams.items()
+            if k not in ("epochs", "patience") and saved["hparams"].get(k) != v
+        }
+        if diff:
+            raise ValueError(f"Cannot resume from {ckpt}: hyper-parameters differ (saved, now): {diff}.")
+        state.update({k: v for k, v in saved.items() if k != "hparams"})
+        state["stopped_early"] = False
+        _load_weights(model, ckpt / _LAST, device)
+        extra = torch.load(ckpt / _OPTIM, map_location=device, weights_only=True)
+        opt.load_state_dict(extra["optimizer"])
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        if (ckpt / _BEST).is_file():
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(ckpt / _BEST))
+        logger.info("Resuming %s from %s after epoch %d.", desc, ckpt, state["epoch"] + 1)
+    elif resume:
+        logger.info("No checkpoint in %s: training from scratch.", ckpt)
+
+    def run_epoch(loader, train: bool) -> float:
+        total, count = 0.0, 0
+        model.train(train)
+        for batch in loader:
+            batch = to_device(batch, device)
+            with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(model, batch)
+            if train:
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+            n = _batch_len(batch)
+            total += float(loss.detach()) * n
+            count += n
+        return total / max(count, 1)
+
+    fork_devices = [device] if device.type == "cuda" else []
+    start = state["epoch"] + 1
+    bar = _progress(
+        range(start, epochs), desc=desc, total=epochs, initial=start, disable=not progress or not settings.progress
+    )
+    for epoch in bar:
+        if patience is not None and val_ds is not None and state["bad_epochs"] >= patience:
+            state["stopped_early"] = True
+            break
+        seed = _epoch_seed(random_state, epoch)
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            train_loader = DataLoader(
+                train_ds,
+                batch_size=batch_size,
+                shuffle=True,
+                generator=gen,
+                drop_last=drop_last,
+                num_workers=num_workers,
+                collate_fn=collate_fn,
+            )
+            train_loss = run_epoch(train_loader, True)
+            val_loss = None
+            if val_ds is not None:
+                val_loader = DataLoader(
+                    val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+                )
+                val_loss = run_epoch(val_loader, False)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"Training loss is {train_loss} at epoch {epoch}; lower `lr`.")
+        state["epoch"] = epoch
+        state["train_loss"].append(train_loss)
+        if val_loss is not None:
+            state["val_loss"].append(val_loss)
+            if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+                state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+                best_weights = _state_dict_cpu(model)
+            else:
+                state["bad_epochs"] += 1
+        postfix = {"train_loss": f"{train_loss:.4f}"}
+        if val_loss is not None:
+            postfix["val_loss"] = f"{val_loss:.4f}"
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(postfix)
+        logger.debug("%s epoch %d: %s", desc, epoch, postfix)
+        if ckpt is not None:
+            _save_checkpoint(ckpt, model, opt, scaler, state | {"hparams": hparams}, best_weights)
+    if hasattr(bar, "close"):
+        bar.close()
+    if patience is not None and val_ds is not None and state["bad_epochs"] >= patience and state["epoch"] + 1 < epochs:
+        state["stopped_early"] = True
+    if best_weights is not None:
+        model.load_state_dict({k: v.to(device) for k, v in best_weights.items()})
+    model.eval()
+    return {
+        "train_loss": [float(x) for x in state["train_loss"]],
+        "val_loss": [float(x) for x in state["val_loss"]],
+        "best_epoch": state["best_epoch"],
+        "best_val_loss": state["best_val_loss"],
+        "epochs_run": state["epoch"] + 1,
+        "stopped_early": bool(state["stopped_early"]),
+    }
+
+
+def _batch_len(batch) -> int:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0])
+    return 1
