@@ -67,6 +67,7 @@ def _tiff_hires(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]
     """Read a TIFF (optionally pyramidal / OME) by region at reduced resolution; never decodes the full image."""
     import tifffile
     import zarr
+    from PIL import Image
 
     try:
         tif = tifffile.TiffFile(path)
@@ -100,12 +101,18 @@ def _tiff_hires(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]
             if isinstance(z, zarr.Group):  # pragma: no cover - depends on tifffile/zarr versions
                 z = z[str(level)]
             idx = (0,) * (z.ndim - 3)
-            if layout == "yxs":
-                arr = np.asarray(z[(*idx, slice(None, None, step), slice(None, None, step), slice(None))])
-            else:
-                arr = np.moveaxis(
-                    np.asarray(z[(*idx, slice(None), slice(None, None, step), slice(None, None, step))]), 0, -1
-                )
+            # box-average `step` x `step` blocks, one strip of rows at a time (memory: one strip, not the image)
+            strip = step * max(1, 256 // step)
+            parts = []
+            for r0 in range(0, h, strip):
+                r1 = min(h, r0 + strip)
+                if layout == "yxs":
+                    block = np.asarray(z[(*idx, slice(r0, r1), slice(None), slice(None))])
+                else:
+                    block = np.moveaxis(np.asarray(z[(*idx, slice(None), slice(r0, r1), slice(None))]), 0, -1)
+                block = np.ascontiguousarray(block, dtype=np.uint8)
+                parts.append(np.asarray(Image.fromarray(block).reduce(step)) if step > 1 else block)
+            arr = np.concatenate(parts, axis=0)
         except Exception as e:
             raise ValueError(f"`image`: cannot decode {str(path)!r} ({type(e).__name__}: {e}).") from e
     return np.ascontiguousarray(arr), (int(H), int(W))
