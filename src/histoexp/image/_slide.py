@@ -88,6 +88,7 @@ def _decode_pil(path: Path) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = old
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"Image {str(path)!r} decoded to {arr.dtype} {arr.shape}: {_RGB_MSG}.")
+    arr.setflags(write=False)  # shared by every SlideImage of this file
     with _CACHE_LOCK:
         _CACHE[key] = arr
         _CACHE.move_to_end(key)
@@ -424,6 +425,8 @@ class SlideImage:
     def _window(self, li: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Pixels ``[y0, y1) x [x0, x1)`` of level ``li`` (level coordinates), white outside."""
         lv = self._lv()[li]
+        if x0 >= 0 and y0 >= 0 and x1 <= lv.width and y1 <= lv.height:
+            return lv.read(y0, y1, x0, x1)
         out = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
         cx0, cy0 = max(x0, 0), max(y0, 0)
         cx1, cy1 = min(x1, lv.width), min(y1, lv.height)
@@ -456,7 +459,8 @@ class SlideImage:
         d = lvs[level].downsample
         lx0, ly0 = int(np.floor(x0 / d)), int(np.floor(y0 / d))
         lx1, ly1 = int(np.ceil((x0 + width) / d)), int(np.ceil((y0 + height) / d))
-        return self._window(level, lx0, ly0, lx1, ly1)
+        out = self._window(level, lx0, ly0, lx1, ly1)
+        return out if out.flags.writeable and out.base is None else out.copy()
 
     def fraction_outside(self, cx: float, cy: float, size_px: float) -> float:
         """Fraction of the square of side ``size_px`` centred on ``(cx, cy)`` that lies outside the image."""
