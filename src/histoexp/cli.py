@@ -1,7 +1,586 @@
-"""Placeholder: being implemented."""
+"""The ``histoexp`` command: ``demo`` (the main job), ``fit``, ``impute`` and ``evaluate``.
+
+Run ``histoexp --help`` or ``histoexp <command> --help``. The console script calls :func:`main`, which
+returns the exit status (0 on success, 1 on bad input or a failed step with a one-line message, 2 on
+a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DEMO_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
+DEMO_GENES = ("ERBB2", "GNAS")
+#: patch side per encoder: the handcrafted encoder works at 112 px, torchvision CNNs at 224 px.
+DEFAULT_PATCH_PX = {"handcrafted": 112}
 
 
-def main(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+class CLIError(Exception):
+    """Bad input detected by the command line (printed as ``histoexp: error: ...``, exit status 1)."""
 
 
+class _Steps:
+    """Numbered progress lines with elapsed time, on stderr."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.i, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        self.i += 1
+        if not self.quiet:
+            print(f"[{self.i}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def note(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"    {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _weights_arg(value: str | None) -> str | None:
+    if value is None or value.lower() == "default":
+        return "default"
+    if value.lower() == "none":
+        return None
+    if not Path(value).exists():
+        raise CLIError(f"--weights {value!r}: expected 'default', 'none' or an existing weights file.")
+    return value
+
+
+def _genes_arg(value: str | None):
+    """``her2st`` | ``all`` | an integer (that many HVGs) | a file (one gene per line) | a comma-separated list."""
+    if value is None:
+        return None
+    if value in ("her2st", "all"):
+        return value
+    if value.isdigit():
+        return int(value)
+    p = Path(value)
+    if p.is_file():
+        genes = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not genes:
+            raise CLIError(f"--genes {value!r}: the file holds no gene name.")
+        return genes
+    if "," in value or value.isidentifier() or value.replace("-", "").replace(".", "").isalnum():
+        return [g.strip() for g in value.split(",") if g.strip()]
+    raise CLIError(f"--genes {value!r}: expected 'her2st', 'all', a number, a file or a comma-separated list.")
+
+
+def _read_h5ad(path: str | os.PathLike):
+    import anndata as ad
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{str(p)!r} does not exist.")
+    if p.is_dir() or p.suffix != ".h5ad":
+        raise CLIError(f"{str(p)!r} is not an .h5ad file.")
+    try:
+        return ad.read_h5ad(p)
+    except Exception as err:
+        raise CLIError(f"could not read {str(p)!r} as AnnData: {err}") from err
+
+
+def prepare_features(
+    adata,
+    *,
+    encoder: str = "handcrafted",
+    weights: str | None = "default",
+    patch_px: int | None = None,
+    size_um: float | None = None,
+    mpp: float | None = None,
+    device: str | None = None,
+) -> str:
+    """Extract patches and embed them unless already done; return the ``obsm`` key of the features.
+
+    Used by the CLI and the benchmarks: ``hx.pp.extract_patches`` (memory store; ``patch_px`` default
+    112 for ``'handcrafted'``, else 224) then ``hx.tl.embed_patches`` into ``obsm[f'X_{encoder}']``.
+    """
+    import histoexp as hx
+
+    rep = f"X_{encoder}"
+    if rep in adata.obsm:
+        return rep
+    if "patches" not in adata.obsm and "patches" not in adata.uns.get("histoexp", {}):
+        px = patch_px or DEFAULT_PATCH_PX.get(encoder, 224)
+        kw = {"patch_px": px} if mpp is None else {"mpp": mpp, "patch_px": patch_px}
+        hx.pp.extract_patches(adata, size_um=size_um, store="memory", **kw)
+    hx.tl.embed_patches(adata, encoder=encoder, weights=weights, device=device)
+    if rep not in adata.obsm:  # pragma: no cover - embed_patches contract
+        raise CLIError(f"embed_patches did not write obsm[{rep!r}] (found {list(adata.obsm)}).")
+    return rep
+
+
+def _embedding_params(model) -> dict:
+    cfg = model.config
+    emb = dict(cfg.get("embedding") or {})
+    enc = emb.get("encoder") or (cfg.get("encoder") or {}).get("name")
+    geo = dict(cfg.get("patches") or {})
+    return {
+        "encoder": enc,
+        "weights": emb.get("weights", "default"),
+        "patch_px": emb.get("patch_px", geo.get("patch_px")),
+        "size_um": emb.get("size_um", geo.get("size_um")),
+    }
+
+
+def _mean_baseline(train_expr: np.ndarray, n_spots: int) -> np.ndarray:
+    return np.repeat(train_expr.mean(axis=0, keepdims=True), n_spots, axis=0)
+
+
+def _summary_table(columns: dict[str, dict]) -> pd.DataFrame:
+    rows = [
+        ("pcc_mean", "Pearson, mean over genes (PCC@M)"),
+        ("pcc_hvg", "Pearson, HVG-50"),
+        ("pcc_heg", "Pearson, HEG-50"),
+        ("pcc_at_h", "Pearson, best 50 genes (PCC@H)"),
+        ("pcc_at_s", "Pearson, median"),
+        ("spearman_mean", "Spearman, mean"),
+        ("mse_mean", "MSE"),
+        ("mae_mean", "MAE"),
+        ("n_genes", "genes evaluated"),
+        ("n_constant_excluded", "genes constant in truth (excluded)"),
+        ("n_spots", "spots"),
+    ]
+    data = {name: [m.get(k, np.nan) for k, _ in rows] for name, m in columns.items()}
+    return pd.DataFrame(data, index=[label for _, label in rows])
+
+
+_COUNT_ROWS = ("genes evaluated", "genes constant in truth (excluded)", "spots")
+
+
+def _format_table(df: pd.DataFrame) -> str:
+    out = df.astype(object).copy()
+    for idx in df.index:
+        is_count = idx in _COUNT_ROWS
+        out.loc[idx] = [
+            "nan" if pd.isna(v) else (f"{int(v)}" if is_count else f"{float(v):.3f}") for v in df.loc[idx].to_numpy()
+        ]
+    return out.to_string()
+
+
+def _save_gene_maps(adata, genes, out: Path, *, layer: str = "bleep", compare="X", prefix="gene_map") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    import histoexp as hx
+
+    paths = []
+    for g in genes:
+        path = out / f"{prefix}_{g}.png"
+        fig = hx.pl.gene_map(adata, [g], layer=layer, compare=compare, save=path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _strip_patches(adata):
+    """Copy ``adata`` without patch pixels (they are large and can be re-extracted from the slide)."""
+    out = adata.copy()
+    for k in [k for k in out.obsm if k == "patches"]:
+        del out.obsm[k]
+    hist = out.uns.get("histoexp")
+    if isinstance(hist, dict) and "patches" in hist and hist["patches"].get("store") == "memory":
+        hist = dict(hist)
+        hist["patches"] = {**hist["patches"], "store": "none"}
+        out.uns["histoexp"] = hist
+    return out
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    """Train BLEEP on four HER2ST sections, predict the fifth, evaluate, plot, find domains."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    import histoexp as hx
+    from histoexp.tl._evaluate import gene_metrics, summarize
+
+    test = args.test_section
+    if test not in DEMO_SECTIONS:
+        raise CLIError(f"--test-section {test!r}: expected one of {list(DEMO_SECTIONS)} (the sections with an image).")
+    if args.train_sections:
+        train = [s.strip() for s in args.train_sections.split(",") if s.strip()]
+        bad = [s for s in train if s not in DEMO_SECTIONS or s == test]
+        if bad:
+            raise CLIError(
+                f"--train-sections: {bad} must be sections of {list(DEMO_SECTIONS)} other than the test one."
+            )
+    else:
+        train = [s for s in DEMO_SECTIONS if s != test]
+        if args.quick:
+            train = train[:2]
+    epochs = args.epochs if args.epochs is not None else (10 if args.quick else None)
+    genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
+    patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
+    weights = _weights_arg(args.weights)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise CLIError(f"--data-dir {args.data_dir!r} is not a folder.")
+
+    step = _Steps(7, quiet=args.quiet)
+    print(
+        f"histoexp demo: BLEEP on HER2ST, train {','.join(train)} -> predict {test}; encoder={args.encoder} "
+        f"(weights={weights}), genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
+        f"epochs={epochs or 'default (early stopping)'}, output {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.encoder != "handcrafted" and weights == "default":
+        step.note(
+            f"{args.encoder} with ImageNet weights needs them downloaded once (internet) or cached; "
+            "use --encoder handcrafted (fast, no weights) or --weights none/PATH otherwise."
+        )
+    step(f"loading HER2ST sections {train + [test]} (data dir: {args.data_dir or hx.settings.data_dir or 'download'})")
+    ref = hx.datasets.her2st(train, data_dir=args.data_dir)
+    query = hx.datasets.her2st(test, data_dir=args.data_dir)
+    step.note(f"reference: {ref.n_obs} spots x {ref.n_vars} genes; query {test}: {query.n_obs} spots")
+
+    step(f"extracting patches and {args.encoder} image features")
+    rep = prepare_features(ref, encoder=args.encoder, weights=weights, patch_px=patch_px, device=args.device)
+    prepare_features(query, encoder=args.encoder, weights=weights, patch_px=patch_px, device=args.device)
+    step.note(f"features obsm[{rep!r}]: {ref.obsm[rep].shape[1]} dims")
+
+    step("training BLEEP (frozen image features -> projection heads, contrastive loss)")
+    fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed, "device": args.device}
+    if epochs is not None:
+        fit_kw["epochs"] = epochs
+    model = hx.tl.fit_bleep(ref, **fit_kw)
+    model.save(out / "model")
+    step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}")
+
+    step(f"predicting {test} (retrieval of the k={args.k} nearest reference spots, method={args.method})")
+    hx.tl.impute(query, model, k=args.k, method=args.method, device=args.device)
+
+    step("evaluating against the measured expression")
+    hx.tl.evaluate(query, layer="bleep")
+    table = hx.tl.evaluate(query, layer="bleep", copy=True)
+    ev_genes = list(table.index[table["status"].isin(["ok", "constant_prediction"])])
+    truth = hx.pp.expression_matrix(query, ev_genes)
+    base = gene_metrics(_mean_baseline(hx.pp.expression_matrix(ref, ev_genes), query.n_obs), truth, ev_genes)
+    summary = _summary_table({"BLEEP": query.uns["bleep"]["metrics"], "mean baseline": summarize(base)})
+    per_gene = table.drop(columns=["truth_var"]).sort_values("pcc", ascending=False)
+    per_gene.to_csv(out / "metrics_per_gene.csv", index_label="gene")
+    summary.to_csv(out / "metrics.csv", index_label="metric")
+
+    step("spatial domains on measured and on predicted expression (PCA + spatial kNN + leiden)")
+    hx.tl.spatial_domains(query, layer=None, genes=ev_genes, key_added="measured_domains", random_state=args.seed)
+    hx.tl.spatial_domains(query, layer="bleep", genes=ev_genes, compare="measured_domains", random_state=args.seed)
+    ari = query.uns["bleep_domains"]["ari"]
+    import squidpy as sq
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
+    for ax, key in zip(axes, ["measured_domains", "bleep_domains"], strict=True):
+        sq.pl.spatial_scatter(query, color=key, shape="circle", ax=ax, title=key, img_res_key="hires", frameon=False)
+    fig.suptitle(f"{test}: domains, ARI = {ari:.3f}")
+    fig.savefig(out / "domains.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    step("writing predictions.h5ad, metrics and gene maps")
+    best = [g for g in per_gene.index if g not in DEMO_GENES][: args.n_maps]
+    map_genes = [g for g in DEMO_GENES if g in ev_genes] + best
+    _save_gene_maps(query, map_genes, out)
+    ax = hx.pl.correlation(query, "bleep")
+    ax.figure.savefig(out / "correlation.png", dpi=100, bbox_inches="tight")
+    plt.close(ax.figure)
+    _strip_patches(query).write_h5ad(out / "predictions.h5ad")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "train": train,
+                "test": test,
+                "encoder": args.encoder,
+                "weights": weights,
+                "epochs": epochs,
+                "bleep": query.uns["bleep"]["metrics"],
+                "mean_baseline": summarize(base),
+                "ari_domains": ari,
+                "seconds": round(time.perf_counter() - step.t0, 1),
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nHER2ST {test} predicted from {', '.join(train)} ({args.encoder} features, BLEEP):")
+    print(_format_table(summary))
+    print(f"spatial domains ARI (predicted vs measured): {ari:.3f}")
+    print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in per_gene["pcc"].head(10).items()))
+    for g in DEMO_GENES:
+        if g in per_gene.index:
+            print(f"{g}: Pearson {per_gene.loc[g, 'pcc']:.3f}")
+    print(f"outputs in {out.resolve()} ({time.perf_counter() - step.t0:.0f} s)")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    """Fit BLEEP on reference .h5ad files and save the model folder."""
+    import anndata as ad
+
+    import histoexp as hx
+
+    weights = _weights_arg(args.weights)
+    genes = _genes_arg(args.genes)
+    step = _Steps(3, quiet=args.quiet)
+    step(f"reading {len(args.references)} reference file(s)")
+    parts = []
+    for i, path in enumerate(args.references):
+        a = _read_h5ad(path)
+        if "library_id" not in a.obs:
+            libs = list(a.uns.get("spatial", {})) or [Path(path).stem]
+            a.obs["library_id"] = pd.Categorical([libs[0] if len(libs) == 1 else f"ref{i}"] * a.n_obs)
+        a.obs_names = [f"{n}" for n in a.obs_names]
+        step.note(f"{path}: {a.n_obs} spots x {a.n_vars} genes")
+        parts.append(a)
+    step(f"patches and {args.encoder} features")
+    for a in parts:
+        prepare_features(a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, device=args.device)
+    rep = f"X_{args.encoder}"
+    if len(parts) == 1:
+        ref = parts[0]
+    else:
+        for a in parts:
+            a.obsm.pop("patches", None)
+        ref = ad.concat(parts, join="inner", merge="same", uns_merge="first", index_unique=None)
+        ref.obs_names_make_unique()
+        ref.obs["library_id"] = pd.Categorical(ref.obs["library_id"].astype(str))
+    step(f"training BLEEP on {ref.n_obs} spots")
+    fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed, "device": args.device}
+    if args.epochs is not None:
+        fit_kw["epochs"] = args.epochs
+    model = hx.tl.fit_bleep(ref, **fit_kw)
+    model.save(args.output)
+    print(f"model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
+    return 0
+
+
+def cmd_impute(args) -> int:
+    """Predict expression for a query .h5ad or H&E image with a saved model."""
+    import matplotlib.pyplot as plt
+
+    import histoexp as hx
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise CLIError(f"model folder {str(model_dir)!r} does not exist (create it with `histoexp fit`).")
+    qpath = Path(args.query)
+    if not qpath.exists():
+        raise CLIError(f"query {str(qpath)!r} does not exist.")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    step = _Steps(4, quiet=args.quiet)
+    step(f"loading model {model_dir}")
+    model = hx.tl.load_model(model_dir)
+    emb = _embedding_params(model)
+    if model.mode != "frozen":
+        raise CLIError("the CLI imputes with frozen-feature models only; use hx.tl.impute from Python for others.")
+    step(f"preparing query {qpath.name}")
+    if qpath.suffix == ".h5ad":
+        query = _read_h5ad(qpath)
+    else:
+        tile_um = args.tile_um or emb.get("size_um") or 100.0
+        try:
+            query = hx.pp.tile_tissue(str(qpath), tile_um=tile_um, mpp=args.mpp)
+        except ValueError as err:
+            raise CLIError(f"{err} (for an image query pass --mpp, the µm per pixel of the image)") from err
+        step.note(f"{query.n_obs} tissue tiles of {tile_um:g} µm")
+    prepare_features(
+        query,
+        encoder=emb["encoder"],
+        weights=emb["weights"],
+        patch_px=emb.get("patch_px"),
+        size_um=emb.get("size_um"),
+        device=args.device,
+    )
+    references = [_read_h5ad(p) for p in args.reference] if args.reference else None
+    if references is not None and len(references) == 1:
+        references = references[0]
+    step(f"predicting ({args.method}, k={args.k})")
+    res = hx.tl.impute(
+        query,
+        model,
+        reference=references,
+        genes=_genes_arg(args.genes),
+        k=args.k,
+        method=args.method,
+        device=args.device,
+    )
+    pred = res if res is not None else query
+    measured = res is None and bool(query.n_vars)
+    step(f"writing {out / 'predictions.h5ad'} and gene maps")
+    if measured:
+        try:
+            hx.tl.evaluate(pred, layer="bleep")
+        except ValueError as err:
+            measured = False
+            step.note(f"no evaluation: {err}")
+    if measured:
+        ranking = pred.var["bleep_pcc"].dropna().sort_values(ascending=False)
+        ranking.to_frame("pearson").to_csv(out / "metrics_per_gene.csv", index_label="gene")
+        top = list(ranking.index[: args.n_maps])
+        print(f"mean Pearson over {ranking.size} genes: {pred.uns['bleep']['metrics']['pcc_mean']:.3f}")
+    else:
+        P = np.asarray(pred.layers["bleep"])
+        var = np.nanvar(P, axis=0)
+        top = [pred.var_names[i] for i in np.argsort(-np.nan_to_num(var, nan=-1))[: args.n_maps]]
+    _save_gene_maps(pred, top, out, compare="X" if measured else None)
+    plt.close("all")
+    _strip_patches(pred).write_h5ad(out / "predictions.h5ad")
+    print(f"predicted {int((~np.isnan(np.asarray(pred.layers['bleep'])).all(0)).sum())} genes for {pred.n_obs} spots")
+    print(f"outputs in {out.resolve()} (gene maps: {', '.join(top)})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate predictions stored in an .h5ad (layers[LAYER] vs X)."""
+    import histoexp as hx
+
+    adata = _read_h5ad(args.predictions)
+    if args.layer not in adata.layers:
+        raise CLIError(f"--layer {args.layer!r} is not in the file's layers {list(adata.layers)}.")
+    table = hx.tl.evaluate(adata, layer=args.layer, truth=args.truth, n_top=args.n_top, copy=True)
+    metrics = table.attrs["metrics"]
+    print(_format_table(_summary_table({args.layer: metrics})))
+    best = table["pcc"].dropna().sort_values(ascending=False).head(10)
+    print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in best.items()))
+    if args.output:
+        table.to_csv(args.output, index_label="gene")
+        Path(args.output).with_suffix(".json").write_text(json.dumps(metrics, indent=2, default=str))
+        print(f"per-gene metrics written to {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps (default: hx.settings.device, auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``histoexp`` command."""
+    from histoexp import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="histoexp",
+        description="Predict spatially resolved gene expression from H&E histology (BLEEP). "
+        "Start with `histoexp demo`: trains on four HER2ST sections and predicts the fifth.",
+        epilog="Data: HER2ST is read from --data-dir, $HISTOEXP_DATA_DIR, or downloaded once.",
+    )
+    parser.add_argument("--version", action="version", version=f"histoexp {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="main job: train BLEEP on 4 HER2ST sections, predict the 5th, evaluate, plot",
+        description="Load HER2ST sections C2-C6, train BLEEP on four, predict the held-out one, and write "
+        "predictions.h5ad, metrics.csv, metrics_per_gene.csv, gene maps, correlation and domain plots to --out.",
+    )
+    p.add_argument("--data-dir", default=None, help="local her2st copy (default: $HISTOEXP_DATA_DIR or download)")
+    p.add_argument("--out", "-o", default="histoexp_demo", help="output folder (default ./histoexp_demo)")
+    p.add_argument("--test-section", default="C6", help="held-out section, one of C2..C6 (default C6)")
+    p.add_argument("--train-sections", default=None, help="comma-separated training sections (default: the other four)")
+    p.add_argument(
+        "--encoder", default="handcrafted", help="image encoder (default handcrafted: fast, no weights; or resnet50)"
+    )
+    p.add_argument("--weights", default="default", help="encoder weights: default | none (random) | PATH")
+    p.add_argument("--genes", default=None, help="gene panel: her2st (default) | all | N (HVGs) | file | A,B,C")
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's, early stopping)")
+    p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
+    p.add_argument("--k", type=int, default=50, help="reference spots averaged per prediction (default 50)")
+    p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
+    p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
+    p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fit", help="train BLEEP on reference .h5ad files -> model folder")
+    p.add_argument("references", nargs="+", metavar="REF.h5ad", help="reference sections (counts + image)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--encoder", default="handcrafted", help="image encoder (default handcrafted)")
+    p.add_argument("--weights", default="default", help="encoder weights: default | none | PATH")
+    p.add_argument("--genes", default=None, help="her2st | all | N (HVGs, default 250) | file | A,B,C")
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
+    p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
+    _add_common(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("impute", help="predict a query .h5ad or H&E image with a model folder")
+    p.add_argument("model", metavar="MODEL_DIR", help="folder written by `histoexp fit`")
+    p.add_argument("query", metavar="QUERY", help="query .h5ad (spots + image) or an H&E image file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of an image query")
+    p.add_argument("--tile-um", type=float, default=None, help="tile side for an image query (default: patch size)")
+    p.add_argument(
+        "--reference", nargs="+", default=None, metavar="REF.h5ad", help="reference bank (default: training)"
+    )
+    p.add_argument("--genes", default=None, help="genes to predict: all | A,B,C | file (default: model genes)")
+    p.add_argument("--k", type=int, default=50, help="neighbours averaged (default 50)")
+    p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
+    p.add_argument("--n-maps", type=int, default=4, help="gene maps to draw (best or most variable genes)")
+    _add_common(p)
+    p.set_defaults(func=cmd_impute)
+
+    p = sub.add_parser("evaluate", help="per-gene and summary metrics of predictions in an .h5ad")
+    p.add_argument("predictions", metavar="PRED.h5ad", help="file with predictions in layers[--layer] and counts in X")
+    p.add_argument("--layer", default="bleep", help="layer with predictions (default bleep)")
+    p.add_argument("--truth", default=None, help="layer with the truth, used as is (default: log1p-normalised X)")
+    p.add_argument("--n-top", type=int, default=50, help="size of HVG/HEG/best selections (default 50)")
+    p.add_argument("-o", "--output", default=None, metavar="metrics.csv", help="write the per-gene table (+ .json)")
+    p.set_defaults(func=cmd_evaluate, quiet=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``histoexp`` command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version / usage errors
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    import histoexp as hx
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    hx_logger = logging.getLogger("histoexp")
+    old_level, old_progress = hx_logger.level, hx.settings.progress
+    hx_logger.addHandler(handler)
+    hx_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if getattr(args, "quiet", False):
+        hx.settings.progress = False
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"histoexp {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, KeyError, ValueError, NotImplementedError, OSError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        what = "not implemented yet" if isinstance(err, NotImplementedError) else type(err).__name__
+        print(f"histoexp {args.command}: error ({what}): {msg}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
+    finally:
+        hx_logger.removeHandler(handler)
+        hx_logger.setLevel(old_level)
+        hx.settings.progress = old_progress
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
