@@ -402,3 +402,46 @@ def test_spatialdata_round_trip_multi_library(synth):
         assert back.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"] == pytest.approx(1.0)
     with pytest.raises(KeyError, match="library_key"):
         hx.io.to_spatialdata(synth, library_key="nope")
+
+
+def test_from_spatialdata_of_spatialdata_io_visium(tmp_path):
+    """A SpatialData made by spatialdata-io's own Visium reader converts to what squidpy reads."""
+    spatialdata_io = pytest.importorskip("spatialdata_io")
+    root = tmp_path / "visium"
+    _write_visium(root)
+    sdata = spatialdata_io.visium(root, dataset_id="lib1")
+    a = hx.io.from_spatialdata(sdata)
+    b = hx.io.read_visium(root)
+    assert list(a.obs_names) == list(b.obs_names)
+    assert (a.X != b.X).nnz == 0
+    np.testing.assert_allclose(a.obsm["spatial"], b.obsm["spatial"])
+    assert a.obs["library_id"].tolist() == ["lib1"] * a.n_obs
+    sf = a.uns["spatial"]["lib1"]["scalefactors"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(110.0)
+    assert sf["tissue_hires_scalef"] == pytest.approx(0.1)
+    np.testing.assert_array_equal(
+        a.uns["spatial"]["lib1"]["images"]["hires"], b.uns["spatial"]["lib1"]["images"]["hires"]
+    )
+
+
+def test_from_spatialdata_polygons():
+    """Square bins (polygons, as in Visium HD) become centroids with an equal-area diameter."""
+    import anndata as ad
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    centres = np.array([[10.0, 10.0], [30.0, 10.0], [10.0, 30.0]])
+    gdf = gpd.GeoDataFrame({"geometry": [box(x - 8, y - 8, x + 8, y + 8) for x, y in centres]})
+    shapes = ShapesModel.parse(gdf, transformations={"global": Identity()})
+    table = ad.AnnData(
+        X=sp.csr_matrix(np.eye(3, dtype=np.float32)),
+        obs=pd.DataFrame({"region": pd.Categorical(["bins"] * 3), "cell_id": np.arange(3)}, index=["a", "b", "c"]),
+    )
+    table = TableModel.parse(table, region="bins", region_key="region", instance_key="cell_id")
+    a = hx.io.from_spatialdata(SpatialData(shapes={"bins": shapes}, tables={"table": table}))
+    np.testing.assert_allclose(a.obsm["spatial"], centres)
+    assert a.uns["spatial"]["bins"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(2 * np.sqrt(256 / np.pi))
+    assert "images" not in a.uns["spatial"]["bins"]

@@ -196,11 +196,13 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
     Inverse of :func:`to_spatialdata`, and also works for SpatialData objects from :mod:`spatialdata_io`
     (e.g. ``spatialdata_io.visium``): for each region (a shapes element of circles) annotated by the table,
 
-    - ``obsm['spatial']`` = circle centres in the shapes' own coordinates (full-resolution pixels);
+    - ``obsm['spatial']`` = circle centres (polygon centroids for polygons, e.g. Visium HD bins) in the shapes'
+      own coordinates (full-resolution pixels);
     - ``uns['spatial'][lib]['images']['hires']`` = the image element that shares a coordinate system with the
       shapes (the one :func:`to_spatialdata` wrote, else one named ``*hires*``, else the first), downscaled to
       at most 4000 px if larger; ``scalefactors['tissue_hires_scalef']`` = image px per spot px;
-    - ``scalefactors['spot_diameter_fullres']`` = ``2 * median(radius)`` unless the table already records it;
+    - ``scalefactors['spot_diameter_fullres']`` = ``2 * median(radius)`` (polygons: the diameter of a circle of
+      their median area) unless the table already records it;
     - scalefactors/metadata stored in ``table.uns['spatial'][lib]`` are kept.
 
     ``lib`` is the library id recorded by :func:`to_spatialdata`, else the region name. The region and
@@ -249,13 +251,18 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
         if (pos < 0).any():
             raise ValueError(f"`sdata`: {int((pos < 0).sum())} table rows of region {reg!r} have no matching shape.")
         geom = gdf.geometry.iloc[pos]
-        xy[rows, 0], xy[rows, 1] = geom.x.to_numpy(), geom.y.to_numpy()
+        is_point = (geom.geom_type == "Point").all()
+        centres = geom if is_point else geom.centroid  # polygons (e.g. Visium HD bins): their centroids
+        xy[rows, 0], xy[rows, 1] = centres.x.to_numpy(), centres.y.to_numpy()
 
         entry = copy.deepcopy(dict(spatial_in.get(lib, {})))
         sf = dict(entry.get("scalefactors", {}))
         meta = dict(entry.get("metadata", {}))
-        if "spot_diameter_fullres" not in sf and "radius" in gdf:
-            sf["spot_diameter_fullres"] = float(2 * np.median(gdf["radius"].to_numpy()))
+        if "spot_diameter_fullres" not in sf:
+            if "radius" in gdf:
+                sf["spot_diameter_fullres"] = float(2 * np.median(gdf["radius"].to_numpy()))
+            elif not is_point:  # diameter of the circle with the polygons' median area
+                sf["spot_diameter_fullres"] = float(2 * np.sqrt(np.median(geom.area.to_numpy()) / np.pi))
         meta.setdefault("source_image_path", "")
         picked = _pick_image(sdata, gdf, reg, book.get("images", {}).get(lib))
         if picked is not None:
