@@ -57,7 +57,7 @@ def _resolve_libraries(
     adata: AnnData, library_id: str | None, library_key: str | None
 ) -> tuple[str | None, dict[str, np.ndarray]]:
     spatial = adata.uns.get("spatial", {}) or {}
-    if library_key is None and "library_id" in adata.obs and len(spatial) > 1:
+    if library_key is None and library_id is None and "library_id" in adata.obs and len(spatial) > 1:
         library_key = "library_id"
     if library_key is not None:
         if library_key not in adata.obs:
@@ -79,6 +79,12 @@ def _resolve_libraries(
                 "found: pass `library_key=` (obs column naming each spot's section) or `library_id=`."
             )
         library_id = next(iter(spatial)) if spatial else "image"
+    elif "library_id" in adata.obs and (adata.obs["library_id"].astype(str) != str(library_id)).any():
+        logger.warning(
+            "`library_id=%r`: every spot is read from this section's image although obs['library_id'] names other "
+            "sections; pass `library_key='library_id'` to read each section from its own image.",
+            library_id,
+        )
     return None, {str(library_id): np.arange(adata.n_obs)}
 
 
@@ -126,11 +132,11 @@ def extract_patches(
     context
         Scale factor on ``size_um`` (as squidpy's ``spot_scale``): 2 reads twice the spot's width.
     library_id
-        Section whose image to use for a single-section object (default: the only key of
-        ``uns['spatial']``).
+        Read every spot from this section's image (single-section use; default: the only key of
+        ``uns['spatial']``). Cannot be combined with ``library_key``.
     library_key
-        obs column naming each spot's section; default ``'library_id'`` when present and
-        ``uns['spatial']`` has several sections.
+        obs column naming each spot's section; default ``'library_id'`` when that column exists,
+        ``uns['spatial']`` has several sections and ``library_id`` is not given.
     image
         Override the image: a path, RGB uint8 array, SpatialData image or
         :class:`~histoexp.image.SlideImage` (one section), or a dict ``{library_id: image}``. To
