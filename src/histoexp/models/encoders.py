@@ -380,6 +380,13 @@ def _load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], path:
             state = {k[len(prefix) :]: v for k, v in state.items()}
     # drop a classifier head the pooled module no longer has
     state = {k: v for k, v in state.items() if not (k not in own and k.startswith(_HEAD_PREFIXES))}
+    mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"`weights={path!r}` does not match the architecture: {len(mismatched)} tensors have other shapes "
+            f"(e.g. {k!r}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)."
+        )
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
