@@ -20,6 +20,8 @@ __all__ = ["tile_tissue", "tissue_mask"]
 THUMBNAIL_PX = 2000
 #: minimum saturation threshold: below it nothing counts as tissue, even if Otsu says so (blank glass)
 MIN_SATURATION = 0.05
+#: mean saturation above which the lower Otsu class is not glass (it holds pale tissue): split it again
+GLASS_SATURATION = 0.1
 
 
 def tissue_mask(
@@ -30,7 +32,10 @@ def tissue_mask(
     Method: HSV saturation ``(max - min) / max`` of the RGB channels (as ``skimage.color.rgb2hsv``;
     stained tissue is coloured, glass and background are grey/white), smoothed by a Gaussian of
     ``sigma`` thumbnail pixels (``skimage.filters.gaussian``) and thresholded by Otsu
-    (``skimage.filters.threshold_otsu``, at least :data:`MIN_SATURATION`); then
+    (``skimage.filters.threshold_otsu``). When tissue covers most of the thumbnail Otsu may split
+    pale stroma from dense nuclei instead of glass from tissue; so while the lower class is still
+    coloured (mean saturation > :data:`GLASS_SATURATION`), Otsu is applied again to the lower class
+    (at most twice). The threshold is at least :data:`MIN_SATURATION`. Then
     ``skimage.morphology.remove_small_objects`` (debris, specks, < ``min_object_px``) and
     ``remove_small_holes`` (fat vacuoles, tears, < ``max_hole_px``).
 
@@ -47,6 +52,11 @@ def tissue_mask(
     if sigma > 0:
         sat = gaussian(sat, sigma=sigma)
     thr = float(threshold_otsu(sat)) if np.ptp(sat) > 0 else 1.0
+    for _ in range(2):  # the lower class must be glass; if it is still coloured, split it again
+        low = sat[sat <= thr]
+        if low.size < 100 or low.mean() <= GLASS_SATURATION or np.ptp(low) == 0:
+            break
+        thr = float(threshold_otsu(low))
     thr = max(thr, MIN_SATURATION)
     mask = sat > thr
     mask = remove_small_objects(mask, max_size=min_object_px)
