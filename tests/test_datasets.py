@@ -102,6 +102,7 @@ def test_count_only_section_and_custom_library_key(her2st_dir, caplog):
     for lib in ("A1", "C1"):
         entry = a.uns["spatial"][lib]
         assert "images" not in entry
+        assert entry["scalefactors"]["tissue_hires_scalef"] == 1.0
         assert entry["metadata"]["source_image_path"] == ""
         assert entry["metadata"]["mpp_source"] == "spot grid"
         assert entry["scalefactors"]["spot_diameter_fullres"] > 50
@@ -109,6 +110,13 @@ def test_count_only_section_and_custom_library_key(her2st_dir, caplog):
     assert n1 > 300
     # outer join: all genes of either file, zero where a section lacks a gene
     assert a.n_vars > 15_000
+    # squidpy can plot a count-only section (spots sized from the scalefactors, no image)
+    import matplotlib.pyplot as plt
+    import squidpy as sq
+
+    a1 = a[a.obs["section"] == "A1"]
+    sq.pl.spatial_scatter(a1, color="ERBB2", library_key="section", library_id="A1", img=False)
+    plt.close("all")
 
 
 def test_h5ad_round_trip_multi_section(her2st_c, tmp_path):

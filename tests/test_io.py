@@ -101,7 +101,7 @@ def test_read_st_dataframes_mpp_argument_and_no_image(st_files, caplog):
     assert lib["metadata"]["mpp_source"] == "argument"
     assert lib["metadata"]["microns_per_pixel"] == 0.5
     assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(110.0)
-    assert "images" not in lib and "tissue_hires_scalef" not in lib["scalefactors"]
+    assert "images" not in lib and lib["scalefactors"]["tissue_hires_scalef"] == 1.0
     assert lib["metadata"]["source_image_path"] == ""
     assert "no image" in caplog.text
     assert a.obs_names[0].startswith("L_")

@@ -154,7 +154,7 @@ def her2st(
 
       - ``'images'``: ``{'hires': uint8 (h, w, 3)}`` (longest side 2000 px), sections with an image only;
       - ``'scalefactors'``: ``'spot_diameter_fullres'`` (100 µm / µm-per-px, about 145 px),
-        ``'microns_per_pixel'`` and, with an image, ``'tissue_hires_scalef'``;
+        ``'microns_per_pixel'`` and ``'tissue_hires_scalef'`` (``1.0`` for sections without an image);
       - ``'metadata'``: ``'source_image_path'`` (absolute path of the full-resolution JPEG, ``''`` without
         image), ``'microns_per_pixel'``, ``'mpp_source'`` (``'spot grid'``: fitted from the 200 µm array
         pitch), ``'px_per_array_step'``, ``'platform'`` (``'legacy ST'``), ``'spot_diameter_um'``,

@@ -271,7 +271,8 @@ def read_st(
 
       - ``'images'``: ``{'hires': uint8 (h, w, 3)}`` (longest side about 2000 px) - only with an ``image``;
       - ``'scalefactors'``: ``'spot_diameter_fullres'`` (``spot_diameter_um / mpp``), ``'microns_per_pixel'``
-        and, with an image, ``'tissue_hires_scalef'`` (hires px per full-resolution px);
+        and ``'tissue_hires_scalef'`` (hires px per full-resolution px; ``1.0`` without an image, so that
+        ``squidpy.pl.spatial_scatter(..., img=False)`` can size the spots);
       - ``'metadata'``: ``'source_image_path'`` (absolute path, ``''`` without an image),
         ``'microns_per_pixel'``, ``'mpp_source'`` (``'argument'`` or ``'spot grid'``), ``'platform'``
         (``'legacy ST'``), ``'spot_diameter_um'``, ``'pitch_um'``, ``'px_per_array_step'`` (nan-free, only when
@@ -413,6 +414,7 @@ def read_st(
         metadata["fullres_shape"] = [H, W]
     else:
         metadata["source_image_path"] = ""
+        scalefactors["tissue_hires_scalef"] = 1.0  # no image; lets squidpy size spots (spatial_scatter(img=False))
         logger.info("read_st(%s): no image; counts and spot coordinates only.", library_id)
     adata.uns["spatial"] = {library_id: lib}
     return adata
