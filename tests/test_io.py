@@ -445,3 +445,14 @@ def test_from_spatialdata_polygons():
     np.testing.assert_allclose(a.obsm["spatial"], centres)
     assert a.uns["spatial"]["bins"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(2 * np.sqrt(256 / np.pi))
     assert "images" not in a.uns["spatial"]["bins"]
+
+
+def test_patches_after_spatialdata_round_trip(her2st_c2):
+    """Patches extracted after AnnData -> SpatialData -> AnnData equal those of the original object."""
+    a = her2st_c2[:12].copy()
+    back = hx.io.from_spatialdata(hx.io.to_spatialdata(a))
+    p1 = hx.pp.extract_patches(a, patch_px=32, mpp=4.0, store="memory", copy=True).obsm["patches"]
+    p2 = hx.pp.extract_patches(back, patch_px=32, mpp=4.0, store="memory", copy=True).obsm["patches"]
+    assert p1.shape == (12, 32, 32, 3)
+    np.testing.assert_array_equal(p1, p2)
+    assert p1.std() > 5  # real tissue, not padding
