@@ -218,17 +218,34 @@ _fill_handcrafted_dim()
 def _resize_normalise(
     batch: torch.Tensor, size: int | None, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
-    """(B, H, W, 3) uint8 (or float in [0, 255]) -> (B, 3, size, size) float32, scaled to [0, 1] and normalised."""
+    """(B, H, W, 3) uint8 (or float in [0, 255]) -> (B, 3, size, size) float32, scaled to [0, 1] and normalised.
+
+    Works on the batch's device. Resizing is antialiased bilinear interpolation, done on the uint8 pixels
+    (torch's fast channels-last uint8 kernel, like torchvision's ``Resize`` on uint8 tensors) before the
+    conversion to float, so that the float work happens at the (usually smaller) model input size. The result keeps
+    the channels-last memory layout of the input (a (B, 3, S, S) tensor with NHWC strides, also the faster layout
+    for convolutions on CPU).
+    """
     if batch.ndim == 3:
         batch = batch[None]
     if batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"Expected a (B, H, W, 3) RGB batch, got shape {tuple(batch.shape)}.")
-    x = batch.permute(0, 3, 1, 2).to(torch.float32)
-    if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
-    return ((x - m) / s).contiguous()
+    x = batch.permute(0, 3, 1, 2)  # a view: NCHW shape, NHWC memory
+    if x.dtype != torch.uint8:
+        x = x.to(torch.float32)
+    h, w = x.shape[-2:]
+    if size is not None and (h != size or w != size):
+        x = torch.nn.functional.interpolate(
+            x.contiguous(memory_format=torch.channels_last),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    x = torch.addcmul(-mean_t / std_t, x.to(torch.float32), 1.0 / (255.0 * std_t))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass

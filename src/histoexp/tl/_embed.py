@@ -1,7 +1,236 @@
-"""Placeholder: being implemented."""
+"""Patch embeddings: :func:`embed_patches`."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from anndata import AnnData
+
+from .._settings import logger, settings
+from .._utils import check_key_free, jsonable, progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..models.encoders import Encoder
 
 
-def embed_patches(*args, **kwargs):  # noqa: D103
-    raise NotImplementedError
+def _patch_dataset(src):
+    """Wrap a PatchSource as a torch Dataset whose items are whole batches (indices -> uint8 (B, px, px, 3))."""
+    import torch
+    from torch.utils.data import Dataset
+
+    class _Batches(Dataset):
+        def __init__(self, source) -> None:
+            self.source = source
+
+        def __len__(self) -> int:
+            return len(self.source)
+
+        def __getitem__(self, indices) -> torch.Tensor:
+            arr = np.ascontiguousarray(self.source.batch(np.asarray(indices, dtype=np.int64)))
+            return torch.from_numpy(arr)
+
+    return _Batches(src)
 
 
+def _patch_loader(src, *, batch_size: int, num_workers: int, pin_memory: bool):
+    """DataLoader yielding uint8 tensors (B, px, px, 3) in the order of ``src`` (one ``src.batch`` call per batch)."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    ds = _patch_dataset(src)
+    sampler = BatchSampler(SequentialSampler(range(len(src))), batch_size=batch_size, drop_last=False)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def _autocast(device: torch.device, amp: bool):
+    import contextlib
+
+    import torch
+
+    if not amp or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def run_encoder(
+    encoder: Encoder,
+    src,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    amp: bool | None = None,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Embed every patch of a PatchSource with ``encoder``; float32 array (len(src), encoder.dim).
+
+    Patches stream through a DataLoader in batches of uint8; resizing and normalisation run on ``device``
+    in torch; the module runs in eval mode under :func:`torch.inference_mode` (AMP autocast on CUDA when ``amp``).
+    """
+    import torch
+
+    dev = settings.resolve_device(device) if not isinstance(device, torch.device) else device
+    use_amp = settings.amp if amp is None else bool(amp)
+    n = len(src)
+    out = np.empty((n, encoder.dim), dtype=np.float32)
+    module = encoder.module.to(dev).eval()
+    loader = _patch_loader(src, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    n_batches = (n + batch_size - 1) // batch_size
+    start = 0
+    with torch.inference_mode():
+        for batch in progress(loader, desc=desc or f"embedding ({encoder.name})", total=n_batches, unit="batch"):
+            x = encoder.preprocess(batch.to(dev, non_blocking=True))
+            with _autocast(dev, use_amp):
+                feats = module(x)
+            if isinstance(feats, (tuple, list)):
+                feats = feats[0]
+            b = feats.shape[0]
+            if feats.ndim != 2 or feats.shape[1] != encoder.dim:
+                raise ValueError(
+                    f"Encoder {encoder.name!r} returned features of shape {tuple(feats.shape)}; "
+                    f"expected (batch, {encoder.dim})."
+                )
+            out[start : start + b] = feats.float().cpu().numpy()
+            start += b
+    if start != n:  # pragma: no cover - defensive
+        raise RuntimeError(f"Embedded {start} patches, expected {n}.")
+    return out
+
+
+def embed_patches(
+    adata: AnnData,
+    encoder: Any = "resnet50",
+    *,
+    weights: str | os.PathLike | None = "default",
+    patches_key: str = "patches",
+    batch_size: int = 64,
+    device: str | None = None,
+    num_workers: int = 0,
+    amp: bool | None = None,
+    key_added: str | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed the patch of every spot with an image encoder.
+
+    Streams the patches stored by :func:`histoexp.pp.extract_patches` (in memory, in a zarr store, or read from
+    the slide on the fly) through a DataLoader, resizes and normalises them on ``device`` and runs the encoder in
+    eval mode under :func:`torch.inference_mode`. Deterministic on CPU.
+
+    Parameters
+    ----------
+    adata
+        Annotated data with patches under ``uns['histoexp'][patches_key]``.
+    encoder
+        A registry key (see :func:`histoexp.models.list_encoders`: ``'resnet50'``, ``'resnet18'``,
+        ``'densenet121'``, ``'handcrafted'``, ``'uni'``, ``'h-optimus-0'``), ``'timm:<name>'``,
+        ``'hf-hub:<org>/<repo>'``, a :class:`torch.nn.Module` returning (B, dim) features, or an
+        :class:`~histoexp.models.encoders.Encoder` from :func:`histoexp.models.get_encoder`.
+    weights
+        ``'default'`` (published weights; an error, never a silent fallback, when they cannot be downloaded),
+        ``None`` (random initialisation, recorded as ``random_init``) or a local ``.safetensors`` / state-dict
+        file. See :func:`histoexp.models.get_encoder`.
+    patches_key
+        ``key_added`` used with :func:`histoexp.pp.extract_patches`.
+    batch_size
+        Patches per forward pass.
+    device
+        ``'cpu'``, ``'cuda'``, ``'mps'``, ... (default: ``hx.settings.device``: cuda > mps > cpu).
+    num_workers
+        DataLoader workers reading patches (useful when patches are read from the slide on the fly).
+    amp
+        Mixed-precision autocast on CUDA (default: ``hx.settings.amp``). Ignored on CPU.
+    key_added
+        Embeddings go to ``obsm[key_added]`` (default ``'X_<encoder name>'``, e.g. ``'X_resnet50'``).
+    overwrite
+        Replace an existing ``obsm[key_added]``.
+    copy
+        Return a modified copy instead of writing in place.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets
+
+    - ``obsm[key_added]``: float32 (n_obs, dim);
+    - ``uns['histoexp']['embeddings'][key_added]``: ``encoder``, ``weights``, ``dim``, ``patches_key``,
+      ``patch_px``, ``mpp``, ``size_um``, ``random_init``, ``input_size``, ``batch_size``, ``device``, ``amp``,
+      and the encoder's ``config`` (architecture, normalisation, licence).
+    """
+    from ..models.encoders import Encoder, _name_of, get_encoder
+
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if num_workers < 0:
+        raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+    geometry = adata.uns.get("histoexp", {}).get(patches_key)
+    if geometry is None:
+        raise KeyError(
+            f"No patches found under uns['histoexp'][{patches_key!r}] (`patches_key={patches_key!r}`). "
+            f"Run `hx.pp.extract_patches(adata, key_added={patches_key!r})` first."
+        )
+    # fail fast on an occupied key before loading any weights
+    if key_added is None and isinstance(encoder, str):
+        key_added = f"X_{_name_of(encoder)}"
+    if key_added is not None:
+        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+
+    import histoexp.pp as pp
+
+    src = pp.get_patches(adata, key=patches_key)
+    if len(src) != adata.n_obs:
+        raise ValueError(f"The patch source has {len(src)} patches but adata has {adata.n_obs} observations.")
+
+    enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
+    if key_added is None:
+        key_added = f"X_{enc.name}"
+        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+
+    dev = settings.resolve_device(device)
+    use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
+    logger.info(
+        "Embedding %d patches with %r (dim %d) on %s%s.",
+        adata.n_obs,
+        enc.name,
+        enc.dim,
+        dev,
+        " with AMP" if use_amp else "",
+    )
+    feats = run_encoder(enc, src, batch_size=int(batch_size), device=dev, num_workers=num_workers, amp=use_amp)
+    if not np.isfinite(feats).all():
+        logger.warning("Encoder %r produced %d non-finite values.", enc.name, int((~np.isfinite(feats)).sum()))
+
+    if copy:
+        adata = adata.copy()
+    adata.obsm[key_added] = feats
+    cfg = dict(enc.config)
+    params = {
+        "encoder": cfg.get("encoder", enc.name),
+        "weights": cfg.get("weights") or ("random_init" if enc.random_init else "none"),
+        "dim": int(enc.dim),
+        "patches_key": patches_key,
+        "patch_px": getattr(src, "patch_px", geometry.get("patch_px")),
+        "mpp": getattr(src, "mpp", geometry.get("mpp")),
+        "size_um": getattr(src, "size_um", geometry.get("size_um")),
+        "random_init": bool(enc.random_init),
+        "input_size": enc.input_size if enc.input_size is not None else "patch size",
+        "batch_size": int(batch_size),
+        "device": str(dev),
+        "amp": use_amp,
+        "config": cfg,
+    }
+    hx_uns = adata.uns.setdefault("histoexp", {})
+    hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    return adata if copy else None
