@@ -141,7 +141,8 @@ def test_store_zarr_and_none_give_same_features(her2st_c2, c2_patches, tmp_path)
         sub = her2st_c2[:6].copy()
         kw = {"path": str(tmp_path / "p.zarr")} if store == "zarr" else {}
         hx.pp.extract_patches(sub, size_um=112.0, mpp=0.5, patch_px=224, store=store, **kw)
-        hx.tl.embed_patches(sub, "handcrafted", num_workers=0)
+        # store='none' reads the slide on the fly, here inside a DataLoader worker process
+        hx.tl.embed_patches(sub, "handcrafted", batch_size=4, num_workers=1 if store == "none" else 0)
         np.testing.assert_allclose(sub.obsm["X_handcrafted"], ref.obsm["X_handcrafted"], atol=1e-5)
 
 

@@ -17,30 +17,31 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.encoders import Encoder
 
 
-def _patch_dataset(src):
-    """Wrap a PatchSource as a torch Dataset whose items are whole batches (indices -> uint8 (B, px, px, 3))."""
-    import torch
-    from torch.utils.data import Dataset
+class _PatchBatches:
+    """Map-style dataset over a PatchSource whose items are whole batches: indices -> uint8 tensor (B, px, px, 3).
 
-    class _Batches(Dataset):
-        def __init__(self, source) -> None:
-            self.source = source
+    A plain class (DataLoader only needs ``__len__``/``__getitem__``), defined at module level so that it pickles
+    into spawned DataLoader workers together with the (picklable) PatchSource.
+    """
 
-        def __len__(self) -> int:
-            return len(self.source)
+    def __init__(self, source) -> None:
+        self.source = source
 
-        def __getitem__(self, indices) -> torch.Tensor:
-            arr = np.ascontiguousarray(self.source.batch(np.asarray(indices, dtype=np.int64)))
-            return torch.from_numpy(arr)
+    def __len__(self) -> int:
+        return len(self.source)
 
-    return _Batches(src)
+    def __getitem__(self, indices):
+        import torch
+
+        arr = np.ascontiguousarray(self.source.batch(np.asarray(indices, dtype=np.int64)))
+        return torch.from_numpy(arr)
 
 
 def _patch_loader(src, *, batch_size: int, num_workers: int, pin_memory: bool):
     """DataLoader yielding uint8 tensors (B, px, px, 3) in the order of ``src`` (one ``src.batch`` call per batch)."""
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-    ds = _patch_dataset(src)
+    ds = _PatchBatches(src)
     sampler = BatchSampler(SequentialSampler(range(len(src))), batch_size=batch_size, drop_last=False)
     return DataLoader(
         ds,
