@@ -1,0 +1,73 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import histoexp as hx
+from histoexp.tl._domains import ari
+
+
+def test_domains_recovered_from_good_prediction(synth):
+    rng = np.random.default_rng(0)
+    X = hx.pp.expression_matrix(synth)
+    synth.layers["bleep"] = X + rng.normal(0, 0.05, X.shape)
+    synth.layers["shuffled"] = X[rng.permutation(synth.n_obs)]
+    hx.tl.spatial_domains(synth, layer=None)
+    assert isinstance(synth.obs["measured_domains"].dtype, pd.CategoricalDtype)
+    assert synth.uns["measured_domains"]["n_domains"] >= 2
+    hx.tl.spatial_domains(synth, compare="measured_domains")
+    hx.tl.spatial_domains(synth, layer="shuffled", compare="measured_domains")
+    good, bad = synth.uns["bleep_domains"]["ari"], synth.uns["shuffled_domains"]["ari"]
+    assert good > 0.6, good
+    assert bad < 0.2, bad
+    assert good == pytest.approx(ari(synth, "bleep_domains", "measured_domains"))
+    # spatial smoothing: with the spatial graph, neighbouring spots share a domain more often
+    hx.tl.spatial_domains(synth, layer="shuffled", use_spatial=False, key_added="plain")
+
+    def same_neighbour_rate(key):
+        import squidpy as sq
+
+        tmp = synth.copy()
+        sq.gr.spatial_neighbors_knn(tmp, n_neighs=4, library_key="library_id")
+        i, j = tmp.obsp["spatial_connectivities"].nonzero()
+        lab = tmp.obs[key].to_numpy()
+        return np.mean(lab[i] == lab[j])
+
+    assert same_neighbour_rate("shuffled_domains") > same_neighbour_rate("plain")
+
+
+def test_domains_reproducible_and_keys(synth):
+    X = hx.pp.expression_matrix(synth)
+    synth.layers["bleep"] = X
+    synth.layers["bleep"][:, 0] = np.nan  # a gene without prediction is ignored
+    hx.tl.spatial_domains(synth, n_pcs=10)
+    first = synth.obs["bleep_domains"].copy()
+    assert synth.uns["bleep_domains"]["params"]["n_genes"] == synth.n_vars - 1
+    with pytest.raises(KeyError, match="overwrite"):
+        hx.tl.spatial_domains(synth, n_pcs=10)
+    hx.tl.spatial_domains(synth, n_pcs=10, overwrite=True)
+    assert (synth.obs["bleep_domains"] == first).all()
+    with pytest.raises(KeyError, match="compare"):
+        hx.tl.spatial_domains(synth, key_added="x", compare="nope")
+    with pytest.raises(KeyError, match="layer"):
+        hx.tl.spatial_domains(synth, layer="nope")
+
+
+def test_domains_real_section(her2st_c2):
+    a = her2st_c2.copy()
+    genes = hx.pp.select_genes(a, 200)
+    X = hx.pp.expression_matrix(a, genes)
+    idx = a.var_names.get_indexer(genes)
+    rng = np.random.default_rng(0)
+    pred = np.full(a.shape, np.nan, np.float32)  # as impute writes it: NaN outside the predicted genes
+    pred[:, idx] = X  # a perfect prediction must give the measured domains exactly
+    a.layers["bleep"] = pred
+    shuffled = np.full(a.shape, np.nan, np.float32)
+    shuffled[:, idx] = X[rng.permutation(a.n_obs)]
+    a.layers["shuffled"] = shuffled
+    hx.tl.spatial_domains(a, layer=None, genes=genes)
+    hx.tl.spatial_domains(a, genes=genes, compare="measured_domains")
+    hx.tl.spatial_domains(a, layer="shuffled", genes=genes, compare="measured_domains")
+    assert 2 <= a.uns["measured_domains"]["n_domains"] <= 12
+    assert a.uns["bleep_domains"]["params"]["n_genes"] == 200
+    assert a.uns["bleep_domains"]["ari"] == pytest.approx(1.0)
+    assert a.uns["shuffled_domains"]["ari"] < 0.15
