@@ -124,9 +124,18 @@ def _embedding_params(model) -> dict:
     emb = dict(cfg.get("embedding") or {})
     enc = emb.get("encoder") or (cfg.get("encoder") or {}).get("name")
     geo = dict(cfg.get("patches") or {})
+    # the embedding record stores 'none' (no weights, handcrafted), 'random_init' (weights=None), a file
+    # path, or a description of the default weights: map it back to an embed_patches argument.
+    rec = emb.get("weights", "default")
+    if rec in (None, "none", "random_init"):
+        weights = None
+    elif isinstance(rec, str) and Path(rec).exists():
+        weights = rec
+    else:
+        weights = "default"
     return {
         "encoder": enc,
-        "weights": emb.get("weights", "default"),
+        "weights": weights,
         "patch_px": emb.get("patch_px", geo.get("patch_px")),
         "size_um": emb.get("size_um", geo.get("size_um")),
     }
@@ -262,12 +271,26 @@ def cmd_demo(args) -> int:
     model.save(out / "model")
     step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}")
 
+    # genes outside the training panel (ERBB2 is not in the 785-gene panel) are predicted from the
+    # reference bank's counts: retrieval works for any gene the reference spots have.
+    extra = [g for g in DEMO_GENES if g not in model.genes and g in ref.var_names and g in query.var_names]
     step(f"predicting {test} (retrieval of the k={args.k} nearest reference spots, method={args.method})")
-    hx.tl.impute(query, model, k=args.k, method=args.method, device=args.device)
+    hx.tl.impute(
+        query,
+        model,
+        reference=ref if extra else None,
+        genes=model.genes + extra,
+        k=args.k,
+        method=args.method,
+        device=args.device,
+    )
+    if extra:
+        step.note(f"also predicted from the reference counts (not in the training panel): {', '.join(extra)}")
 
     step("evaluating against the measured expression")
-    hx.tl.evaluate(query, layer="bleep")
-    table = hx.tl.evaluate(query, layer="bleep", copy=True)
+    hx.tl.evaluate(query, layer="bleep", genes=model.genes)
+    table = hx.tl.evaluate(query, layer="bleep", genes=model.genes, copy=True)
+    extra_tab = hx.tl.evaluate(query, layer="bleep", genes=extra, copy=True) if extra else None
     ev_genes = list(table.index[table["status"].isin(["ok", "constant_prediction"])])
     truth = hx.pp.expression_matrix(query, ev_genes)
     base = gene_metrics(_mean_baseline(hx.pp.expression_matrix(ref, ev_genes), query.n_obs), truth, ev_genes)
@@ -291,7 +314,7 @@ def cmd_demo(args) -> int:
 
     step("writing predictions.h5ad, metrics and gene maps")
     best = [g for g in per_gene.index if g not in DEMO_GENES][: args.n_maps]
-    map_genes = [g for g in DEMO_GENES if g in ev_genes] + best
+    map_genes = [g for g in DEMO_GENES if g in ev_genes or g in extra] + best
     _save_gene_maps(query, map_genes, out)
     ax = hx.pl.correlation(query, "bleep")
     ax.figure.savefig(out / "correlation.png", dpi=100, bbox_inches="tight")
@@ -307,6 +330,7 @@ def cmd_demo(args) -> int:
                 "epochs": epochs,
                 "bleep": query.uns["bleep"]["metrics"],
                 "mean_baseline": summarize(base),
+                "extra_genes": {} if extra_tab is None else extra_tab[["pcc", "spearman", "mse"]].to_dict("index"),
                 "ari_domains": ari,
                 "seconds": round(time.perf_counter() - step.t0, 1),
             },
@@ -321,6 +345,8 @@ def cmd_demo(args) -> int:
     for g in DEMO_GENES:
         if g in per_gene.index:
             print(f"{g}: Pearson {per_gene.loc[g, 'pcc']:.3f}")
+        elif extra_tab is not None and g in extra_tab.index:
+            print(f"{g}: Pearson {extra_tab.loc[g, 'pcc']:.3f} (outside the training panel, from the reference counts)")
     print(f"outputs in {out.resolve()} ({time.perf_counter() - step.t0:.0f} s)")
     return 0
 

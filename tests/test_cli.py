@@ -1,0 +1,123 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import histoexp as hx
+from histoexp.cli import main
+
+
+def test_help_via_console_script():
+    exe = Path(sys.executable).parent / "histoexp"
+    cmd = [str(exe)] if exe.exists() else [shutil.which("histoexp") or "histoexp"]
+    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    for word in ("demo", "fit", "impute", "evaluate", "--version"):
+        assert word in res.stdout
+    res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and hx.__version__ in res.stdout
+
+
+def test_no_command_and_bad_input(tmp_path, capsys):
+    assert main([]) == 0
+    assert "usage" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "missing.h5ad")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["impute", str(tmp_path / "nomodel"), str(tmp_path / "q.h5ad"), "-o", str(tmp_path / "o")]) == 1
+    assert "model folder" in capsys.readouterr().err
+    assert main(["demo", "--test-section", "A1", "--out", str(tmp_path / "d")]) == 1
+    assert "--test-section" in capsys.readouterr().err
+    assert main(["fit", "--bogus"]) == 2  # argparse usage error
+
+
+@pytest.mark.slow
+def test_demo_quick_on_real_data(her2st_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(
+        ["demo", "--data-dir", str(her2st_dir), "--quick", "--train-sections", "C2,C3", "--test-section", "C4"]
+        + ["--out", str(out), "--epochs", "5", "--n-maps", "2", "-q"]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Pearson, mean over genes (PCC@M)" in printed and "mean baseline" in printed
+    for name in ("predictions.h5ad", "metrics.csv", "metrics_per_gene.csv", "correlation.png", "domains.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list(out.glob("gene_map_*.png"))) >= 2
+    assert (out / "model" / "config.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"] == ["C2", "C3"] and summary["test"] == "C4"
+    assert summary["bleep"]["n_genes"] > 50
+    assert -1 <= summary["bleep"]["pcc_mean"] <= 1
+    assert summary["mean_baseline"]["pcc_mean"] == 0  # a constant prediction carries no correlation
+    import anndata as ad
+
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    assert "bleep" in pred.layers and "bleep_pcc" in pred.var and "bleep_domains" in pred.obs
+    table = pd.read_csv(out / "metrics.csv", index_col=0)
+    assert table.loc["Pearson, mean over genes (PCC@M)", "BLEEP"] == pytest.approx(
+        summary["bleep"]["pcc_mean"], abs=1e-3
+    )
+
+
+@pytest.fixture
+def synth_files(tmp_path):
+    a = hx.datasets.synthetic(n_sections=2, random_state=0)
+    paths = []
+    for lib in ("S0", "S1"):
+        s = a[a.obs["library_id"] == lib].copy()
+        s.obs["library_id"] = s.obs["library_id"].cat.remove_unused_categories()
+        s.uns["spatial"] = {lib: a.uns["spatial"][lib]}
+        p = tmp_path / f"{lib}.h5ad"
+        s.write_h5ad(p)
+        paths.append(p)
+    return a, paths
+
+
+def test_fit_impute_evaluate_round_trip(synth_files, tmp_path, capsys):
+    a, (s0, s1) = synth_files
+    model = tmp_path / "model"
+    assert main(["fit", str(s0), "-o", str(model), "--epochs", "5", "--genes", "20", "--patch-px", "32", "-q"]) == 0
+    assert (model / "config.json").exists()
+    out = tmp_path / "pred"
+    assert main(["impute", str(model), str(s1), "-o", str(out), "--n-maps", "2", "-q"]) == 0
+    import anndata as ad
+
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    P = np.asarray(pred.layers["bleep"])
+    assert (~np.isnan(P).all(0)).sum() == 20
+    assert len(list(out.glob("gene_map_*.png"))) == 2
+    capsys.readouterr()
+    csv = tmp_path / "m.csv"
+    assert main(["evaluate", str(out / "predictions.h5ad"), "-o", str(csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "HVG-50" in printed
+    table = pd.read_csv(csv, index_col=0)
+    assert len(table) == 20 and table["pcc"].notna().all()
+    # expression is a function of the image in the synthetic data: BLEEP must find some of it
+    assert table["pcc"].mean() > 0.2
+    assert main(["evaluate", str(out / "predictions.h5ad"), "--layer", "nope"]) == 1
+
+
+def test_impute_image_query(synth_files, tmp_path, capsys):
+    from PIL import Image
+
+    a, (s0, _) = synth_files
+    model = tmp_path / "model"
+    assert main(["fit", str(s0), "-o", str(model), "--epochs", "3", "--genes", "10", "--patch-px", "32", "-q"]) == 0
+    img = tmp_path / "slide.png"
+    Image.fromarray(a.uns["spatial"]["S1"]["images"]["hires"]).save(img)
+    out = tmp_path / "img_pred"
+    assert main(["impute", str(model), str(img), "-o", str(out), "-q"]) == 1  # no --mpp for a PNG
+    assert "--mpp" in capsys.readouterr().err
+    assert main(["impute", str(model), str(img), "--mpp", "2.0", "-o", str(out), "--n-maps", "1", "-q"]) == 0
+    import anndata as ad
+
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    assert pred.n_vars == 10 and pred.n_obs > 20
+    assert np.isfinite(np.asarray(pred.layers["bleep"])).all()
+    assert len(list(out.glob("gene_map_*.png"))) == 1
