@@ -1,0 +1,261 @@
+"""The whole her2st leave-one-section-out table: every method and baseline histoexp has, in one run.
+
+Train on four of the five imaged sections of patient C (C2..C6), predict the fifth, for each fold.
+Targets: log1p(normalize_total 1e4) of the her2st 785-gene panel. Metrics per fold and averaged
+(histoexp.tl._evaluate.gene_metrics / summarize, the same code as ``hx.tl.evaluate``): mean Pearson over
+the panel (PCC@M), over the 50 most variable (HVG-50) and 50 most expressed (HEG-50) genes of the test
+section, PCC@H (mean of the 50 best-predicted genes), mean Spearman, MSE, MAE; plus the adjusted Rand
+index between spatial domains found on the prediction and on the measurement (``hx.tl.spatial_domains``).
+
+Methods:
+
+- ``mean``: training mean per gene (a constant prediction: correlation 0 by convention);
+- ``ridge[<features>]``: standardise, PCA-256, RidgeCV on the frozen features (HEST recipe);
+- ``bleep[<features>]``: ``hx.tl.fit_bleep`` on the same frozen features + ``hx.tl.impute`` (k=50, average);
+- ``bleep+bank[<features>]``: the same model, reference bank extended with the 30 count-only her2st sections;
+- ``bleep-e2e[resnet18]`` (``--e2e``): BLEEP trained end to end on CPU (ResNet-18 random init, 64 px patches).
+
+Features: ``handcrafted`` and ``resnet50`` with ``weights=None`` (random init; ImageNet weights need internet).
+The feature extraction and ridge recipe are imported from ``benchmarks/her2st_bleep.py`` (the BLEEP benchmark),
+so both scripts measure the same thing.
+
+Usage::
+
+    python benchmarks/her2st.py [--data-dir ../shared/data/her2st] [--features handcrafted resnet50] [--e2e]
+
+Writes ``benchmarks/results/her2st.json`` and ``benchmarks/results/her2st.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+import histoexp as hx
+from histoexp.tl._evaluate import gene_metrics, summarize
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from her2st_bleep import SECTIONS, embed, ridge_predict  # noqa: E402
+
+KEYS = ("pcc_mean", "pcc_hvg", "pcc_heg", "pcc_at_h", "spearman_mean", "mse_mean", "mae_mean")
+LABELS = {
+    "pcc_mean": "PCC@M",
+    "pcc_hvg": "PCC HVG-50",
+    "pcc_heg": "PCC HEG-50",
+    "pcc_at_h": "PCC@H",
+    "spearman_mean": "Spearman",
+    "mse_mean": "MSE",
+    "mae_mean": "MAE",
+    "ari": "domain ARI",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "",
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "histoexp": hx.__version__,
+    }
+
+
+def domain_ari(query, pred: np.ndarray, panel: list[str], seed: int) -> float:
+    """ARI between leiden domains of the prediction and of the measurement (same panel, same settings)."""
+    q = query.copy()
+    layer = np.full(q.shape, np.nan, np.float32)
+    layer[:, q.var_names.get_indexer(panel)] = pred
+    q.layers["pred"] = layer
+    hx.tl.spatial_domains(q, layer=None, genes=panel, key_added="measured_domains", random_state=seed)
+    if np.all(np.ptp(pred, axis=0) == 0):
+        return 0.0  # a constant prediction has no domains
+    hx.tl.spatial_domains(q, layer="pred", genes=panel, compare="measured_domains", random_state=seed)
+    return float(q.uns["pred_domains"]["ari"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50"])
+    p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's, early stopping)")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--method", default="average")
+    p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
+    p.add_argument("--e2e", action="store_true", help="also train BLEEP end to end (slow on CPU)")
+    p.add_argument("--e2e-epochs", type=int, default=8)
+    p.add_argument("--e2e-px", type=int, default=64)
+    p.add_argument("--out", default=str(HERE / "results" / "her2st"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    hx.settings.progress = False
+    hx.settings.device = "cpu"
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    adata = hx.datasets.her2st(SECTIONS, data_dir=args.data_dir)
+    panel = [g for g in hx.datasets.her2st_gene_panel() if g in adata.var_names]
+    log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
+    bank = None
+    if not args.no_bank:
+        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
+        bank = hx.datasets.her2st(others, data_dir=args.data_dir)
+        log(f"count-only bank: {len(others)} sections, {bank.n_obs} spots")
+    timings["load"] = time.time() - t
+
+    feats: dict[str, np.ndarray] = {}
+    for name in args.features:
+        t = time.time()
+        if name == "handcrafted":
+            feats[name] = embed(adata, "handcrafted", patch_px=112, size_um=112)
+        else:
+            feats[name] = embed(adata, name, patch_px=224, size_um=112, seed=args.seed)
+        adata.obsm[f"X_{name}"] = feats[name]
+        timings[f"embed_{name}"] = time.time() - t
+        log(f"features {name}: {feats[name].shape} in {timings[f'embed_{name}']:.0f}s")
+    if args.e2e:
+        hx.pp.extract_patches(adata, size_um=112, patch_px=args.e2e_px, key_added="patches")
+
+    truth_all = hx.pp.expression_matrix(adata, panel)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    folds: list[dict] = []
+    for test in SECTIONS:
+        tr, te = lib != test, lib == test
+        train, query = adata[tr].copy(), adata[te].copy()
+        y_tr, y_te = truth_all[tr], truth_all[te]
+        fold = {"test": test, "train": [s for s in SECTIONS if s != test], "n_test": int(te.sum()), "methods": {}}
+
+        def record(method, pred, secs, fold=fold, query=query, y_te=y_te, test=test):
+            s = summarize(gene_metrics(pred, y_te, panel), n_top=50)
+            m = {k: s[k] for k in KEYS}
+            m.update({k: s[k] for k in ("n_genes", "n_constant_excluded", "n_constant_prediction")})
+            m["ari"] = domain_ari(query, pred, panel, args.seed)
+            m["seconds"] = round(secs, 1)
+            fold["methods"][method] = m
+            log(
+                f"{test} {method:24s} PCC@M={m['pcc_mean']:.3f} HVG={m['pcc_hvg']:.3f} HEG={m['pcc_heg']:.3f} "
+                f"PCC@H={m['pcc_at_h']:.3f} MSE={m['mse_mean']:.4f} ARI={m['ari']:.3f} ({secs:.0f}s)"
+            )
+
+        t = time.time()
+        record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), time.time() - t)
+        for name in args.features:
+            t = time.time()
+            record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
+            t = time.time()
+            model = hx.tl.fit_bleep(
+                train,
+                genes=panel,
+                use_rep=f"X_{name}",
+                epochs=args.epochs,
+                random_state=args.seed,
+                finetune_encoder=False,
+                overwrite=True,
+            )
+            fit_s = time.time() - t
+            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
+            record(f"bleep[{name}]", out.layers["bleep"][:, query.var_names.get_indexer(panel)], time.time() - t)
+            if bank is not None:
+                t = time.time()
+                out = hx.tl.impute(query, model, reference=[train, bank], k=args.k, method=args.method, copy=True)
+                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+                record(f"bleep+bank[{name}]", pred, time.time() - t + fit_s)
+        if args.e2e:
+            t = time.time()
+            model = hx.tl.fit_bleep(
+                train,
+                genes=panel,
+                finetune_encoder=True,
+                encoder="resnet18",
+                weights=None,
+                encoder_kwargs={"transform": {"input_size": args.e2e_px}},
+                epochs=args.e2e_epochs,
+                batch_size=128,
+                lr=1e-3,
+                patience=None,
+                random_state=args.seed,
+                overwrite=True,
+            )
+            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
+            record("bleep-e2e[resnet18]", out.layers["bleep"][:, query.var_names.get_indexer(panel)], time.time() - t)
+        folds.append(fold)
+
+    methods = list(folds[0]["methods"])
+    cols = (*KEYS, "ari")
+    mean = {m: {k: float(np.mean([f["methods"][m][k] for f in folds])) for k in cols} for m in methods}
+    timings["total"] = time.time() - t_start
+    result = {
+        "benchmark": "her2st leave-one-section-out (C2..C6)",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "python benchmarks/her2st.py " + " ".join(sys.argv[1:]),
+        "settings": {
+            "sections": SECTIONS,
+            "n_panel_genes": len(panel),
+            "targets": "log1p(normalize_total 1e4), her2st 785-gene panel",
+            "features": {
+                "handcrafted": "handcrafted encoder on 112 um patches at 112 px",
+                "resnet50": "resnet50 weights=None (random init, seed 0) on 112 um patches at 224 px",
+            },
+            "bleep": {"epochs": args.epochs or "fit_bleep default", "k": args.k, "method": args.method},
+            "bank": None if bank is None else f"{bank.n_obs} spots of 30 count-only sections (incl. C1)",
+            "metrics": "hx.tl.evaluate definitions: PCC@H = mean of the 50 best-predicted genes; HVG/HEG-50 = "
+            "highest variance / mean of the test truth; constant predictions count as r=0",
+            "domains": "hx.tl.spatial_domains defaults (PCA-30, 15 expression + 6 spatial neighbours, leiden 0.5)",
+        },
+        "folds": folds,
+        "mean": mean,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    mc = result["machine"]
+    lines = [
+        "# her2st: leave-one-section-out, every method",
+        "",
+        f"{result['date']} · {mc['platform']}, {mc['cpu_count']} CPU cores, torch {mc['torch']}, "
+        f"histoexp {mc['histoexp']} · `{result['command'].strip()}` · {timings['total']:.0f} s",
+        "",
+        f"Train on four of C2..C6, predict the fifth; {len(panel)}-gene panel, log1p(normalize_total 1e4). "
+        "Mean over the five folds:",
+        "",
+        "| method | " + " | ".join(LABELS[k] for k in cols) + " |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{mean[m][k]:.3f}" for k in cols) + " |")
+    lines += [
+        "",
+        "PCC@M per fold (test section):",
+        "",
+        "| method | " + " | ".join(SECTIONS) + " |",
+        "| --- | " + " | ".join("---:" for _ in SECTIONS) + " |",
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{f['methods'][m]['pcc_mean']:.3f}" for f in folds) + " |")
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
