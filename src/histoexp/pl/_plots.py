@@ -56,6 +56,16 @@ def _has_measurement(adata: AnnData, compare: str | None, genes: Sequence[str]) 
     return data.size > 0 and bool(np.any(np.nan_to_num(data) != 0))
 
 
+def _crop_to_spots(ax, xy: np.ndarray, sf: dict) -> None:
+    """Limit ``ax`` (squidpy's image coordinates: full-res pixels x hires scale) to the spots' extent."""
+    scale = float(sf.get("tissue_hires_scalef", 1.0))
+    pad = float(sf.get("spot_diameter_fullres", 0.0)) * scale
+    pts = np.asarray(xy, dtype=float) * scale
+    (x0, y0), (x1, y1) = pts.min(0) - pad, pts.max(0) + pad
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+
+
 def gene_map(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -69,6 +79,7 @@ def gene_map(
     size: float | None = None,
     cmap: str = "viridis",
     panel_size: float = 3.5,
+    crop: bool = True,
     return_fig: bool = True,
     save: str | Path | None = None,
     **kwargs,
@@ -106,6 +117,8 @@ def gene_map(
         Colour map.
     panel_size
         Width/height of one panel in inches.
+    crop
+        Zoom on the spots (their extent plus one spot diameter) instead of the whole image.
     return_fig
         Return the :class:`~matplotlib.figure.Figure` (else the array of axes, shape ``(n_genes, n_cols)``).
     save
@@ -196,6 +209,8 @@ def gene_map(
             )
             axes[r, c].set_xlabel("")
             axes[r, c].set_ylabel("")
+            if crop and has_img:
+                _crop_to_spots(axes[r, c], tmp.obsm["spatial"], sf)
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         fig.colorbar(sm, ax=list(axes[r]), shrink=0.8, label="log expression" if normalize == "log1p" else None)
     if save is not None:
