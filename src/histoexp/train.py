@@ -137,8 +137,10 @@ def _as_dataset(data):
         return data
     if isinstance(data, torch.Tensor):
         return TensorDataset(data)
-    if isinstance(data, Sequence) and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
         return TensorDataset(*data)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (tuple, list)):
+        return data  # any map-style dataset
     raise TypeError(f"Training data must be a torch Dataset, a tensor or a tuple of tensors, got {type(data)}.")
 
 
@@ -205,7 +207,8 @@ def fit(
     model
         The ``torch.nn.Module`` to train (in place). Only parameters with ``requires_grad`` are optimised.
     train_data
-        A map-style ``torch.utils.data.Dataset``, a tensor, or a tuple of tensors (same first dimension).
+        A map-style dataset (``torch.utils.data.Dataset`` or any object with ``__len__`` and
+        ``__getitem__``), a tensor, or a tuple of tensors (same first dimension).
     val_data
         Same kinds, or ``None`` (no validation: no early stopping, the last weights are kept).
     loss_fn

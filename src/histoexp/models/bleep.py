@@ -289,7 +289,8 @@ class BleepModel:
         if config["mode"] == "finetune":
             from .encoders import get_encoder
 
-            enc = get_encoder(config["encoder"]["name"], weights=None)
+            spec = config["encoder"]
+            enc = get_encoder(spec.get("key", spec["name"]), weights=None, **spec.get("kwargs", {}))
             encoder, preprocess = enc.module, enc.preprocess
         net = BleepNet(
             config["feature_dim"],

@@ -62,6 +62,7 @@ def fit_bleep(
     use_rep: str | None = None,
     encoder: str = "resnet50",
     weights: str | None = "default",
+    encoder_kwargs: dict | None = None,
     finetune_encoder: bool | None = None,
     projection_dim: int = 256,
     temperature: float = 1.0,
@@ -136,6 +137,9 @@ def fit_bleep(
     encoder, weights
         Image encoder registry name and weights (finetune mode), or the name whose ``X_<encoder>``
         embeddings are used when ``use_rep`` is ``None`` (frozen mode).
+    encoder_kwargs
+        More arguments of :func:`histoexp.models.get_encoder` for finetune mode, JSON-able (saved with
+        the model), e.g. ``{'transform': {'input_size': 64}}`` to train at low resolution on CPU.
     finetune_encoder
         ``None``: ``True`` on CUDA, ``False`` otherwise.
     projection_dim, temperature, dropout
@@ -260,7 +264,9 @@ def fit_bleep(
             from ..pp import get_patches
 
             src = get_patches(adata, key=patches_key)
-            enc = get_encoder(encoder, weights=weights)
+            enc = get_encoder(encoder, weights=weights, **(encoder_kwargs or {}))
+            if not enc.trainable:
+                raise ValueError(f"Encoder {encoder!r} is not trainable: use finetune_encoder=False (frozen features).")
             preprocess = enc.preprocess
             module = enc.module
             for p in module.parameters():
@@ -284,7 +290,9 @@ def fit_bleep(
                 embedding=None,
                 encoder={
                     "name": enc.name,
+                    "key": enc.config.get("encoder", encoder),
                     "weights": weights if isinstance(weights, str) or weights is None else "custom",
+                    "kwargs": dict(encoder_kwargs or {}),
                     "config": enc.config,
                 },
                 patches={"key": patches_key, **geometry},
@@ -339,7 +347,10 @@ def fit_bleep(
         {
             "params": {
                 **params,
-                **{k: config[k] for k in ("mode", "use_rep", "normalize", "projection_dim", "temperature", "dropout")},
+                **{
+                    k: config.get(k)
+                    for k in ("mode", "use_rep", "normalize", "projection_dim", "temperature", "dropout")
+                },
                 "layer": layer,
             },
             "genes": gene_list,

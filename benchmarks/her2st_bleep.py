@@ -1,0 +1,254 @@
+"""BLEEP on her2st: leave-one-section-out over C2..C6, next to ridge and the mean baseline.
+
+For each fold (train on four C sections, predict the fifth) and for the mean over folds:
+mean per-gene Pearson over the 785-gene panel (genes constant in the test truth are excluded and
+counted), over the 50 most variable panel genes of the test section (HVG-50), and MSE. Targets are
+log1p(normalize_total 1e4) of the panel genes. Methods, all in one run:
+
+- ``mean``: the training mean of each gene (Pearson is 0 by convention: a constant prediction);
+- ``ridge[<features>]``: standardise, PCA-256 (capped by the feature dimension), RidgeCV (HEST recipe);
+- ``bleep[<features>]``: BLEEP on the same frozen features (hx.tl.fit_bleep + hx.tl.impute,
+  reference = the four training sections);
+- ``bleep+bank[<features>]``: the same model, reference extended with the 30 count-only her2st
+  sections (every section except C2..C6; C1 is included: it is another section of patient C, like the
+  four training sections, and never the held-out one);
+- ``bleep-e2e[resnet18]``: BLEEP trained end to end on CPU (ResNet-18, random init, small patches).
+
+Features: ``handcrafted`` (training-free colour/stain/texture/nuclei features) and ``resnet50``
+with random weights (``weights=None``: no pretrained weights are available offline).
+
+Usage::
+
+    python benchmarks/her2st_bleep.py [--data-dir ../shared/data/her2st] [--e2e-epochs 8] [--no-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+import histoexp as hx
+from histoexp.tl._evaluate import gene_metrics, summarize
+
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+HERE = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def embed(adata, encoder: str, *, patch_px: int, size_um: float, seed: int = 0, batch: int = 64) -> np.ndarray:
+    """Frozen features of every spot: patches at a fixed physical size through a registry encoder."""
+    import torch
+
+    from histoexp.models import get_encoder
+
+    tmp = adata.copy()
+    hx.pp.extract_patches(tmp, size_um=size_um, patch_px=patch_px, key_added="p")
+    src = hx.pp.get_patches(tmp, key="p")
+    torch.manual_seed(seed)  # the random-init weights are the same in every run
+    enc = get_encoder(encoder, weights=None if encoder != "handcrafted" else "default")
+    out = [
+        enc.embed(torch.as_tensor(src.batch(np.arange(a, min(a + batch, len(src)))))) for a in range(0, len(src), batch)
+    ]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def ridge_predict(x_tr, y_tr, x_te, seed=0):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_comp = min(256, x_tr.shape[1], x_tr.shape[0] - 1)
+    model = make_pipeline(
+        StandardScaler(), PCA(n_components=n_comp, random_state=seed), RidgeCV(alphas=np.logspace(-1, 5, 13))
+    )
+    model.fit(x_tr, y_tr)
+    return model.predict(x_te).astype(np.float32)
+
+
+def metrics(pred, truth, genes) -> dict:
+    s = summarize(gene_metrics(pred, truth, genes), n_top=50)
+    return {
+        "pcc_panel": s["pcc_mean"],
+        "pcc_hvg50": s["pcc_hvg"],
+        "mse": s["mse_mean"],
+        "n_genes": s["n_genes"],
+        "n_constant_excluded": s["n_constant_excluded"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50"])
+    p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's)")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--method", default="average")
+    p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
+    p.add_argument("--e2e-epochs", type=int, default=8)
+    p.add_argument("--e2e-px", type=int, default=64)
+    p.add_argument("--out", default=str(HERE / "results" / "her2st_bleep"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    hx.settings.progress = False
+    hx.settings.device = "cpu"
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    adata = hx.datasets.her2st(SECTIONS, data_dir=args.data_dir)
+    panel = [g for g in hx.datasets.her2st_gene_panel() if g in adata.var_names]
+    log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
+    bank = None
+    if not args.no_bank:
+        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
+        bank = hx.datasets.her2st(others, data_dir=args.data_dir)
+        log(f"count-only bank: {len(others)} sections, {bank.n_obs} spots")
+    timings["load"] = time.time() - t
+
+    feats: dict[str, np.ndarray] = {}
+    for name in args.features:
+        t = time.time()
+        if name == "handcrafted":
+            feats[name] = embed(adata, "handcrafted", patch_px=112, size_um=112)
+        else:
+            feats[name] = embed(adata, name, patch_px=224, size_um=112, seed=args.seed)
+        timings[f"embed_{name}"] = time.time() - t
+        adata.obsm[f"X_{name}"] = feats[name]
+        log(f"features {name}: {feats[name].shape} in {timings[f'embed_{name}']:.0f}s")
+    if not args.no_e2e:
+        t = time.time()
+        hx.pp.extract_patches(adata, size_um=112, patch_px=args.e2e_px, key_added="patches")
+        timings["patches_e2e"] = time.time() - t
+
+    truth_all = hx.pp.expression_matrix(adata, panel)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    rows: list[dict] = []
+    for test in SECTIONS:
+        tr, te = lib != test, lib == test
+        train, query = adata[tr].copy(), adata[te].copy()
+        y_tr, y_te = truth_all[tr], truth_all[te]
+        fold = {"test": test, "n_train": int(tr.sum()), "n_test": int(te.sum()), "methods": {}}
+
+        def record(method, pred, secs):
+            m = metrics(pred, y_te, panel)
+            m["seconds"] = round(secs, 1)
+            fold["methods"][method] = m
+            log(
+                f"{test} {method:28s} pcc={m['pcc_panel']:.3f} hvg50={m['pcc_hvg50']:.3f} mse={m['mse']:.4f} ({secs:.0f}s)"
+            )
+
+        t = time.time()
+        record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), time.time() - t)
+        for name in args.features:
+            t = time.time()
+            record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
+            t = time.time()
+            model = hx.tl.fit_bleep(
+                train,
+                genes=panel,
+                use_rep=f"X_{name}",
+                epochs=args.epochs,
+                random_state=args.seed,
+                finetune_encoder=False,
+            )
+            fit_s = time.time() - t
+            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
+            pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+            record(f"bleep[{name}]", pred, time.time() - t)
+            fold["methods"][f"bleep[{name}]"]["epochs_run"] = model.config["history"]["epochs_run"]
+            fold["methods"][f"bleep[{name}]"]["best_epoch"] = model.config["history"]["best_epoch"]
+            if bank is not None:
+                t = time.time()
+                out = hx.tl.impute(query, model, reference=[train, bank], k=args.k, method=args.method, copy=True)
+                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+                record(f"bleep+bank[{name}]", pred, time.time() - t + fit_s)
+        if not args.no_e2e:
+            t = time.time()
+            model = hx.tl.fit_bleep(
+                train,
+                genes=panel,
+                finetune_encoder=True,
+                encoder="resnet18",
+                weights=None,
+                encoder_kwargs={"transform": {"input_size": args.e2e_px}},
+                epochs=args.e2e_epochs,
+                batch_size=128,
+                lr=1e-3,
+                patience=None,
+                random_state=args.seed,
+            )
+            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
+            pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+            record("bleep-e2e[resnet18]", pred, time.time() - t)
+        rows.append(fold)
+
+    methods = list(rows[0]["methods"])
+    mean = {
+        m: {key: float(np.mean([r["methods"][m][key] for r in rows])) for key in ("pcc_panel", "pcc_hvg50", "mse")}
+        for m in methods
+    }
+    timings["total"] = time.time() - t_start
+    result = {
+        "benchmark": "her2st_bleep",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} CPU cores".strip(),
+        "histoexp": getattr(hx, "__version__", "dev"),
+        "settings": {
+            "sections": SECTIONS,
+            "n_panel_genes": len(panel),
+            "targets": "log1p(normalize_total 1e4), her2st 785-gene panel",
+            "features": {
+                "handcrafted": "handcrafted encoder on 112 um patches at 112 px",
+                "resnet50": "resnet50 weights=None (random init, seed 0) on 112 um patches at 224 px",
+            },
+            "bleep": {"epochs": args.epochs, "k": args.k, "method": args.method, "frozen": "fit_bleep defaults"},
+            "e2e": None
+            if args.no_e2e
+            else {
+                "encoder": "resnet18 weights=None",
+                "patch": f"112 um at {args.e2e_px} px",
+                "epochs": args.e2e_epochs,
+                "batch_size": 128,
+                "lr": 1e-3,
+            },
+            "bank": None if bank is None else f"{bank.n_obs} spots of 30 count-only sections (incl. C1)",
+        },
+        "folds": rows,
+        "mean": mean,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"# her2st BLEEP benchmark ({result['date']}, {result['machine']})",
+        "",
+        "Leave-one-section-out over C2..C6; mean Pearson over the panel / HVG-50 of the test section; MSE.",
+        "",
+        "| method | " + " | ".join(SECTIONS) + " | mean PCC | mean PCC HVG-50 | mean MSE |",
+        "| --- | " + " | ".join("---" for _ in SECTIONS) + " | --- | --- | --- |",
+    ]
+    for m in methods:
+        per = " | ".join(f"{r['methods'][m]['pcc_panel']:.3f}" for r in rows)
+        lines.append(
+            f"| {m} | {per} | {mean[m]['pcc_panel']:.3f} | {mean[m]['pcc_hvg50']:.3f} | {mean[m]['mse']:.4f} |"
+        )
+    lines += ["", f"Total time {timings['total']:.0f} s; timings: {result['timings_s']}"]
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
