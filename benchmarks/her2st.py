@@ -13,7 +13,8 @@ Methods:
 - ``ridge[<features>]``: standardise, PCA-256, RidgeCV on the frozen features (HEST recipe);
 - ``bleep[<features>]``: ``hx.tl.fit_bleep`` on the same frozen features + ``hx.tl.impute`` (k=50, average);
 - ``bleep+bank[<features>]``: the same model, reference bank extended with the 30 count-only her2st sections;
-- ``bleep-e2e[resnet18]`` (``--e2e``): BLEEP trained end to end on CPU (ResNet-18 random init, 64 px patches).
+- ``bleep-e2e[resnet18]`` (``--e2e``): BLEEP trained end to end on CPU (ResNet-18 random init, 64 px patches;
+  about 4 min per fold on 2 cores, so off by default: the default run takes about 5 min).
 
 Features: ``handcrafted`` and ``resnet50`` with ``weights=None`` (random init; ImageNet weights need internet).
 The feature extraction and ridge recipe are imported from ``benchmarks/her2st_bleep.py`` (the BLEEP benchmark),
