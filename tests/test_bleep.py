@@ -1,0 +1,284 @@
+"""Tests of BLEEP: loss, fit_bleep, impute, save/load, retrieval chunking, errors, real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import histoexp as hx
+from histoexp.models.bleep import BleepModel, ProjectionHead, bleep_loss
+from histoexp.tl._retrieval import retrieve
+
+
+def _crop_features(adata, r=16):
+    """Simple image features from each spot's crop: mean/std RGB and the fraction of dark (nuclei) pixels."""
+    out = []
+    for lib, (x, y) in zip(adata.obs["library_id"], adata.obsm["spatial"], strict=True):
+        img = adata.uns["spatial"][lib]["images"]["hires"]
+        c = img[int(y) - r : int(y) + r, int(x) - r : int(x) + r].reshape(-1, 3).astype(float)
+        out.append(np.r_[c.mean(0), c.std(0), (c.mean(1) < 120).mean()])
+    return np.asarray(out, dtype=np.float32)
+
+
+def _pcc(P, T):
+    P = P - P.mean(0)
+    T = T - T.mean(0)
+    return (P * T).sum(0) / np.sqrt((P * P).sum(0) * (T * T).sum(0))
+
+
+@pytest.fixture(scope="module")
+def synth3():
+    ad = hx.datasets.synthetic(n_sections=3, random_state=0)
+    ad.obsm["X_fake"] = _crop_features(ad)
+    return ad
+
+
+@pytest.fixture(scope="module")
+def fitted(synth3):
+    train = synth3[synth3.obs["library_id"] != "S2"].copy()
+    model = hx.tl.fit_bleep(train, genes="all", use_rep="X_fake", epochs=40, batch_size=64, random_state=0)
+    return train, model
+
+
+def test_bleep_loss_matches_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    img, spot = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = 0.7
+    logits = (spot @ img.T / t).numpy().astype(np.float64)
+    sim = ((img @ img.T + spot @ spot.T) / 2 * t).numpy().astype(np.float64)
+    targets = np.exp(sim - sim.max(1, keepdims=True))
+    targets /= targets.sum(1, keepdims=True)
+
+    def ce(lg, tg):
+        ls = lg - lg.max(1, keepdims=True)
+        ls = ls - np.log(np.exp(ls).sum(1, keepdims=True))
+        return -(tg * ls).sum(1)
+
+    expected = ((ce(logits, targets) + ce(logits.T, targets.T)) / 2).mean()
+    assert float(bleep_loss(img, spot, t)) == pytest.approx(expected, rel=1e-5)
+    # soft targets, not the identity: the identity-target CLIP loss differs
+    clip = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.arange(5))
+    assert abs(float(clip) - expected) > 1e-3
+
+
+def test_projection_head_is_bleeps():
+    head = ProjectionHead(10, 8, dropout=0.0)
+    x = torch.randn(3, 10)
+    p = head.projection(x)
+    manual = head.layer_norm(head.fc(torch.nn.functional.gelu(p)) + p)
+    assert torch.allclose(head(x), manual)
+    assert isinstance(head.layer_norm, torch.nn.LayerNorm) and head.layer_norm.normalized_shape == (8,)
+
+
+def test_bleep_learns_on_synthetic(synth3, fitted):
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    out = hx.tl.impute(test, model, copy=True)
+    truth = hx.pp.expression_matrix(test)
+    pcc = np.nanmean(_pcc(out.layers["bleep"], truth))
+    # the mean-expression baseline has no correlation (constant prediction, Pearson 0 by convention)
+    assert pcc > 0.45, pcc
+    # shuffled-image control: the same model with features of other spots predicts nothing
+    shuffled = test.copy()
+    shuffled.obsm["X_fake"] = test.obsm["X_fake"][np.random.default_rng(0).permutation(test.n_obs)]
+    ctrl = np.nanmean(_pcc(hx.tl.impute(shuffled, model, copy=True).layers["bleep"], truth))
+    assert pcc - ctrl > 0.35, (pcc, ctrl)
+    # keys written on the training data
+    assert train.obsm["X_bleep_image"].shape == (train.n_obs, 256)
+    assert train.obsm["X_bleep_expression"].shape == (train.n_obs, 256)
+    assert train.uns["bleep"]["genes"] == list(train.var_names)
+    assert len(train.uns["bleep"]["history"]["train_loss"]) == model.config["history"]["epochs_run"]
+    assert train.uns["bleep"]["params"]["val_libraries"] in (["S0"], ["S1"])
+    assert ((out.obs["bleep_confidence"] <= 1) & (out.obs["bleep_confidence"] >= -1)).all()
+
+
+def test_same_seed_same_model(synth3):
+    train = synth3[synth3.obs["library_id"] != "S2"].copy()
+    kw = {"genes": "all", "use_rep": "X_fake", "epochs": 2, "batch_size": 64}
+    m1 = hx.tl.fit_bleep(train.copy(), random_state=1, **kw)
+    m2 = hx.tl.fit_bleep(train.copy(), random_state=1, **kw)
+    m3 = hx.tl.fit_bleep(train.copy(), random_state=2, **kw)
+    s1, s2, s3 = m1.net.state_dict(), m2.net.state_dict(), m3.net.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert m1.config["history"] == m2.config["history"]
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+
+
+def test_save_load_impute_identical(tmp_path, synth3, fitted):
+    _, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    model.save(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["config.json", "model.safetensors", "reference.safetensors"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["method"] == "bleep" and cfg["mode"] == "frozen" and cfg["use_rep"] == "X_fake"
+    assert {"histoexp", "torch"} <= set(cfg["versions"])
+    loaded = hx.tl.load_model(tmp_path / "m")
+    assert isinstance(loaded, BleepModel) and loaded.genes == model.genes
+    a = hx.tl.impute(test, model, copy=True)
+    b = hx.tl.impute(test, loaded, copy=True)
+    c = hx.tl.impute(test, str(tmp_path / "m"), copy=True)
+    assert np.array_equal(a.layers["bleep"], b.layers["bleep"])
+    assert np.array_equal(a.layers["bleep"], c.layers["bleep"])
+    assert np.array_equal(a.obs["bleep_confidence"], b.obs["bleep_confidence"])
+    with pytest.raises(FileNotFoundError, match="not a histoexp model"):
+        hx.tl.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["simple", "average", "weighted"])
+def test_chunked_retrieval_equals_unchunked(method):
+    rng = np.random.default_rng(0)
+    q, bank = rng.normal(size=(103, 16)).astype(np.float32), rng.normal(size=(57, 16)).astype(np.float32)
+    values = rng.normal(size=(57, 9)).astype(np.float32)
+    p1, c1 = retrieve(q, bank, values, k=7, method=method, chunk_size=10)
+    p2, c2 = retrieve(q, bank, values, k=7, method=method, chunk_size=1000)
+    np.testing.assert_allclose(p1, p2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c1, c2, rtol=1e-6, atol=1e-6)
+    # against a brute-force reference
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    order = np.argsort(-(qn @ bn.T), axis=1)
+    kk = 1 if method == "simple" else 7
+    top = order[:, :kk]
+    if method == "weighted":
+        d2 = ((q[:, None, :] - bank[top]) ** 2).sum(-1)
+        w = np.exp(-(d2 - d2.min(1, keepdims=True)))
+        w /= w.sum(1, keepdims=True)
+        ref = (w[:, :, None] * values[top]).sum(1)
+    else:
+        ref = values[top].mean(1)
+    np.testing.assert_allclose(p1, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_impute_outputs(synth3, fitted):
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    # query holding a subset of the genes plus an extra one: aligned layer, NaN where not predicted
+    sub = test[:, list(test.var_names[:10])].copy()
+    import anndata as ad
+
+    extra = ad.AnnData(np.ones((sub.n_obs, 1), np.float32), obs=sub.obs, var={"_": ["x"]})
+    extra.var_names = ["not_a_gene"]
+    q = ad.concat([sub, extra], axis=1, merge="first")
+    q.obsm["X_fake"] = test.obsm["X_fake"]
+    hx.tl.impute(q, model)
+    assert q.layers["bleep"].shape == (q.n_obs, 11)
+    assert np.isnan(q.layers["bleep"][:, -1]).all() and np.isfinite(q.layers["bleep"][:, :10]).all()
+    full = hx.tl.impute(test, model, copy=True)
+    np.testing.assert_array_equal(q.layers["bleep"][:, :10], full.layers["bleep"][:, :10])
+    with pytest.raises(KeyError, match="overwrite"):
+        hx.tl.impute(q, model)
+    # H&E-only query (no genes): a new AnnData whose var are the predicted genes
+    he = ad.AnnData(obs=test.obs.copy(), obsm={"X_fake": test.obsm["X_fake"], "spatial": test.obsm["spatial"]})
+    he.uns["spatial"] = test.uns["spatial"]
+    new = hx.tl.impute(he, model)
+    assert new is not he and he.n_vars == 0 and "bleep" not in he.layers
+    assert list(new.var_names) == model.genes
+    np.testing.assert_array_equal(new.layers["bleep"], full.layers["bleep"])
+    np.testing.assert_array_equal(new.X, new.layers["bleep"])
+    assert "spatial" in new.obsm and "spatial" in new.uns and "bleep_confidence" in new.obs
+    # reference AnnData(s): any reference gene can be predicted; a list uses the genes common to all
+    ref = train.copy()
+    ref2 = train[:, list(train.var_names[5:])].copy()
+    # add a gene that only the reference has
+    big = ad.concat([ref, ad.AnnData(np.zeros((ref.n_obs, 1), np.float32), obs=ref.obs)], axis=1, merge="first")
+    big.var_names = [*ref.var_names, "EXTRA"]
+    out = hx.tl.impute(he, model, reference=big, genes="all")
+    assert list(out.var_names) == [*ref.var_names, "EXTRA"]
+    np.testing.assert_allclose(out.layers["bleep"][:, :-1], full.layers["bleep"], rtol=1e-5, atol=1e-5)
+    out2 = hx.tl.impute(he, model, reference=[big, big], genes=["EXTRA", "gene001"])
+    assert list(out2.var_names) == ["EXTRA", "gene001"]
+    with pytest.raises(ValueError, match=r"lacks 5 of the model's 40 genes"):
+        hx.tl.impute(he, model, reference=ref2)
+    with pytest.raises(KeyError, match="not in the model's stored reference"):
+        hx.tl.impute(he, model, genes=["EXTRA"])
+    simple = hx.tl.impute(he, model, method="simple", k=5)
+    assert simple.uns["bleep"]["impute"]["k"] == 1
+
+
+def test_errors(synth3, fitted):
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    with pytest.raises(KeyError, match=r"embed_patches"):
+        hx.tl.fit_bleep(train.copy(), genes="all", encoder="resnet18", key_added="other")
+    with pytest.raises(KeyError, match="overwrite"):
+        hx.tl.fit_bleep(train, genes="all", use_rep="X_fake", epochs=1)
+    q = test.copy()
+    del q.obsm["X_fake"]
+    with pytest.raises(KeyError, match="X_fake"):
+        hx.tl.impute(q, model)
+    q = test.copy()
+    q.obsm["X_fake"] = q.obsm["X_fake"][:, :3]
+    with pytest.raises(ValueError, match="expects 7 features"):
+        hx.tl.impute(q, model)
+    with pytest.raises(ValueError, match="method"):
+        hx.tl.impute(test, model, method="median")
+    # a query embedded with another encoder than the model's
+    tr = train.copy()
+    tr.uns["histoexp"] = {"embeddings": {"X_fake": {"encoder": "resnet50", "weights": "default", "dim": 7}}}
+    m = hx.tl.fit_bleep(tr, genes="all", use_rep="X_fake", epochs=1, key_added="b2")
+    q = test.copy()
+    q.uns["histoexp"] = {"embeddings": {"X_fake": {"encoder": "uni", "weights": "default", "dim": 7}}}
+    with pytest.raises(ValueError, match="encoder='uni'"):
+        hx.tl.impute(q, m)
+
+
+def test_finetune_end_to_end_on_cpu(tmp_path):
+    ad = hx.datasets.synthetic(n_sections=2, n_side=8, random_state=1)
+    hx.pp.extract_patches(ad, size_um=64, patch_px=32)
+    kw = {"genes": "all", "encoder": "resnet18", "weights": None, "encoder_kwargs": {"transform": {"input_size": 32}}}
+    model = hx.tl.fit_bleep(ad, finetune_encoder=True, epochs=2, batch_size=32, checkpoint_dir=tmp_path / "ck", **kw)
+    assert model.mode == "finetune" and model.config["history"]["epochs_run"] == 2
+    assert (tmp_path / "ck" / "last.safetensors").is_file()
+    model.save(tmp_path / "m")
+    loaded = hx.tl.load_model(tmp_path / "m")
+    a = hx.tl.impute(ad, model, copy=True)
+    b = hx.tl.impute(ad, loaded, copy=True)
+    np.testing.assert_array_equal(a.layers["bleep"], b.layers["bleep"])
+    # resume after "interruption" gives the uninterrupted result
+    part = ad.copy()
+    hx.tl.fit_bleep(
+        part, finetune_encoder=True, epochs=1, batch_size=32, checkpoint_dir=tmp_path / "ck2", overwrite=True, **kw
+    )
+    res = hx.tl.fit_bleep(
+        part,
+        finetune_encoder=True,
+        epochs=2,
+        batch_size=32,
+        checkpoint_dir=tmp_path / "ck2",
+        resume=True,
+        overwrite=True,
+        **kw,
+    )
+    sa, sr = model.net.state_dict(), res.net.state_dict()
+    assert all(torch.equal(sa[k], sr[k]) for k in sa)
+    q = ad.copy()
+    del q.obsm["patches"]
+    q.uns["histoexp"].pop("patches")
+    with pytest.raises(KeyError, match="extract_patches"):
+        hx.tl.impute(q, model)
+
+
+def test_real_her2st_heldout_section(her2st_dir):
+    """Two C sections: train on C3, predict C2 from handcrafted features; beats a shuffled-image control."""
+    from histoexp.models import handcrafted_features
+
+    ad = hx.datasets.her2st(["C2", "C3"], data_dir=her2st_dir)
+    hx.pp.extract_patches(ad, size_um=112, patch_px=64)
+    ad.obsm["X_hc"] = handcrafted_features(ad.obsm["patches"])
+    panel = [g for g in hx.datasets.her2st_gene_panel() if g in ad.var_names]
+    lib = ad.obs["library_id"].astype(str).to_numpy()
+    train, test = ad[lib == "C3"].copy(), ad[lib == "C2"].copy()
+    model = hx.tl.fit_bleep(train, genes=panel, use_rep="X_hc", epochs=30, random_state=0)
+    truth = hx.pp.expression_matrix(test, panel)
+    top = np.argsort(-truth.var(0))[:50]  # HVG-50 of the test section
+    pred = hx.tl.impute(test, model, k=50, copy=True).layers["bleep"][:, test.var_names.get_indexer(panel)]
+    shuffled = test.copy()
+    shuffled.obsm["X_hc"] = test.obsm["X_hc"][np.random.default_rng(0).permutation(test.n_obs)]
+    ctrl = hx.tl.impute(shuffled, model, k=50, copy=True).layers["bleep"][:, test.var_names.get_indexer(panel)]
+    r, r_ctrl = np.nanmean(_pcc(pred[:, top], truth[:, top])), np.nanmean(_pcc(ctrl[:, top], truth[:, top]))
+    assert r > 0.15, r
+    assert r - r_ctrl > 0.1, (r, r_ctrl)
