@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -97,6 +98,8 @@ def main() -> None:
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
     p.add_argument("--e2e-epochs", type=int, default=8)
     p.add_argument("--e2e-px", type=int, default=64)
+    p.add_argument("--resnet-px", type=int, default=224, help="patch side for the resnet50 features")
+    p.add_argument("--cache", default=None, help="folder caching the frozen features (npy)")
     p.add_argument("--out", default=str(HERE / "results" / "her2st_bleep"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -119,10 +122,17 @@ def main() -> None:
     feats: dict[str, np.ndarray] = {}
     for name in args.features:
         t = time.time()
-        if name == "handcrafted":
-            feats[name] = embed(adata, "handcrafted", patch_px=112, size_um=112)
+        px = 112 if name == "handcrafted" else args.resnet_px
+        cache = Path(args.cache) / f"{name}_{px}.npy" if args.cache else None
+        if cache is not None and cache.is_file():
+            feats[name] = np.load(cache)
+        elif name == "handcrafted":
+            feats[name] = embed(adata, "handcrafted", patch_px=px, size_um=112)
         else:
-            feats[name] = embed(adata, name, patch_px=224, size_um=112, seed=args.seed)
+            feats[name] = embed(adata, name, patch_px=px, size_um=112, seed=args.seed)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, feats[name])
         timings[f"embed_{name}"] = time.time() - t
         adata.obsm[f"X_{name}"] = feats[name]
         log(f"features {name}: {feats[name].shape} in {timings[f'embed_{name}']:.0f}s")
@@ -140,12 +150,13 @@ def main() -> None:
         y_tr, y_te = truth_all[tr], truth_all[te]
         fold = {"test": test, "n_train": int(tr.sum()), "n_test": int(te.sum()), "methods": {}}
 
-        def record(method, pred, secs):
+        def record(method, pred, secs, fold=fold, y_te=y_te, test=test):
             m = metrics(pred, y_te, panel)
             m["seconds"] = round(secs, 1)
             fold["methods"][method] = m
             log(
-                f"{test} {method:28s} pcc={m['pcc_panel']:.3f} hvg50={m['pcc_hvg50']:.3f} mse={m['mse']:.4f} ({secs:.0f}s)"
+                f"{test} {method:24s} pcc={m['pcc_panel']:.3f} hvg50={m['pcc_hvg50']:.3f} "
+                f"mse={m['mse']:.4f} ({secs:.0f}s)"
             )
 
         t = time.time()
@@ -161,6 +172,7 @@ def main() -> None:
                 epochs=args.epochs,
                 random_state=args.seed,
                 finetune_encoder=False,
+                overwrite=True,
             )
             fit_s = time.time() - t
             out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
@@ -187,6 +199,7 @@ def main() -> None:
                 lr=1e-3,
                 patience=None,
                 random_state=args.seed,
+                overwrite=True,
             )
             out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
             pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
@@ -202,7 +215,7 @@ def main() -> None:
     result = {
         "benchmark": "her2st_bleep",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} CPU cores".strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "histoexp": getattr(hx, "__version__", "dev"),
         "settings": {
             "sections": SECTIONS,
@@ -210,7 +223,7 @@ def main() -> None:
             "targets": "log1p(normalize_total 1e4), her2st 785-gene panel",
             "features": {
                 "handcrafted": "handcrafted encoder on 112 um patches at 112 px",
-                "resnet50": "resnet50 weights=None (random init, seed 0) on 112 um patches at 224 px",
+                "resnet50": f"resnet50 weights=None (random init, seed 0) on 112 um patches at {args.resnet_px} px",
             },
             "bleep": {"epochs": args.epochs, "k": args.k, "method": args.method, "frozen": "fit_bleep defaults"},
             "e2e": None
