@@ -162,11 +162,12 @@ def extract_patches(
 
     Returns
     -------
-    ``None`` (or the new AnnData if ``copy=True``); writes ``obs[f'{key_added}_outside']``, the pixels
-    (see ``store``) and ``uns['histoexp'][key_added]`` = ``{'size_um', 'context', 'fov_um', 'patch_px',
-    'mpp', 'mpp_requested', 'store', 'path', 'library_key', 'libraries': {lib: {'mpp', 'mpp_source',
-    'size_px_fullres', 'image', 'shape'}}}`` where ``mpp`` is the effective output µm/px and
-    ``libraries[lib]['mpp']`` the slide's own.
+    None or AnnData
+        ``None`` (or the new AnnData if ``copy=True``). Writes ``obs[f'{key_added}_outside']``, the
+        pixels (see ``store``) and ``uns['histoexp'][key_added]`` with the keys ``size_um``,
+        ``context``, ``fov_um``, ``patch_px``, ``mpp`` (the effective output µm/px),
+        ``mpp_requested``, ``store``, ``path``, ``library_key`` and ``libraries`` (per section:
+        ``mpp`` (the slide's own), ``mpp_source``, ``size_px_fullres``, ``image``, ``shape``).
 
     Raises
     ------

@@ -174,7 +174,9 @@ def fit_bleep(
 
     Returns
     -------
-    A :class:`~histoexp.models.bleep.BleepModel` (``.save(dir)``, ``BleepModel.load(dir)``).
+    BleepModel
+        The fitted model (:class:`~histoexp.models.bleep.BleepModel`; ``.save(dir)``,
+        ``BleepModel.load(dir)``).
     """
     import torch
 
@@ -554,13 +556,15 @@ def impute(
 
     Returns
     -------
-    - If the query has (some of) the predicted genes in ``var``: ``layers[key_added]`` is aligned to
-      ``query.var`` (NaN for query genes not predicted; predicted genes absent from the query are
-      dropped with a warning). Returns ``None`` (or the copy with ``copy=True``).
-    - If the query has none of them (e.g. an H&E-only query with ``n_vars == 0`` from
-      ``hx.pp.tile_tissue``): returns a **new** AnnData whose ``var`` are the predicted genes,
-      with the predictions in ``X`` and ``layers[key_added]`` and ``obs``, ``obsm``, ``obsp``, ``uns``
-      carried over; ``query`` is not modified.
+    None or AnnData
+        If the query has (some of) the predicted genes in ``var``: ``layers[key_added]`` is aligned
+        to ``query.var`` (NaN for query genes not predicted; predicted genes absent from the query
+        are dropped with a warning) and ``None`` is returned (the copy with ``copy=True``).
+
+        If the query has none of them (e.g. an H&E-only query with ``n_vars == 0`` from
+        :func:`histoexp.pp.tile_tissue`): a **new** AnnData whose ``var`` are the predicted genes,
+        with the predictions in ``X`` and ``layers[key_added]`` and ``obs``, ``obsm``, ``obsp`` and
+        ``uns`` carried over; ``query`` is not modified.
     """
     from ..models.bleep import BleepModel
     from ._retrieval import METHODS, retrieve

@@ -108,8 +108,9 @@ def spatial_domains(
 
     Returns
     -------
-    ``None``; writes ``obs[key_added]`` (categorical) and ``uns[key_added]`` = ``{'params', 'n_domains'
-    [, 'ari', 'compare']}``.
+    None
+        Writes ``obs[key_added]`` (categorical) and ``uns[key_added]`` with the keys ``params``,
+        ``n_domains`` and, with ``compare``, ``ari`` and ``compare``.
     """
     import scanpy as sc
     import scipy.sparse as sp
