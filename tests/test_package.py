@@ -6,17 +6,15 @@ import sys
 import pytest
 
 
-def test_import_is_fast_and_lazy():
+def test_import_is_lazy():
+    # a fast import is a property of what gets imported, not a wall-clock figure (noisy on CI)
     code = (
-        "import sys, time; t = time.perf_counter(); import histoexp as hx; dt = time.perf_counter() - t; "
-        "heavy = [m for m in ('torch', 'torchvision', 'squidpy', 'spatialdata', 'timm') if m in sys.modules]; "
-        "print(dt); print(','.join(heavy))"
+        "import sys; import histoexp as hx; "
+        "print(','.join(m for m in ('torch', 'torchvision', 'squidpy', 'spatialdata', 'timm', 'scanpy') "
+        "if m in sys.modules))"
     )
-    # warm the bytecode cache first so we time the import, not compilation
-    subprocess.run([sys.executable, "-c", "import histoexp"], check=True)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
-    assert out[1] == "", f"heavy modules imported at `import histoexp`: {out[1]}"
-    assert float(out[0]) < 3.0
+    heavy = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert heavy == "", f"heavy modules imported at `import histoexp`: {heavy}"
 
 
 def test_namespaces():
