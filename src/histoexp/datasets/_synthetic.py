@@ -116,7 +116,8 @@ def synthetic(
     coef = rng.normal(0, 0.8, (2, n_genes))
     intercept = rng.uniform(0.5, 3.0, n_genes)
     parts = [
-        _section(rng, n_side, spacing_px, spot_diameter_px, n_genes, coef, intercept, f"S{i}") for i in range(n_sections)
+        _section(rng, n_side, spacing_px, spot_diameter_px, n_genes, coef, intercept, f"S{i}")
+        for i in range(n_sections)
     ]
     X = np.concatenate([p[0] for p in parts])
     obs = pd.concat([p[1] for p in parts])

@@ -72,8 +72,7 @@ def expression_matrix(
         missing = [g for g in genes if g not in adata.var_names]
         if missing:
             raise KeyError(
-                f"{len(missing)} of {len(genes)} requested genes are not in adata.var_names "
-                f"(e.g. {missing[:5]})."
+                f"{len(missing)} of {len(genes)} requested genes are not in adata.var_names (e.g. {missing[:5]})."
             )
         idx = adata.var_names.get_indexer(genes)
     if normalize == "none":
@@ -144,10 +143,12 @@ def select_genes(
 
 
 def highly_variable(adata: AnnData, n: int, *, layer: str | None = None) -> list[str]:
-    """The ``n`` most variable genes of log-normalised expression (dispersion ranking, no side effects)."""
+    """Return the ``n`` most variable genes of log-normalised expression (dispersion ranking, no side effects)."""
     import scanpy as sc
 
-    X = expression_matrix(adata, layer=layer, normalize="log1p" if _looks_like_counts(_matrix(adata, layer)) else "none")
+    X = expression_matrix(
+        adata, layer=layer, normalize="log1p" if _looks_like_counts(_matrix(adata, layer)) else "none"
+    )
     tmp = AnnData(X=X, var=pd.DataFrame(index=adata.var_names.copy()))
     n = min(n, adata.n_vars)
     sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat")
