@@ -87,8 +87,11 @@ def test_bleep_learns_on_synthetic(synth3, fitted):
     ctrl = np.nanmean(_pcc(hx.tl.impute(shuffled, model, copy=True).layers["bleep"], truth))
     assert pcc - ctrl > 0.35, (pcc, ctrl)
     # keys written on the training data
-    assert train.obsm["X_bleep_image"].shape == (train.n_obs, 256)
-    assert train.obsm["X_bleep_expression"].shape == (train.n_obs, 256)
+    # frozen default: an ensemble of 5; obsm holds the members' joined (L2-normalised) embeddings
+    assert model.n_ensemble == 5 and len(model.config["history"]["members"]) == 5
+    assert train.obsm["X_bleep_image"].shape == (train.n_obs, 5 * 256)
+    assert train.obsm["X_bleep_expression"].shape == (train.n_obs, 5 * 256)
+    np.testing.assert_allclose(np.linalg.norm(train.obsm["X_bleep_image"], axis=1), 1.0, rtol=1e-5)
     assert train.uns["bleep"]["genes"] == list(train.var_names)
     assert len(train.uns["bleep"]["history"]["train_loss"]) == model.config["history"]["epochs_run"]
     assert train.uns["bleep"]["params"]["val_libraries"] in (["S0"], ["S1"])
@@ -282,3 +285,110 @@ def test_real_her2st_heldout_section(her2st_dir):
     r, r_ctrl = np.nanmean(_pcc(pred[:, top], truth[:, top])), np.nanmean(_pcc(ctrl[:, top], truth[:, top]))
     assert r > 0.15, r
     assert r - r_ctrl > 0.1, (r, r_ctrl)
+
+
+def test_ensemble_members_and_averaging(synth3, fitted):
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    # member 0 of the ensemble is exactly the single model of the same seed; member 1 differs
+    single = hx.tl.fit_bleep(
+        train.copy(),
+        genes="all",
+        use_rep="X_fake",
+        epochs=40,
+        batch_size=64,
+        random_state=0,
+        n_ensemble=1,
+        overwrite=True,
+    )
+    assert single.n_ensemble == 1 and "members" not in single.config["history"]
+    s0, s1, ss = model.nets[0].state_dict(), model.nets[1].state_dict(), single.net.state_dict()
+    assert all(torch.equal(s0[k], ss[k]) for k in s0)
+    assert not all(torch.equal(s0[k], s1[k]) for k in s0)
+    # the ensemble prediction is the mean of the members' retrievals
+    out = hx.tl.impute(test, model, k=10, copy=True)
+    feats, bank = test.obsm["X_fake"], model.reference
+    preds = [
+        retrieve(model.encode_images(feats, member=i), model.encode_expression(bank, member=i), bank, k=10)[0]
+        for i in range(model.n_ensemble)
+    ]
+    np.testing.assert_allclose(out.layers["bleep"], np.mean(preds, 0), rtol=1e-5, atol=1e-6)
+    assert out.uns["bleep"]["impute"]["n_ensemble"] == 5
+    # joined embeddings: cosine of joined = mean of the members' cosines
+    qi, be = model.encode_images(feats[:7]), model.encode_expression(bank[:9])
+    cos = [
+        _cos(model.encode_images(feats[:7], member=i), model.encode_expression(bank[:9], member=i))
+        for i in range(model.n_ensemble)
+    ]
+    np.testing.assert_allclose(qi @ be.T, np.mean(cos, 0), rtol=1e-4, atol=1e-5)
+    # the ensemble is not worse than its first member on held-out spots
+    truth = hx.pp.expression_matrix(test)
+    one = hx.tl.impute(test, single, k=10, copy=True).layers["bleep"]
+    assert np.nanmean(_pcc(out.layers["bleep"], truth)) >= np.nanmean(_pcc(one, truth)) - 0.02
+    with pytest.raises(ValueError, match="n_ensemble"):
+        hx.tl.fit_bleep(train.copy(), genes="all", use_rep="X_fake", epochs=1, n_ensemble=0, overwrite=True)
+
+
+def _cos(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def test_n_pcs_whitened_input_and_save_load(tmp_path, synth3):
+    train = synth3[synth3.obs["library_id"] != "S2"].copy()
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    rng = np.random.default_rng(0)
+    # 7 informative features plus 40 noise features: PCA keeps the leading directions
+    for ad in (train, test):
+        ad.obsm["X_wide"] = np.c_[ad.obsm["X_fake"], rng.normal(size=(ad.n_obs, 40))].astype(np.float32)
+    kw = {"genes": "all", "use_rep": "X_wide", "epochs": 5, "batch_size": 64, "n_ensemble": 2}
+    model = hx.tl.fit_bleep(train, n_pcs=4, **kw)
+    net = model.net
+    assert net.image_projection.projection.in_features == 4 and model.config["n_pcs"] == 4
+    tr_idx = np.isin(train.obs["library_id"], train.uns["bleep"]["params"]["val_libraries"], invert=True)
+    z = net.image_input(torch.as_tensor(train.obsm["X_wide"][tr_idx])).numpy().astype(np.float64)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(z.T, ddof=0), np.eye(4), atol=1e-3)  # unit variance, decorrelated
+    # components are the leading eigenvectors of the standardised training features
+    x = train.obsm["X_wide"][tr_idx].astype(np.float64)
+    xs = (x - x.mean(0)) / x.std(0)
+    evals = np.linalg.eigvalsh(np.cov(xs.T))[::-1]
+    comps = net.feature_components.numpy().astype(np.float64)
+    np.testing.assert_allclose(np.diag(comps.T @ np.cov(xs.T) @ comps), evals[:4], rtol=1e-3)
+    model.save(tmp_path / "m")
+    loaded = hx.tl.load_model(tmp_path / "m")
+    assert loaded.n_ensemble == 2 and loaded.config["n_pcs"] == 4
+    a, b = hx.tl.impute(test, model, copy=True), hx.tl.impute(test, loaded, copy=True)
+    assert np.array_equal(a.layers["bleep"], b.layers["bleep"])
+    assert np.array_equal(a.obs["bleep_confidence"], b.obs["bleep_confidence"])
+    with pytest.raises(ValueError, match="n_pcs"):
+        hx.tl.fit_bleep(train, n_pcs=500, overwrite=True, **kw)
+
+
+def test_center_reference(synth3, fitted):
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    # a reference section with a different depth/composition: counts of half of the genes tripled
+    ref = train.copy()
+    X = np.asarray(ref.X.todense() if hasattr(ref.X, "todense") else ref.X, dtype=np.float32)
+    X[:, : ref.n_vars // 2] *= 3
+    ref.X = X
+    n = ref.n_obs
+    raw = hx.tl.impute(test, model, reference=ref, k=n, copy=True).layers["bleep"]
+    cen = hx.tl.impute(test, model, reference=ref, k=n, center_reference="library_id", copy=True).layers["bleep"]
+    train_mean = np.asarray(model.config["expression_mean"], dtype=np.float32)
+    ref_mean = hx.pp.expression_matrix(ref).mean(0)
+    # k = all spots: the prediction is the bank mean, i.e. the training mean after centring
+    np.testing.assert_allclose(cen, np.broadcast_to(train_mean, cen.shape), atol=1e-4)
+    np.testing.assert_allclose(raw, np.broadcast_to(ref_mean, raw.shape), atol=1e-4)
+    assert np.abs(ref_mean - train_mean).max() > 0.3
+    # centring per section: each section of the centred bank has the training mean
+    from histoexp.tl._bleep import _reference_bank
+
+    bank, _, _ = _reference_bank(model, [ref], None, None, center="library_id")
+    for lib in ref.obs["library_id"].unique():
+        m = (ref.obs["library_id"] == lib).to_numpy()
+        np.testing.assert_allclose(bank[m].mean(0), train_mean, atol=1e-4)
+    with pytest.raises(ValueError, match="center_reference"):
+        hx.tl.impute(test, model, center_reference=True, copy=True)
