@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from histoexp.train import fit, split_by_library
+from histoexp.train import fit, split_by_library, torch_threads
 
 
 def _data(n=120, d=6, seed=0):
@@ -155,3 +155,13 @@ def test_fit_errors():
         fit(_model(), (x, y), loss_fn=_mse, resume=True, device="cpu")
     with pytest.raises(FloatingPointError):
         fit(_model(), (x, y * np.inf), loss_fn=_mse, device="cpu", epochs=1)
+
+
+def test_torch_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

@@ -14,6 +14,7 @@ checkpoint of epoch ``e`` continues exactly as the uninterrupted run (same weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,12 +28,30 @@ import pandas as pd
 from ._settings import logger, settings
 from ._utils import progress as _progress
 
-__all__ = ["fit", "split_by_library", "to_device"]
+__all__ = ["fit", "split_by_library", "to_device", "torch_threads"]
 
 _STATE = "state.json"
 _LAST = "last.safetensors"
 _BEST = "best.safetensors"
 _OPTIM = "optimizer.pt"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore the setting.
+
+    Small models (projection heads on frozen features) gain nothing from a second CPU thread, and when
+    another process is busy the threads wait on each other: training is then several times slower.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def split_by_library(

@@ -134,6 +134,10 @@ def fit_bleep(
       ResNet-50 (random weights) ``n_pcs=8`` (chosen by inner leave-one-section-out on C3..C6)
       raises the mean PCC from 0.079 to above ridge. It does not help the 37 handcrafted features.
 
+    On CPU, frozen-feature training runs with one torch thread (restored afterwards): the heads are
+    small, a second thread brings nothing, and when another process is busy it makes training
+    several times slower.
+
     Parameters
     ----------
     adata
@@ -207,7 +211,7 @@ def fit_bleep(
 
     from ..models.bleep import BleepModel, BleepNet, augment_dihedral
     from ..pp import expression_matrix, select_genes
-    from ..train import fit, split_by_library
+    from ..train import fit, split_by_library, torch_threads
 
     img_key, expr_key = f"X_{key_added}_image", f"X_{key_added}_expression"
     for key in (img_key, expr_key):
@@ -336,53 +340,56 @@ def fit_bleep(
 
     # ensemble members: member i is initialised, shuffled and dropped out from seed random_state + i
     # (member 0 is exactly the single model of the same seed); same split and data for all members
-    nets, histories = [], []
-    for member in range(hp["n_ensemble"]):
-        seed = random_state + member
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = make_net()
-        if finetune_encoder and member == 0:
-            enc = enc_info["enc"]
-            preprocess = enc.preprocess
-            geometry = dict(adata.uns.get("histoexp", {}).get(patches_key, {}))
-            geometry.pop("libraries", None)
-            config.update(
-                mode="finetune",
-                use_rep=None,
-                feature_dim=int(enc.dim),
-                embedding=None,
-                encoder={
-                    "name": enc.name,
-                    "key": enc.config.get("encoder", encoder),
-                    "weights": weights if isinstance(weights, str) or weights is None else "custom",
-                    "kwargs": dict(encoder_kwargs or {}),
-                    "config": enc.config,
-                },
-                patches={"key": patches_key, **geometry},
+    # the heads on frozen features are small: one CPU thread is as fast as two, and far faster when
+    # another process is busy (see train.torch_threads)
+    with torch_threads(1 if not finetune_encoder and dev.type == "cpu" else None):
+        nets, histories = [], []
+        for member in range(hp["n_ensemble"]):
+            seed = random_state + member
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = make_net()
+            if finetune_encoder and member == 0:
+                enc = enc_info["enc"]
+                preprocess = enc.preprocess
+                geometry = dict(adata.uns.get("histoexp", {}).get(patches_key, {}))
+                geometry.pop("libraries", None)
+                config.update(
+                    mode="finetune",
+                    use_rep=None,
+                    feature_dim=int(enc.dim),
+                    embedding=None,
+                    encoder={
+                        "name": enc.name,
+                        "key": enc.config.get("encoder", encoder),
+                        "weights": weights if isinstance(weights, str) or weights is None else "custom",
+                        "kwargs": dict(encoder_kwargs or {}),
+                        "config": enc.config,
+                    },
+                    patches={"key": patches_key, **geometry},
+                )
+            ckpt = checkpoint_dir
+            if checkpoint_dir is not None and hp["n_ensemble"] > 1:
+                ckpt = os.path.join(os.fspath(checkpoint_dir), f"member{member}")
+            histories.append(
+                fit(
+                    net,
+                    train_ds,
+                    val_ds,
+                    loss_fn=loss_fn,
+                    epochs=hp["epochs"],
+                    batch_size=hp["batch_size"],
+                    lr=hp["lr"],
+                    weight_decay=hp["weight_decay"],
+                    patience=hp["patience"],
+                    device=dev,
+                    random_state=seed,
+                    checkpoint_dir=ckpt,
+                    resume=resume,
+                    desc="BLEEP" if hp["n_ensemble"] == 1 else f"BLEEP {member + 1}/{hp['n_ensemble']}",
+                )
             )
-        ckpt = checkpoint_dir
-        if checkpoint_dir is not None and hp["n_ensemble"] > 1:
-            ckpt = os.path.join(os.fspath(checkpoint_dir), f"member{member}")
-        histories.append(
-            fit(
-                net,
-                train_ds,
-                val_ds,
-                loss_fn=loss_fn,
-                epochs=hp["epochs"],
-                batch_size=hp["batch_size"],
-                lr=hp["lr"],
-                weight_decay=hp["weight_decay"],
-                patience=hp["patience"],
-                device=dev,
-                random_state=seed,
-                checkpoint_dir=ckpt,
-                resume=resume,
-                desc="BLEEP" if hp["n_ensemble"] == 1 else f"BLEEP {member + 1}/{hp['n_ensemble']}",
-            )
-        )
-        nets.append(net)
+            nets.append(net)
     history = dict(histories[0])
     if len(histories) > 1:
         history["members"] = histories
