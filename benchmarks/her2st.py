@@ -11,8 +11,11 @@ Methods:
 
 - ``mean``: training mean per gene (a constant prediction: correlation 0 by convention);
 - ``ridge[<features>]``: standardise, PCA-256, RidgeCV on the frozen features (HEST recipe);
-- ``bleep[<features>]``: ``hx.tl.fit_bleep`` on the same frozen features + ``hx.tl.impute`` (k=50, average);
+- ``bleep[<features>]``: ``hx.tl.fit_bleep`` on the same frozen features (defaults: an ensemble of five heads;
+  resnet50 features PCA-reduced with ``n_pcs=8``) + ``hx.tl.impute`` (k=50, average);
 - ``bleep+bank[<features>]``: the same model, reference bank extended with the 30 count-only her2st sections;
+- ``bleep+bank-centred[<features>]``: the same, each reference section centred on the training mean
+  (``impute(center_reference='library_id')``: the count-only sections are shallower and from other patients);
 - ``bleep-e2e[resnet18]`` (``--e2e``): BLEEP trained end to end on CPU (ResNet-18 random init, 64 px patches;
   about 4 min per fold on 2 cores, so off by default: the default run takes about 5 min).
 
@@ -99,6 +102,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's, early stopping)")
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--method", default="average")
+    p.add_argument(
+        "--n-pcs",
+        nargs="+",
+        default=["resnet50=8"],
+        help="FEATURE=N: fit_bleep(n_pcs=N) for those features (as benchmarks/her2st_bleep.py)",
+    )
     p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
     p.add_argument("--e2e", action="store_true", help="also train BLEEP end to end (slow on CPU)")
     p.add_argument("--e2e-epochs", type=int, default=8)
@@ -106,6 +115,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "her2st"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
     hx.settings.progress = False
     hx.settings.device = "cpu"
     t_start = time.time()
@@ -167,6 +177,7 @@ def main() -> None:
                 genes=panel,
                 use_rep=f"X_{name}",
                 epochs=args.epochs,
+                n_pcs=n_pcs.get(name),
                 random_state=args.seed,
                 finetune_encoder=False,
                 overwrite=True,
@@ -179,6 +190,18 @@ def main() -> None:
                 out = hx.tl.impute(query, model, reference=[train, bank], k=args.k, method=args.method, copy=True)
                 pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
                 record(f"bleep+bank[{name}]", pred, time.time() - t + fit_s)
+                t = time.time()
+                out = hx.tl.impute(
+                    query,
+                    model,
+                    reference=[train, bank],
+                    k=args.k,
+                    method=args.method,
+                    center_reference="library_id",
+                    copy=True,
+                )
+                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+                record(f"bleep+bank-centred[{name}]", pred, time.time() - t + fit_s)
         if args.e2e:
             t = time.time()
             model = hx.tl.fit_bleep(
@@ -216,7 +239,13 @@ def main() -> None:
                 "handcrafted": "handcrafted encoder on 112 um patches at 112 px",
                 "resnet50": "resnet50 weights=None (random init, seed 0) on 112 um patches at 224 px",
             },
-            "bleep": {"epochs": args.epochs or "fit_bleep default", "k": args.k, "method": args.method},
+            "bleep": {
+                "epochs": args.epochs or "fit_bleep default",
+                "n_ensemble": "fit_bleep default (5)",
+                "n_pcs": n_pcs,
+                "k": args.k,
+                "method": args.method,
+            },
             "bank": None if bank is None else f"{bank.n_obs} spots of 30 count-only sections (incl. C1)",
             "metrics": "hx.tl.evaluate definitions: PCC@H = mean of the 50 best-predicted genes; HVG/HEG-50 = "
             "highest variance / mean of the test truth; constant predictions count as r=0",
