@@ -48,7 +48,15 @@ from histoexp.tl._evaluate import gene_metrics, summarize
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from her2st_bleep import SECTIONS, embed, ridge_predict  # noqa: E402
+from her2st_bleep import (  # noqa: E402
+    SECTIONS,
+    add_common_arguments,
+    embed,
+    load_sections,
+    ridge_predict,
+    run_bleep_e2e,
+    run_bleep_frozen,
+)
 
 KEYS = ("pcc_mean", "pcc_hvg", "pcc_heg", "pcc_at_h", "spearman_mean", "mse_mean", "mae_mean")
 LABELS = {
@@ -97,23 +105,9 @@ def domain_ari(query, pred: np.ndarray, panel: list[str], seed: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
-    p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50"])
-    p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's, early stopping)")
-    p.add_argument("--k", type=int, default=50)
-    p.add_argument("--method", default="average")
-    p.add_argument(
-        "--n-pcs",
-        nargs="+",
-        default=["resnet50=8"],
-        help="FEATURE=N: fit_bleep(n_pcs=N) for those features (as benchmarks/her2st_bleep.py)",
-    )
-    p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
+    add_common_arguments(p)
     p.add_argument("--e2e", action="store_true", help="also train BLEEP end to end (slow on CPU)")
-    p.add_argument("--e2e-epochs", type=int, default=8)
-    p.add_argument("--e2e-px", type=int, default=64)
     p.add_argument("--out", default=str(HERE / "results" / "her2st"))
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
     hx.settings.progress = False
@@ -122,14 +116,7 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t = time.time()
-    adata = hx.datasets.her2st(SECTIONS, data_dir=args.data_dir)
-    panel = [g for g in hx.datasets.her2st_gene_panel() if g in adata.var_names]
-    log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
-    bank = None
-    if not args.no_bank:
-        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
-        bank = hx.datasets.her2st(others, data_dir=args.data_dir)
-        log(f"count-only bank: {len(others)} sections, {bank.n_obs} spots")
+    adata, panel, bank = load_sections(args.data_dir, bank=not args.no_bank)
     timings["load"] = time.time() - t
 
     feats: dict[str, np.ndarray] = {}
@@ -171,55 +158,31 @@ def main() -> None:
         for name in args.features:
             t = time.time()
             record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
-            t = time.time()
-            model = hx.tl.fit_bleep(
+            run_bleep_frozen(
                 train,
-                genes=panel,
-                use_rep=f"X_{name}",
-                epochs=args.epochs,
+                query,
+                panel,
+                name,
+                record,
+                bank=bank,
                 n_pcs=n_pcs.get(name),
-                random_state=args.seed,
-                finetune_encoder=False,
-                overwrite=True,
+                epochs=args.epochs,
+                k=args.k,
+                method=args.method,
+                seed=args.seed,
             )
-            fit_s = time.time() - t
-            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
-            record(f"bleep[{name}]", out.layers["bleep"][:, query.var_names.get_indexer(panel)], time.time() - t)
-            if bank is not None:
-                t = time.time()
-                out = hx.tl.impute(query, model, reference=[train, bank], k=args.k, method=args.method, copy=True)
-                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-                record(f"bleep+bank[{name}]", pred, time.time() - t + fit_s)
-                t = time.time()
-                out = hx.tl.impute(
-                    query,
-                    model,
-                    reference=[train, bank],
-                    k=args.k,
-                    method=args.method,
-                    center_reference="library_id",
-                    copy=True,
-                )
-                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-                record(f"bleep+bank-centred[{name}]", pred, time.time() - t + fit_s)
         if args.e2e:
-            t = time.time()
-            model = hx.tl.fit_bleep(
+            run_bleep_e2e(
                 train,
-                genes=panel,
-                finetune_encoder=True,
-                encoder="resnet18",
-                weights=None,
-                encoder_kwargs={"transform": {"input_size": args.e2e_px}},
+                query,
+                panel,
+                record,
+                px=args.e2e_px,
                 epochs=args.e2e_epochs,
-                batch_size=128,
-                lr=1e-3,
-                patience=None,
-                random_state=args.seed,
-                overwrite=True,
+                k=args.k,
+                method=args.method,
+                seed=args.seed,
             )
-            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
-            record("bleep-e2e[resnet18]", out.layers["bleep"][:, query.var_names.get_indexer(panel)], time.time() - t)
         folds.append(fold)
 
     methods = list(folds[0]["methods"])

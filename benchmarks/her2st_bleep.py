@@ -108,6 +108,75 @@ def ridge_predict(x_tr, y_tr, x_te, seed=0):
     return model.predict(x_te).astype(np.float32)
 
 
+def load_sections(data_dir, *, bank: bool):
+    """C2..C6 in one AnnData, the panel genes it has, and (``bank=True``) the 30 count-only sections."""
+    adata = hx.datasets.her2st(SECTIONS, data_dir=data_dir)
+    panel = [g for g in hx.datasets.her2st_gene_panel() if g in adata.var_names]
+    log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
+    extra = None
+    if bank:
+        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
+        extra = hx.datasets.her2st(others, data_dir=data_dir)
+        log(f"count-only bank: {len(others)} sections, {extra.n_obs} spots")
+    return adata, panel, extra
+
+
+def _panel_pred(out, query, panel) -> np.ndarray:
+    return out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+
+
+def run_bleep_frozen(
+    train, query, panel, name, record, *, bank=None, n_pcs=None, epochs=None, k=50, method="average", seed=0
+):
+    """``bleep[name]`` (and with ``bank``: ``bleep+bank[name]``, ``bleep+bank-centred[name]``) through ``record``.
+
+    ``record(method, pred, seconds)`` receives the panel predictions of the query; returns the model.
+    """
+    t = time.time()
+    model = hx.tl.fit_bleep(
+        train,
+        genes=panel,
+        use_rep=f"X_{name}",
+        n_pcs=n_pcs,
+        epochs=epochs,
+        random_state=seed,
+        finetune_encoder=False,
+        overwrite=True,
+    )
+    fit_s = time.time() - t
+    out = hx.tl.impute(query, model, k=k, method=method, copy=True)
+    record(f"bleep[{name}]", _panel_pred(out, query, panel), time.time() - t)
+    if bank is not None:
+        for label, center in ((f"bleep+bank[{name}]", None), (f"bleep+bank-centred[{name}]", "library_id")):
+            t = time.time()
+            out = hx.tl.impute(
+                query, model, reference=[train, bank], k=k, method=method, center_reference=center, copy=True
+            )
+            record(label, _panel_pred(out, query, panel), time.time() - t + fit_s)
+    return model
+
+
+def run_bleep_e2e(train, query, panel, record, *, px=64, epochs=8, k=50, method="average", seed=0) -> None:
+    """``bleep-e2e[resnet18]``: ResNet-18 (random init) trained with the heads on ``px`` patches, on CPU."""
+    t = time.time()
+    model = hx.tl.fit_bleep(
+        train,
+        genes=panel,
+        finetune_encoder=True,
+        encoder="resnet18",
+        weights=None,
+        encoder_kwargs={"transform": {"input_size": px}},
+        epochs=epochs,
+        batch_size=128,
+        lr=1e-3,
+        patience=None,
+        random_state=seed,
+        overwrite=True,
+    )
+    out = hx.tl.impute(query, model, k=k, method=method, copy=True)
+    record("bleep-e2e[resnet18]", _panel_pred(out, query, panel), time.time() - t)
+
+
 def metrics(pred, truth, genes) -> dict:
     s = summarize(gene_metrics(pred, truth, genes), n_top=50)
     return {
@@ -119,11 +188,11 @@ def metrics(pred, truth, genes) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options both her2st benchmarks take."""
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
     p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50"])
-    p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's)")
+    p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's, early stopping)")
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--method", default="average")
     p.add_argument(
@@ -133,13 +202,18 @@ def main() -> None:
         help="FEATURE=N: fit_bleep(n_pcs=N) for those features (chosen by inner LOSO on C3..C6)",
     )
     p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
-    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
     p.add_argument("--e2e-epochs", type=int, default=8)
     p.add_argument("--e2e-px", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
     p.add_argument("--resnet-px", type=int, default=224, help="patch side for the resnet50 features")
     p.add_argument("--cache", default=None, help="folder caching the frozen features (npy)")
     p.add_argument("--out", default=str(HERE / "results" / "her2st_bleep"))
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
     hx.settings.progress = False
@@ -148,14 +222,7 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t = time.time()
-    adata = hx.datasets.her2st(SECTIONS, data_dir=args.data_dir)
-    panel = [g for g in hx.datasets.her2st_gene_panel() if g in adata.var_names]
-    log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
-    bank = None
-    if not args.no_bank:
-        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
-        bank = hx.datasets.her2st(others, data_dir=args.data_dir)
-        log(f"count-only bank: {len(others)} sections, {bank.n_obs} spots")
+    adata, panel, bank = load_sections(args.data_dir, bank=not args.no_bank)
     timings["load"] = time.time() - t
 
     feats: dict[str, np.ndarray] = {}
@@ -203,59 +270,33 @@ def main() -> None:
         for name in args.features:
             t = time.time()
             record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
-            t = time.time()
-            model = hx.tl.fit_bleep(
+            model = run_bleep_frozen(
                 train,
-                genes=panel,
-                use_rep=f"X_{name}",
+                query,
+                panel,
+                name,
+                record,
+                bank=bank,
                 n_pcs=n_pcs.get(name),
                 epochs=args.epochs,
-                random_state=args.seed,
-                finetune_encoder=False,
-                overwrite=True,
+                k=args.k,
+                method=args.method,
+                seed=args.seed,
             )
-            fit_s = time.time() - t
-            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
-            pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-            record(f"bleep[{name}]", pred, time.time() - t)
             fold["methods"][f"bleep[{name}]"]["epochs_run"] = model.config["history"]["epochs_run"]
             fold["methods"][f"bleep[{name}]"]["best_epoch"] = model.config["history"]["best_epoch"]
-            if bank is not None:
-                t = time.time()
-                out = hx.tl.impute(query, model, reference=[train, bank], k=args.k, method=args.method, copy=True)
-                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-                record(f"bleep+bank[{name}]", pred, time.time() - t + fit_s)
-                t = time.time()
-                out = hx.tl.impute(
-                    query,
-                    model,
-                    reference=[train, bank],
-                    k=args.k,
-                    method=args.method,
-                    center_reference="library_id",
-                    copy=True,
-                )
-                pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-                record(f"bleep+bank-centred[{name}]", pred, time.time() - t + fit_s)
         if not args.no_e2e:
-            t = time.time()
-            model = hx.tl.fit_bleep(
+            run_bleep_e2e(
                 train,
-                genes=panel,
-                finetune_encoder=True,
-                encoder="resnet18",
-                weights=None,
-                encoder_kwargs={"transform": {"input_size": args.e2e_px}},
+                query,
+                panel,
+                record,
+                px=args.e2e_px,
                 epochs=args.e2e_epochs,
-                batch_size=128,
-                lr=1e-3,
-                patience=None,
-                random_state=args.seed,
-                overwrite=True,
+                k=args.k,
+                method=args.method,
+                seed=args.seed,
             )
-            out = hx.tl.impute(query, model, k=args.k, method=args.method, copy=True)
-            pred = out.layers["bleep"][:, query.var_names.get_indexer(panel)]
-            record("bleep-e2e[resnet18]", pred, time.time() - t)
         rows.append(fold)
 
     methods = list(rows[0]["methods"])
