@@ -51,8 +51,7 @@ sys.path.insert(0, str(HERE))
 from her2st_bleep import (  # noqa: E402
     SECTIONS,
     add_common_arguments,
-    embed,
-    load_sections,
+    prepare,
     ridge_predict,
     run_bleep_e2e,
     run_bleep_frozen,
@@ -113,22 +112,7 @@ def main() -> None:
     hx.settings.progress = False
     hx.settings.device = "cpu"
     t_start = time.time()
-    timings: dict[str, float] = {}
-
-    t = time.time()
-    adata, panel, bank = load_sections(args.data_dir, bank=not args.no_bank)
-    timings["load"] = time.time() - t
-
-    feats: dict[str, np.ndarray] = {}
-    for name in args.features:
-        t = time.time()
-        if name == "handcrafted":
-            feats[name] = embed(adata, "handcrafted", patch_px=112, size_um=112)
-        else:
-            feats[name] = embed(adata, name, patch_px=224, size_um=112, seed=args.seed)
-        adata.obsm[f"X_{name}"] = feats[name]
-        timings[f"embed_{name}"] = time.time() - t
-        log(f"features {name}: {feats[name].shape} in {timings[f'embed_{name}']:.0f}s")
+    adata, panel, bank, feats, timings = prepare(args)
     if args.e2e:
         hx.pp.extract_patches(adata, size_um=112, patch_px=args.e2e_px, key_added="patches")
 

@@ -205,26 +205,16 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-epochs", type=int, default=8)
     p.add_argument("--e2e-px", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(p)
-    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
     p.add_argument("--resnet-px", type=int, default=224, help="patch side for the resnet50 features")
     p.add_argument("--cache", default=None, help="folder caching the frozen features (npy)")
-    p.add_argument("--out", default=str(HERE / "results" / "her2st_bleep"))
-    args = p.parse_args()
-    n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
-    hx.settings.progress = False
-    hx.settings.device = "cpu"
-    t_start = time.time()
-    timings: dict[str, float] = {}
 
+
+def prepare(args):
+    """Load the sections (and the bank) and the frozen features of every spot: ``obsm['X_<feature>']``."""
+    timings: dict[str, float] = {}
     t = time.time()
     adata, panel, bank = load_sections(args.data_dir, bank=not args.no_bank)
     timings["load"] = time.time() - t
-
     feats: dict[str, np.ndarray] = {}
     for name in args.features:
         t = time.time()
@@ -242,6 +232,20 @@ def main() -> None:
         timings[f"embed_{name}"] = time.time() - t
         adata.obsm[f"X_{name}"] = feats[name]
         log(f"features {name}: {feats[name].shape} in {timings[f'embed_{name}']:.0f}s")
+    return adata, panel, bank, feats, timings
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end training")
+    p.add_argument("--out", default=str(HERE / "results" / "her2st_bleep"))
+    args = p.parse_args()
+    n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
+    hx.settings.progress = False
+    hx.settings.device = "cpu"
+    t_start = time.time()
+    adata, panel, bank, feats, timings = prepare(args)
     if not args.no_e2e:
         t = time.time()
         hx.pp.extract_patches(adata, size_um=112, patch_px=args.e2e_px, key_added="patches")
