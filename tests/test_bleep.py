@@ -76,7 +76,7 @@ def test_projection_head_is_bleeps():
 def test_bleep_learns_on_synthetic(synth3, fitted):
     train, model = fitted
     test = synth3[synth3.obs["library_id"] == "S2"].copy()
-    out = hx.tl.impute(test, model, copy=True)
+    out = hx.tl.impute(test, model)
     truth = hx.pp.expression_matrix(test)
     pcc = np.nanmean(_pcc(out.layers["bleep"], truth))
     # the mean-expression baseline has no correlation (constant prediction, Pearson 0 by convention)
@@ -84,7 +84,7 @@ def test_bleep_learns_on_synthetic(synth3, fitted):
     # shuffled-image control: the same model with features of other spots predicts nothing
     shuffled = test.copy()
     shuffled.obsm["X_fake"] = test.obsm["X_fake"][np.random.default_rng(0).permutation(test.n_obs)]
-    ctrl = np.nanmean(_pcc(hx.tl.impute(shuffled, model, copy=True).layers["bleep"], truth))
+    ctrl = np.nanmean(_pcc(hx.tl.impute(shuffled, model).layers["bleep"], truth))
     assert pcc - ctrl > 0.35, (pcc, ctrl)
     # keys written on the training data
     # frozen default: an ensemble of 5; obsm holds the members' joined (L2-normalised) embeddings
@@ -115,15 +115,15 @@ def test_save_load_impute_identical(tmp_path, synth3, fitted):
     test = synth3[synth3.obs["library_id"] == "S2"].copy()
     model.save(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["config.json", "model.safetensors", "reference.safetensors"]
+    assert files == ["arrays.safetensors", "config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["method"] == "bleep" and cfg["mode"] == "frozen" and cfg["use_rep"] == "X_fake"
     assert {"histoexp", "torch"} <= set(cfg["versions"])
     loaded = hx.tl.load_model(tmp_path / "m")
-    assert isinstance(loaded, BleepModel) and loaded.genes == model.genes
-    a = hx.tl.impute(test, model, copy=True)
-    b = hx.tl.impute(test, loaded, copy=True)
-    c = hx.tl.impute(test, str(tmp_path / "m"), copy=True)
+    assert isinstance(loaded, BleepModel) and loaded.genes == model.genes and loaded.kind == "retrieval"
+    a = hx.tl.impute(test, model)
+    b = hx.tl.impute(test, loaded)
+    c = hx.tl.impute(test, str(tmp_path / "m"))
     assert np.array_equal(a.layers["bleep"], b.layers["bleep"])
     assert np.array_equal(a.layers["bleep"], c.layers["bleep"])
     assert np.array_equal(a.obs["bleep_confidence"], b.obs["bleep_confidence"])
@@ -131,7 +131,7 @@ def test_save_load_impute_identical(tmp_path, synth3, fitted):
         hx.tl.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("method", ["simple", "average", "weighted"])
+@pytest.mark.parametrize("method", ["simple", "average", "weighted", "inverse_distance", "inverse_distance_l2"])
 def test_chunked_retrieval_equals_unchunked(method):
     rng = np.random.default_rng(0)
     q, bank = rng.normal(size=(103, 16)).astype(np.float32), rng.normal(size=(57, 16)).astype(np.float32)
@@ -146,9 +146,14 @@ def test_chunked_retrieval_equals_unchunked(method):
     order = np.argsort(-(qn @ bn.T), axis=1)
     kk = 1 if method == "simple" else 7
     top = order[:, :kk]
-    if method == "weighted":
-        d2 = ((q[:, None, :] - bank[top]) ** 2).sum(-1)
-        w = np.exp(-(d2 - d2.min(1, keepdims=True)))
+    if method != "simple" and method != "average":
+        if method == "weighted":
+            d2 = ((q[:, None, :] - bank[top]) ** 2).sum(-1)
+            w = np.exp(-(d2 - d2.min(1, keepdims=True)))
+        elif method == "inverse_distance":  # mclSTExp: 1 / L1 distance² of the normalised embeddings
+            w = 1 / np.abs(qn[:, None, :] - bn[top]).sum(-1) ** 2
+        else:
+            w = 1 / ((qn[:, None, :] - bn[top]) ** 2).sum(-1)
         w /= w.sum(1, keepdims=True)
         ref = (w[:, :, None] * values[top]).sum(1)
     else:
@@ -157,32 +162,47 @@ def test_chunked_retrieval_equals_unchunked(method):
 
 
 def test_impute_outputs(synth3, fitted):
+    import anndata as ad
+    import scipy.sparse as sps
+
     train, model = fitted
     test = synth3[synth3.obs["library_id"] == "S2"].copy()
-    # query holding a subset of the genes plus an extra one: aligned layer, NaN where not predicted
+    before = test.copy()
+    full = hx.tl.impute(test, model)
+    # a new object over the predicted genes only; the query is untouched
+    assert full is not test and list(full.var_names) == model.genes
+    assert set(test.layers) == set(before.layers) and "bleep_confidence" not in test.obs
+    assert (test.X != before.X).nnz == 0 if sps.issparse(test.X) else np.array_equal(test.X, before.X)
+    assert full.X is None and np.isfinite(full.layers["bleep"]).all()
+    assert full.var["measured"].all() and full.var["seen_in_training"].all()
+    np.testing.assert_allclose(full.layers["measured"], hx.pp.expression_matrix(test, model.genes))
+    # a query holding a subset of the genes plus an extra one: the measurement layer marks what was measured
     sub = test[:, list(test.var_names[:10])].copy()
-    import anndata as ad
-
     extra = ad.AnnData(np.ones((sub.n_obs, 1), np.float32), obs=sub.obs, var={"_": ["x"]})
     extra.var_names = ["not_a_gene"]
     q = ad.concat([sub, extra], axis=1, merge="first")
     q.obsm["X_fake"] = test.obsm["X_fake"]
-    hx.tl.impute(q, model)
-    assert q.layers["bleep"].shape == (q.n_obs, 11)
-    assert np.isnan(q.layers["bleep"][:, -1]).all() and np.isfinite(q.layers["bleep"][:, :10]).all()
-    full = hx.tl.impute(test, model, copy=True)
-    np.testing.assert_array_equal(q.layers["bleep"][:, :10], full.layers["bleep"][:, :10])
-    with pytest.raises(KeyError, match="overwrite"):
-        hx.tl.impute(q, model)
-    # H&E-only query (no genes): a new AnnData whose var are the predicted genes
+    part = hx.tl.impute(q, model)
+    assert list(part.var_names) == model.genes and part.var["measured"].sum() == 10
+    np.testing.assert_array_equal(part.layers["bleep"], full.layers["bleep"])
+    assert np.isnan(part.layers["measured"][:, 10:]).all() and np.isfinite(part.layers["measured"][:, :10]).all()
+    # H&E-only query (no genes): same contract, no measurement
     he = ad.AnnData(obs=test.obs.copy(), obsm={"X_fake": test.obsm["X_fake"], "spatial": test.obsm["spatial"]})
     he.uns["spatial"] = test.uns["spatial"]
     new = hx.tl.impute(he, model)
     assert new is not he and he.n_vars == 0 and "bleep" not in he.layers
-    assert list(new.var_names) == model.genes
+    assert list(new.var_names) == model.genes and "measured" not in new.layers and not new.var["measured"].any()
     np.testing.assert_array_equal(new.layers["bleep"], full.layers["bleep"])
-    np.testing.assert_array_equal(new.X, new.layers["bleep"])
+    assert new.X is None
     assert "spatial" in new.obsm and "spatial" in new.uns and "bleep_confidence" in new.obs
+    with pytest.raises(ValueError, match="no measurement"):
+        hx.tl.evaluate(new, layer="bleep")
+    # predictions in X only when asked, and then never taken for a measurement
+    asked = hx.tl.impute(he, model, to_X=True)
+    np.testing.assert_array_equal(asked.X, asked.layers["bleep"])
+    assert asked.uns["histoexp"]["X"] == "prediction:bleep"
+    with pytest.raises(ValueError, match="holds predictions"):
+        hx.tl.evaluate(asked, layer="bleep")
     # reference AnnData(s): any reference gene can be predicted; a list uses the genes common to all
     ref = train.copy()
     ref2 = train[:, list(train.var_names[5:])].copy()
@@ -191,6 +211,7 @@ def test_impute_outputs(synth3, fitted):
     big.var_names = [*ref.var_names, "EXTRA"]
     out = hx.tl.impute(he, model, reference=big, genes="all")
     assert list(out.var_names) == [*ref.var_names, "EXTRA"]
+    assert out.var["seen_in_training"].tolist() == [True] * ref.n_vars + [False]
     np.testing.assert_allclose(out.layers["bleep"][:, :-1], full.layers["bleep"], rtol=1e-5, atol=1e-5)
     out2 = hx.tl.impute(he, model, reference=[big, big], genes=["EXTRA", "gene001"])
     assert list(out2.var_names) == ["EXTRA", "gene001"]
@@ -199,7 +220,7 @@ def test_impute_outputs(synth3, fitted):
     with pytest.raises(KeyError, match="not in the model's stored reference"):
         hx.tl.impute(he, model, genes=["EXTRA"])
     simple = hx.tl.impute(he, model, method="simple", k=5)
-    assert simple.uns["bleep"]["impute"]["k"] == 1
+    assert simple.uns["bleep"]["params"]["k"] == 1
 
 
 def test_errors(synth3, fitted):
@@ -238,8 +259,8 @@ def test_finetune_end_to_end_on_cpu(tmp_path):
     assert (tmp_path / "ck" / "last.safetensors").is_file()
     model.save(tmp_path / "m")
     loaded = hx.tl.load_model(tmp_path / "m")
-    a = hx.tl.impute(ad, model, copy=True)
-    b = hx.tl.impute(ad, loaded, copy=True)
+    a = hx.tl.impute(ad, model)
+    b = hx.tl.impute(ad, loaded)
     np.testing.assert_array_equal(a.layers["bleep"], b.layers["bleep"])
     # resume after "interruption" gives the uninterrupted result
     part = ad.copy()
@@ -278,10 +299,10 @@ def test_real_her2st_heldout_section(her2st_dir):
     model = hx.tl.fit_bleep(train, genes=panel, use_rep="X_hc", epochs=30, random_state=0)
     truth = hx.pp.expression_matrix(test, panel)
     top = np.argsort(-truth.var(0))[:50]  # HVG-50 of the test section
-    pred = hx.tl.impute(test, model, k=50, copy=True).layers["bleep"][:, test.var_names.get_indexer(panel)]
+    pred = hx.tl.impute(test, model, k=50).layers["bleep"]
     shuffled = test.copy()
     shuffled.obsm["X_hc"] = test.obsm["X_hc"][np.random.default_rng(0).permutation(test.n_obs)]
-    ctrl = hx.tl.impute(shuffled, model, k=50, copy=True).layers["bleep"][:, test.var_names.get_indexer(panel)]
+    ctrl = hx.tl.impute(shuffled, model, k=50).layers["bleep"]
     r, r_ctrl = np.nanmean(_pcc(pred[:, top], truth[:, top])), np.nanmean(_pcc(ctrl[:, top], truth[:, top]))
     assert r > 0.15, r
     assert r - r_ctrl > 0.1, (r, r_ctrl)
@@ -306,14 +327,14 @@ def test_ensemble_members_and_averaging(synth3, fitted):
     assert all(torch.equal(s0[k], ss[k]) for k in s0)
     assert not all(torch.equal(s0[k], s1[k]) for k in s0)
     # the ensemble prediction is the mean of the members' retrievals
-    out = hx.tl.impute(test, model, k=10, copy=True)
-    feats, bank = test.obsm["X_fake"], model.reference
+    out = hx.tl.impute(test, model, k=10)
+    feats, bank = test.obsm["X_fake"], model.reference.expression
     preds = [
         retrieve(model.encode_images(feats, member=i), model.encode_expression(bank, member=i), bank, k=10)[0]
         for i in range(model.n_ensemble)
     ]
     np.testing.assert_allclose(out.layers["bleep"], np.mean(preds, 0), rtol=1e-5, atol=1e-6)
-    assert out.uns["bleep"]["impute"]["n_ensemble"] == 5
+    assert out.uns["bleep"]["params"]["model"]["n_ensemble"] == 5
     # joined embeddings: cosine of joined = mean of the members' cosines
     qi, be = model.encode_images(feats[:7]), model.encode_expression(bank[:9])
     cos = [
@@ -323,7 +344,7 @@ def test_ensemble_members_and_averaging(synth3, fitted):
     np.testing.assert_allclose(qi @ be.T, np.mean(cos, 0), rtol=1e-4, atol=1e-5)
     # the ensemble is not worse than its first member on held-out spots
     truth = hx.pp.expression_matrix(test)
-    one = hx.tl.impute(test, single, k=10, copy=True).layers["bleep"]
+    one = hx.tl.impute(test, single, k=10).layers["bleep"]
     assert np.nanmean(_pcc(out.layers["bleep"], truth)) >= np.nanmean(_pcc(one, truth)) - 0.02
     with pytest.raises(ValueError, match="n_ensemble"):
         hx.tl.fit_bleep(train.copy(), genes="all", use_rep="X_fake", epochs=1, n_ensemble=0, overwrite=True)
@@ -347,19 +368,19 @@ def test_n_pcs_whitened_input_and_save_load(tmp_path, synth3):
     net = model.net
     assert net.image_projection.projection.in_features == 4 and model.config["n_pcs"] == 4
     tr_idx = np.isin(train.obs["library_id"], train.uns["bleep"]["params"]["val_libraries"], invert=True)
-    z = net.image_input(torch.as_tensor(train.obsm["X_wide"][tr_idx])).numpy().astype(np.float64)
+    z = net.features(torch.as_tensor(train.obsm["X_wide"][tr_idx])).numpy().astype(np.float64)
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(np.cov(z.T, ddof=0), np.eye(4), atol=1e-3)  # unit variance, decorrelated
     # components are the leading eigenvectors of the standardised training features
     x = train.obsm["X_wide"][tr_idx].astype(np.float64)
     xs = (x - x.mean(0)) / x.std(0)
     evals = np.linalg.eigvalsh(np.cov(xs.T))[::-1]
-    comps = net.feature_components.numpy().astype(np.float64)
+    comps = net.features.components.numpy().astype(np.float64)
     np.testing.assert_allclose(np.diag(comps.T @ np.cov(xs.T) @ comps), evals[:4], rtol=1e-3)
     model.save(tmp_path / "m")
     loaded = hx.tl.load_model(tmp_path / "m")
     assert loaded.n_ensemble == 2 and loaded.config["n_pcs"] == 4
-    a, b = hx.tl.impute(test, model, copy=True), hx.tl.impute(test, loaded, copy=True)
+    a, b = hx.tl.impute(test, model), hx.tl.impute(test, loaded)
     assert np.array_equal(a.layers["bleep"], b.layers["bleep"])
     assert np.array_equal(a.obs["bleep_confidence"], b.obs["bleep_confidence"])
     with pytest.raises(ValueError, match="n_pcs"):
@@ -375,8 +396,8 @@ def test_center_reference(synth3, fitted):
     X[:, : ref.n_vars // 2] *= 3
     ref.X = X
     n = ref.n_obs
-    raw = hx.tl.impute(test, model, reference=ref, k=n, copy=True).layers["bleep"]
-    cen = hx.tl.impute(test, model, reference=ref, k=n, center_reference="library_id", copy=True).layers["bleep"]
+    raw = hx.tl.impute(test, model, reference=ref, k=n).layers["bleep"]
+    cen = hx.tl.impute(test, model, reference=ref, k=n, center_reference="library_id").layers["bleep"]
     train_mean = np.asarray(model.config["expression_mean"], dtype=np.float32)
     ref_mean = hx.pp.expression_matrix(ref).mean(0)
     # k = all spots: the prediction is the bank mean, i.e. the training mean after centring
@@ -384,11 +405,16 @@ def test_center_reference(synth3, fitted):
     np.testing.assert_allclose(raw, np.broadcast_to(ref_mean, raw.shape), atol=1e-4)
     assert np.abs(ref_mean - train_mean).max() > 0.3
     # centring per section: each section of the centred bank has the training mean
-    from histoexp.tl._bleep import _reference_bank
+    from histoexp.tl._predict import _reference_bank
 
-    bank, _, _ = _reference_bank(model, [ref], None, None, center="library_id")
+    spots, _, _ = _reference_bank(model, [ref], None, None, center="library_id")
+    bank = spots.expression
     for lib in ref.obs["library_id"].unique():
         m = (ref.obs["library_id"] == lib).to_numpy()
         np.testing.assert_allclose(bank[m].mean(0), train_mean, atol=1e-4)
     with pytest.raises(ValueError, match="center_reference"):
-        hx.tl.impute(test, model, center_reference=True, copy=True)
+        hx.tl.impute(test, model, center_reference=True)
+    # ridge is a regression model: retrieval arguments are refused, not ignored
+    ridge = hx.tl.fit_ridge(train, genes="all", use_rep="X_fake", overwrite=True)
+    with pytest.raises(ValueError, match="regression model"):
+        hx.tl.impute(test, ridge, reference=ref)

@@ -28,6 +28,21 @@ def check_key_free(mapping: Mapping, key: str, *, where: str, overwrite: bool, a
         )
 
 
+def resolve_library_key(adata: AnnData, library_key: str | None = None, *, default: str = "library_id") -> str | None:
+    """Return the ``obs`` column naming each spot's section (the one way every function resolves it).
+
+    ``library_key`` if given (it must exist), else ``default`` (``'library_id'``, as
+    :func:`histoexp.datasets.her2st` and squidpy write it) when present, else ``None``.
+    """
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(
+                f"`library_key={library_key!r}` is not a column of adata.obs (found {list(adata.obs.columns)})."
+            )
+        return library_key
+    return default if default in adata.obs else None
+
+
 def library_ids(adata: AnnData, library_key: str | None = None) -> list[str]:
     """Library ids of ``adata``: categories of ``obs[library_key]``, else the keys of ``uns['spatial']``."""
     if library_key is not None:

@@ -28,7 +28,7 @@ import pandas as pd
 from ._settings import logger, settings
 from ._utils import progress as _progress
 
-__all__ = ["fit", "split_by_library", "to_device", "torch_threads"]
+__all__ = ["SpotDataset", "fit", "infer", "split_by_library", "to_device", "torch_threads"]
 
 _STATE = "state.json"
 _LAST = "last.safetensors"
@@ -216,6 +216,7 @@ def fit(
     drop_last: bool | None = None,
     num_workers: int = 0,
     collate_fn: Callable | None = None,
+    batch_sampler: Callable[[Any, int], Any] | None = None,
     progress: bool = True,
     desc: str = "training",
 ) -> dict:
@@ -266,7 +267,13 @@ def fit(
     num_workers
         DataLoader workers.
     collate_fn
-        DataLoader collate function.
+        DataLoader collate function (``None``: the dataset's ``collate_fn`` attribute if it has one, as
+        :class:`SpotDataset`, else torch's default).
+    batch_sampler
+        Hook for methods whose batches are not random subsets of spots: ``batch_sampler(generator,
+        epoch)`` returns an iterable of index lists for one epoch, drawing its randomness from
+        ``generator`` (seeded per epoch, so resumes stay exact); e.g. spots of one section in a
+        spatial window (mclSTExp's "sentences"). Validation batches stay sequential.
     progress
         Show a progress bar over epochs with the losses (also subject to ``hx.settings.progress``).
     desc
@@ -288,6 +295,8 @@ def fit(
         val_ds = None
     if len(train_ds) == 0:
         raise ValueError("`train_data` is empty.")
+    if collate_fn is None:
+        collate_fn = getattr(train_ds, "collate_fn", None)
     use_amp = (settings.amp if amp is None else amp) and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     model.to(device)
@@ -387,15 +396,23 @@ def fit(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            train_loader = DataLoader(
-                train_ds,
-                batch_size=batch_size,
-                shuffle=True,
-                generator=gen,
-                drop_last=drop_last,
-                num_workers=num_workers,
-                collate_fn=collate_fn,
-            )
+            if batch_sampler is None:
+                train_loader = DataLoader(
+                    train_ds,
+                    batch_size=batch_size,
+                    shuffle=True,
+                    generator=gen,
+                    drop_last=drop_last,
+                    num_workers=num_workers,
+                    collate_fn=collate_fn,
+                )
+            else:
+                train_loader = DataLoader(
+                    train_ds,
+                    batch_sampler=list(batch_sampler(gen, epoch)),
+                    num_workers=num_workers,
+                    collate_fn=collate_fn,
+                )
             train_loss = run_epoch(train_loader, True)
             val_loss = None
             if val_ds is not None:
@@ -449,3 +466,182 @@ def _batch_len(batch) -> int:
     if isinstance(batch, (list, tuple)):
         return _batch_len(batch[0])
     return 1
+
+
+# --------------------------------------------------------------------------------------------- data and inference
+def _identity(batch):
+    return batch
+
+
+class SpotDataset:
+    """Spots as dict batches: the one dataset every method trains and predicts on.
+
+    Indexing by a list of positions (``__getitems__``, used by the DataLoader) reads a whole batch at once,
+    so a patch store is read with one ``batch`` call per batch and frozen features with one gather.
+
+    Parameters
+    ----------
+    images
+        Frozen features ``(n, d)`` (array or tensor), a patch source (anything with ``len`` and
+        ``.batch(indices) -> uint8 (B, px, px, 3)``, e.g. :func:`histoexp.pp.get_patches`), or ``None``.
+    expression
+        ``(n, n_genes)`` log-normalised targets, or ``None`` (prediction of H&E-only spots).
+    coords
+        ``(n, 2)`` positions (e.g. array coordinates), or ``None``.
+    rows
+        Positions (into the arrays above) of the spots of this dataset (``None``: all): training and
+        validation subsets share the arrays.
+    neighbours
+        ``(n, m)`` positions of each spot's neighbours (``-1``: none), e.g. NH2ST's surrounding windows;
+        each batch then also holds the neighbours' ``neighbour_image``/``neighbour_expression`` and a
+        boolean ``neighbour_mask``.
+
+    Batches are dicts of tensors: ``index`` (positions), and ``image``, ``expression``, ``coords``,
+    ``neighbour_*`` where given.
+    """
+
+    collate_fn = staticmethod(_identity)
+
+    def __init__(self, images=None, expression=None, coords=None, *, rows=None, neighbours=None) -> None:
+        import torch
+
+        given = {"images": images, "expression": expression, "coords": coords, "neighbours": neighbours}
+        sizes = {name: len(x) for name, x in given.items() if x is not None}
+        if not sizes:
+            raise ValueError("A SpotDataset needs at least one of images, expression, coords.")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"SpotDataset inputs differ in length: {sizes}.")
+        n = next(iter(sizes.values()))
+        self._patches = images is not None and hasattr(images, "batch")
+        if images is not None and not self._patches:
+            images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        self.images = images
+        self.expression = None if expression is None else torch.as_tensor(np.asarray(expression, dtype=np.float32))
+        self.coords = None if coords is None else torch.as_tensor(np.asarray(coords, dtype=np.float32))
+        self.neighbours = None if neighbours is None else np.asarray(neighbours, dtype=np.int64)
+        self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _images(self, pos: np.ndarray):
+        import torch
+
+        if self._patches:
+            return torch.from_numpy(np.ascontiguousarray(self.images.batch(pos)))
+        return self.images[torch.from_numpy(pos)]
+
+    def __getitems__(self, indices) -> dict:
+        import torch
+
+        pos = self.rows[np.asarray(indices, dtype=np.int64)]
+        out = {"index": torch.from_numpy(pos)}
+        if self.images is not None:
+            out["image"] = self._images(pos)
+        if self.expression is not None:
+            out["expression"] = self.expression[torch.from_numpy(pos)]
+        if self.coords is not None:
+            out["coords"] = self.coords[torch.from_numpy(pos)]
+        if self.neighbours is not None:
+            nb = self.neighbours[pos]  # (B, m)
+            mask = nb >= 0
+            flat = np.where(mask, nb, pos[:, None]).ravel()  # missing neighbours read the spot itself, masked
+            out["neighbour_index"] = torch.from_numpy(nb)
+            out["neighbour_mask"] = torch.from_numpy(mask)
+            if self.images is not None:
+                img = self._images(flat)
+                out["neighbour_image"] = img.reshape(*nb.shape, *img.shape[1:])
+            if self.expression is not None:
+                ex = self.expression[torch.from_numpy(flat)]
+                out["neighbour_expression"] = ex.reshape(*nb.shape, ex.shape[-1])
+        return out
+
+    def __getitem__(self, i) -> dict:
+        if isinstance(i, (list, tuple, np.ndarray)):  # a whole batch (DataLoader with a batch sampler)
+            return self.__getitems__(i)
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _autocast(device, amp: bool):
+    import torch
+
+    if not amp or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def infer(
+    fn: Callable[[dict], Any],
+    data,
+    *,
+    batch_size: int = 256,
+    device=None,
+    amp: bool | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "inference",
+) -> np.ndarray:
+    """Run the one inference loop: ``fn`` over the batches of ``data``, in order, results concatenated.
+
+    Used by :func:`histoexp.tl.embed_patches`, the models' encoders and predictions, and the benchmarks.
+    Batches stream through a DataLoader (one ``batch`` read per batch for patch stores; pinned memory
+    on CUDA), ``fn`` runs under :func:`torch.inference_mode` with AMP autocast on CUDA when ``amp``.
+
+    Parameters
+    ----------
+    fn
+        ``fn(batch) -> tensor (B, ...)`` (a tuple/list: its first element); ``batch`` is a
+        :class:`SpotDataset` dict already on ``device``.
+    data
+        A :class:`SpotDataset`, frozen features ``(n, d)``, or a patch source (``len`` + ``batch``).
+    batch_size
+        Spots per batch.
+    device
+        Torch device (``None``: ``hx.settings``).
+    amp
+        Mixed precision on CUDA (``None``: ``hx.settings.amp``); ignored elsewhere.
+    num_workers
+        DataLoader workers (``None``: ``hx.settings.num_workers``).
+    progress
+        Show a progress bar (also subject to ``hx.settings.progress``).
+    desc
+        Progress bar label.
+
+    Returns
+    -------
+    float32 array ``(n, ...)``.
+    """
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    ds = data if isinstance(data, SpotDataset) else SpotDataset(images=data)
+    dev = settings.resolve_device(device) if not isinstance(device, torch.device) else device
+    use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
+    workers = int(getattr(settings, "num_workers", 0) if num_workers is None else num_workers)
+    n = len(ds)
+    sampler = BatchSampler(SequentialSampler(range(n)), batch_size=int(batch_size), drop_last=False)
+    loader = DataLoader(
+        ds, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda", collate_fn=None
+    )
+    out = None
+    start = 0
+    bar = _progress(
+        loader, desc=desc, total=len(sampler), unit="batch", disable=not progress or not settings.progress, leave=False
+    )
+    with torch.inference_mode():
+        for batch in bar:
+            with _autocast(dev, use_amp):
+                res = fn(to_device(batch, dev))
+            if isinstance(res, (tuple, list)):
+                res = res[0]
+            res = res.float().cpu().numpy()
+            if out is None:
+                out = np.empty((n, *res.shape[1:]), dtype=np.float32)
+            out[start : start + len(res)] = res
+            start += len(res)
+    if start != n:
+        raise RuntimeError(f"Inference produced {start} rows for {n} spots.")
+    return np.empty((0,), dtype=np.float32) if out is None else out

@@ -1,5 +1,10 @@
-"""Models: the image-encoder registry and :func:`get_encoder` (imports torch; nothing from tl/pp/pl)."""
+"""Models: the model platform (:mod:`~histoexp.models.base`), the methods, and the image-encoder registry.
 
+Imports torch; nothing from tl/pp/pl.
+"""
+
+from .base import MODELS, ExpressionModel, ReferenceSpots, RegressionModel, RetrievalModel, load_model, register_model
+from .bleep import BleepModel
 from .encoders import (
     REGISTRY,
     Encoder,
@@ -12,16 +17,26 @@ from .encoders import (
 )
 from .handcrafted import FEATURE_NAMES as HANDCRAFTED_FEATURES
 from .handcrafted import handcrafted_features
+from .ridge import RidgeModel
 
 __all__ = [
     "HANDCRAFTED_FEATURES",
+    "MODELS",
     "REGISTRY",
+    "BleepModel",
     "Encoder",
     "EncoderSpec",
+    "ExpressionModel",
+    "ReferenceSpots",
+    "RegressionModel",
+    "RetrievalModel",
+    "RidgeModel",
     "WeightsUnavailableError",
     "get_encoder",
     "handcrafted_features",
     "list_encoders",
+    "load_model",
     "load_weights",
     "register_encoder",
+    "register_model",
 ]

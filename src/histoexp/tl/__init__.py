@@ -1,8 +1,10 @@
-"""Tools: image embeddings, model fitting, imputation, evaluation, spatial domains."""
+"""Tools: image embeddings, model fitting, prediction, evaluation, spatial domains."""
 
-from ._bleep import fit_bleep, impute, load_model
+from ._bleep import fit_bleep
 from ._domains import spatial_domains
 from ._embed import embed_patches
 from ._evaluate import evaluate
+from ._predict import impute, load_model
+from ._ridge import fit_ridge
 
-__all__ = ["embed_patches", "evaluate", "fit_bleep", "impute", "load_model", "spatial_domains"]
+__all__ = ["embed_patches", "evaluate", "fit_bleep", "fit_ridge", "impute", "load_model", "spatial_domains"]

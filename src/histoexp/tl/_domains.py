@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import check_key_free, jsonable
+from .._utils import check_key_free, jsonable, resolve_library_key
 
 
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
@@ -133,8 +133,7 @@ def spatial_domains(
 
         if "spatial" not in adata.obsm:
             raise KeyError("adata.obsm['spatial'] is missing; pass use_spatial=False for expression-only domains.")
-        if library_key is None and "library_id" in adata.obs:
-            library_key = "library_id"
+        library_key = resolve_library_key(adata, library_key)
         tmp.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         if library_key is not None:
             tmp.obs[library_key] = pd.Categorical(adata.obs[library_key].astype(str))

@@ -9,59 +9,12 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger, settings
-from .._utils import check_key_free, jsonable, progress
+from .._utils import check_key_free, jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..models.encoders import Encoder
-
-
-class _PatchBatches:
-    """Map-style dataset over a PatchSource whose items are whole batches: indices -> uint8 tensor (B, px, px, 3).
-
-    A plain class (DataLoader only needs ``__len__``/``__getitem__``), defined at module level so that it pickles
-    into spawned DataLoader workers together with the (picklable) PatchSource.
-    """
-
-    def __init__(self, source) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, indices):
-        import torch
-
-        arr = np.ascontiguousarray(self.source.batch(np.asarray(indices, dtype=np.int64)))
-        return torch.from_numpy(arr)
-
-
-def _patch_loader(src, *, batch_size: int, num_workers: int, pin_memory: bool):
-    """DataLoader yielding uint8 tensors (B, px, px, 3) in the order of ``src`` (one ``src.batch`` call per batch)."""
-    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
-
-    ds = _PatchBatches(src)
-    sampler = BatchSampler(SequentialSampler(range(len(src))), batch_size=batch_size, drop_last=False)
-    return DataLoader(
-        ds,
-        batch_size=None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
-
-
-def _autocast(device: torch.device, amp: bool):
-    import contextlib
-
-    import torch
-
-    if not amp or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def run_encoder(
@@ -76,37 +29,35 @@ def run_encoder(
 ) -> np.ndarray:
     """Embed every patch of a PatchSource with ``encoder``; float32 array (len(src), encoder.dim).
 
-    Patches stream through a DataLoader in batches of uint8; resizing and normalisation run on ``device``
-    in torch; the module runs in eval mode under :func:`torch.inference_mode` (AMP autocast on CUDA when ``amp``).
+    Patches stream through the one inference loop (:func:`histoexp.train.infer`: a DataLoader of uint8
+    batches, AMP autocast on CUDA when ``amp``); resizing and normalisation run on ``device`` in torch; the
+    module runs in eval mode.
     """
-    import torch
+    from ..train import infer
 
-    dev = settings.resolve_device(device) if not isinstance(device, torch.device) else device
-    use_amp = settings.amp if amp is None else bool(amp)
-    n = len(src)
-    out = np.empty((n, encoder.dim), dtype=np.float32)
-    module = encoder.module.to(dev).eval()
-    loader = _patch_loader(src, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    n_batches = (n + batch_size - 1) // batch_size
-    start = 0
-    with torch.inference_mode():
-        for batch in progress(loader, desc=desc or f"embedding ({encoder.name})", total=n_batches, unit="batch"):
-            x = encoder.preprocess(batch.to(dev, non_blocking=True))
-            with _autocast(dev, use_amp):
-                feats = module(x)
-            if isinstance(feats, (tuple, list)):
-                feats = feats[0]
-            b = feats.shape[0]
-            if feats.ndim != 2 or feats.shape[1] != encoder.dim:
-                raise ValueError(
-                    f"Encoder {encoder.name!r} returned features of shape {tuple(feats.shape)}; "
-                    f"expected (batch, {encoder.dim})."
-                )
-            out[start : start + b] = feats.float().cpu().numpy()
-            start += b
-    if start != n:  # pragma: no cover - defensive
-        raise RuntimeError(f"Embedded {start} patches, expected {n}.")
-    return out
+    module = encoder.module.eval()
+
+    def forward(batch):
+        feats = module(encoder.preprocess(batch["image"]))
+        if isinstance(feats, (tuple, list)):
+            feats = feats[0]
+        if feats.ndim != 2 or feats.shape[1] != encoder.dim:
+            raise ValueError(
+                f"Encoder {encoder.name!r} returned features of shape {tuple(feats.shape)}; "
+                f"expected (batch, {encoder.dim})."
+            )
+        return feats
+
+    module.to(settings.resolve_device(device) if not hasattr(device, "type") else device)
+    return infer(
+        forward,
+        src,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        num_workers=num_workers,
+        desc=desc or f"embedding ({encoder.name})",
+    )
 
 
 def embed_patches(

@@ -14,6 +14,8 @@ from .._utils import jsonable
 #: Status values of :func:`gene_metrics` rows. Only ``'ok'`` and ``'constant_prediction'`` rows are evaluated.
 STATUS = ("ok", "constant_prediction", "constant_truth", "not_predicted")
 _EPS = 1e-12
+#: Layer of the query's own measurement in the output of :func:`histoexp.tl.impute`.
+MEASURED = "measured"
 
 
 def _pearson_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,27 +228,30 @@ def evaluate(
     genes of the truth, PCC@H (mean of the ``n_top`` best-predicted genes), quartiles, mean Spearman,
     MSE and MAE.
 
-    Genes evaluated: the genes with a prediction (not all-NaN in ``layers[layer]``), intersected with
-    ``genes``. Genes constant in the truth are excluded and counted (``n_constant_excluded``). Genes
-    whose prediction is constant get correlation ``0`` and are kept (``n_constant_prediction``).
+    Genes evaluated: the genes with a prediction and a measurement, intersected with ``genes``. Genes
+    constant in the truth are excluded and counted (``n_constant_excluded``). Genes whose prediction is
+    constant get correlation ``0`` and are kept (``n_constant_prediction``). A prediction is never scored
+    against itself: without a measurement (an H&E-only query, or ``X`` holding the predictions) it raises.
 
     Parameters
     ----------
     adata
-        Annotated data with predictions in ``layers[layer]`` and the measurement in ``X`` (counts) or
-        in ``truth``.
+        The output of :func:`histoexp.tl.impute` (predictions in ``layers[layer]``, the query's
+        measurement in ``layers['measured']``), or any AnnData with predictions in a layer and counts in
+        ``X``.
     layer
-        Layer holding the predictions (e.g. written by :func:`histoexp.tl.impute`).
+        Layer holding the predictions.
     truth
-        ``None``: :func:`histoexp.pp.expression_matrix` of ``X`` with ``normalize`` (``log1p`` of counts
-        normalised to 10,000 per spot, library size over all genes). A layer name: that layer as it is.
-        An array of shape ``(n_obs, n_vars)`` or a DataFrame with gene columns: used as it is.
+        ``None``: ``layers['measured']`` (genes with ``var['measured']``) when present, else
+        :func:`histoexp.pp.expression_matrix` of the counts in ``X`` with ``normalize`` (``log1p`` of counts
+        normalised to 10,000 per spot). A layer name: that layer as it is. An array of shape
+        ``(n_obs, n_vars)`` or a DataFrame with gene columns: used as it is.
     genes
-        Restrict to these genes (default: every predicted gene).
+        Restrict to these genes (default: every predicted and measured gene).
     normalize
-        Normalisation of ``X`` when ``truth`` is ``None`` (``'log1p'`` or ``'none'``).
+        Normalisation of ``X`` when it is the truth (``'log1p'`` or ``'none'``).
     n_top
-        Size of the HVG / HEG / best-gene selections.
+        Size of the HVG / HEG / best-gene selections (>= 1).
     key_added
         Prefix of the results (default: ``layer``).
     copy
@@ -259,18 +264,37 @@ def evaluate(
 
     - ``var[f'{key}_pcc']``, ``var[f'{key}_spearman']``, ``var[f'{key}_mse']``, ``var[f'{key}_mae']``
       (NaN for genes not evaluated),
-    - ``uns[key]['metrics']``: the summary dict. Evaluation is a recomputation: an existing
-      ``metrics`` entry and existing metric columns are replaced (logged); other entries of
-      ``uns[key]`` such as ``'params'`` are kept.
+    - ``uns[key]['metrics']``: the summary dict (with ``truth`` saying what was compared). Evaluation is
+      a recomputation: an existing ``metrics`` entry and existing metric columns are replaced (logged);
+      other entries of ``uns[key]`` such as ``'params'`` are kept.
     """
     key = key_added or layer
+    if not isinstance(n_top, (int, np.integer)) or n_top < 1:
+        raise ValueError(f"`n_top` must be an integer >= 1, got {n_top!r}.")
     if layer not in adata.layers:
         raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}); run impute first.")
+    if truth is not None and isinstance(truth, str) and truth == layer:
+        raise ValueError(f"`truth={truth!r}` is the prediction layer itself.")
     P = adata.layers[layer]
     P = P.toarray() if hasattr(P, "toarray") else np.asarray(P)
     P = P.astype(np.float64)
-    predicted = ~np.isnan(P).all(axis=0)
-    cand = [g for g, ok in zip(adata.var_names, predicted, strict=True) if ok]
+    usable = ~np.isnan(P).all(axis=0)
+    x_tag = str(adata.uns.get("histoexp", {}).get("X", ""))
+    if truth is None and MEASURED in adata.layers:
+        truth = MEASURED
+        if "measured" in adata.var:
+            usable &= adata.var["measured"].to_numpy(bool)
+    elif truth is None:
+        if x_tag.startswith("prediction:"):
+            raise ValueError(
+                f"adata.X holds predictions ({x_tag!r}), not a measurement: pass `truth=` to evaluate against one."
+            )
+        if adata.n_vars == 0 or _x_is_empty(adata):
+            raise ValueError(
+                "There is no measurement to evaluate against: no layers['measured'] and adata.X holds no counts "
+                "(e.g. an H&E-only query). Pass `truth=`, or predict a query that has measured counts."
+            )
+    cand = [g for g, ok in zip(adata.var_names, usable, strict=True) if ok]
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
         unknown = [g for g in genes if g not in adata.var_names]
@@ -279,11 +303,8 @@ def evaluate(
         wanted = set(genes)
         cand = [g for g in cand if g in wanted]
     if not cand:
-        raise ValueError(f"No gene has a prediction in layers[{layer!r}] (all NaN) among the requested genes.")
-    if truth is None and adata.n_vars and _x_is_empty(adata):
         raise ValueError(
-            "adata.X holds no measurement (all zero or NaN), e.g. an H&E-only query: pass `truth=` or evaluate "
-            "on an AnnData that has measured counts."
+            f"No gene has both a prediction in layers[{layer!r}] and a measurement among the requested genes."
         )
     T, truth_desc = _truth_matrix(adata, truth, cand, normalize)
     idx = adata.var_names.get_indexer(cand)

@@ -1,13 +1,19 @@
-"""Chunked top-k retrieval: query embeddings -> k nearest reference embeddings -> aggregated values.
+"""Chunked top-k retrieval with pluggable weightings: query embeddings -> k nearest reference rows -> values.
 
-Memory is bounded by the chunk: for each chunk of query rows the similarity block
-``(chunk, n_bank)`` is computed, its top-k taken, and the aggregation done at once with a sparse
-``(chunk, n_bank)`` weight matrix times the bank values, so nothing of size ``n_query × n_bank`` or
-``n_query × k × n_genes`` is ever held. Each query row is computed independently of the others, so
-the result does not depend on the chunk size.
+Memory is bounded by the chunk: for each chunk of query rows the similarity block ``(chunk, n_bank)`` is
+computed, its top-k taken, the weights of the k neighbours computed by the chosen weighting, and the
+aggregation done at once with a sparse ``(chunk, n_bank)`` weight matrix times the bank values, so nothing
+of size ``n_query × n_bank`` or ``n_query × k × n_genes`` is ever held. Each query row is computed
+independently of the others, so the result does not depend on the chunk size.
+
+Weightings (:data:`WEIGHTINGS`; add one with :func:`register_weighting`) receive a :class:`TopK` and
+return ``(chunk, k)`` non-negative weights (normalised afterwards).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,8 +21,106 @@ import scipy.sparse as sp
 from .._settings import logger
 from .._utils import progress
 
-METHODS = ("simple", "average", "weighted")
 _SIM_BUDGET_BYTES = 256 * 2**20  # size of one similarity block
+_GATHER_BUDGET_BYTES = 128 * 2**20  # size of one gathered (rows, k, d) block (L1 distances)
+
+
+@dataclass
+class TopK:
+    """The k nearest bank rows of a chunk of queries (torch tensors on the retrieval device).
+
+    ``cos`` ``(B, k)`` cosine similarities (descending), ``idx`` ``(B, k)`` bank rows, ``query``
+    ``(B, d)`` raw query embeddings, ``bank`` ``(n_bank, d)`` raw bank embeddings, ``query_norm``
+    ``(B,)`` and ``bank_norm`` ``(n_bank,)`` their Euclidean norms.
+    """
+
+    cos: object
+    idx: object
+    query: object
+    bank: object
+    query_norm: object
+    bank_norm: object
+
+
+#: Weightings by name: ``fn(TopK) -> (B, k) weights``.
+WEIGHTINGS: dict[str, Callable[[TopK], object]] = {}
+
+
+def register_weighting(name: str):
+    """Register a retrieval weighting under ``name`` (usable as ``impute(method=name)``)."""
+
+    def deco(fn):
+        WEIGHTINGS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_weighting("average")
+def _average(t: TopK):
+    """BLEEP's default: the plain mean of the top k."""
+    import torch
+
+    return torch.ones_like(t.cos)
+
+
+@register_weighting("simple")
+def _simple(t: TopK):
+    """BLEEP's 'simple': the nearest reference spot (k is set to 1)."""
+    return _average(t)
+
+
+def _neighbour_distances(t: TopK, *, p: int, normalise: bool):
+    """``(B, k)`` L``p`` distances between each query and its neighbours, gathered in bounded blocks.
+
+    Computed row by row from the vectors (not from the cosines), so a row's result does not depend on the
+    chunk it was computed in.
+    """
+    import torch
+
+    q, b = t.query, t.bank
+    if normalise:
+        q = q / torch.clamp(t.query_norm[:, None], min=1e-12)
+        b = b / torch.clamp(t.bank_norm[:, None], min=1e-12)
+    k, d = t.idx.shape[1], b.shape[1]
+    step = max(1, _GATHER_BUDGET_BYTES // (4 * k * d))
+    out = []
+    for a in range(0, len(q), step):
+        diff = q[a : a + step, None, :] - b[t.idx[a : a + step]]
+        out.append(diff.abs().sum(-1) if p == 1 else (diff * diff).sum(-1))
+    return torch.cat(out)
+
+
+@register_weighting("weighted")
+def _bleep_weighted(t: TopK):
+    """BLEEP's ``weighted_average``: ``exp(-(d_i² - min_j d_j²))``, d Euclidean on the raw embeddings."""
+    import torch
+
+    d2 = _neighbour_distances(t, p=2, normalise=False)
+    return torch.exp(-(d2 - d2.min(1, keepdim=True).values))
+
+
+def _inverse_square(d):
+    import torch
+
+    return 1.0 / torch.clamp(d * d, min=1e-12)
+
+
+@register_weighting("inverse_distance")
+def _inverse_l1(t: TopK):
+    """Weight as mclSTExp: ``1 / d²`` with ``d`` the L1 distance of the L2-normalised embeddings."""
+    return _inverse_square(_neighbour_distances(t, p=1, normalise=True))
+
+
+@register_weighting("inverse_distance_l2")
+def _inverse_l2(t: TopK):
+    """``1 / d²`` with ``d`` the Euclidean distance of the L2-normalised embeddings."""
+    import torch
+
+    return 1.0 / torch.clamp(_neighbour_distances(t, p=2, normalise=True), min=1e-12)
+
+
+METHODS = tuple(WEIGHTINGS)
 
 
 def auto_chunk_size(n_bank: int) -> int:
@@ -37,27 +141,30 @@ def retrieve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict values for each query row from its top-k most similar bank rows.
 
-    Similarity is the cosine of the embeddings (both sides L2-normalised, as BLEEP's ``find_matches``).
+    Neighbours are ranked by the cosine of the embeddings (both sides L2-normalised, as BLEEP's
+    ``find_matches`` and mclSTExp's retrieval).
 
     Parameters
     ----------
     query_emb
         ``(n_query, d)`` query (image) embeddings, as produced by the model (not normalised).
     bank_emb
-        ``(n_bank, d)`` reference (expression) embeddings.
+        ``(n_bank, d)`` reference embeddings.
     bank_values
         ``(n_bank, n_genes)`` values to aggregate (reference expression).
     k
         Neighbours (clipped to ``n_bank``); ``method='simple'`` uses 1.
     method
-        ``'simple'``: the nearest bank row. ``'average'``: mean of the top ``k``. ``'weighted'``:
-        mean of the top ``k`` weighted by ``exp(-(d_i^2 - min_j d_j^2))`` where ``d`` is the Euclidean
-        distance between the *unnormalised* embeddings, as in BLEEP's ``weighted_average`` (equivalently
-        a softmax of ``-d^2`` over the top ``k``).
+        A weighting of :data:`WEIGHTINGS`: ``'simple'`` (nearest row), ``'average'`` (mean of the top k),
+        ``'weighted'`` (BLEEP's softmax of ``-d²`` of the unnormalised embeddings),
+        ``'inverse_distance'`` (mclSTExp: ``1/d²``, ``d`` the L1 distance of the normalised embeddings),
+        ``'inverse_distance_l2'`` (the same with the Euclidean distance).
     chunk_size
         Query rows per block (``None``: :func:`auto_chunk_size`).
     device
         Torch device for the similarity products (``None``: CPU).
+    desc
+        Progress bar label.
 
     Returns
     -------
@@ -67,15 +174,19 @@ def retrieve(
     import torch
     import torch.nn.functional as F
 
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1, got {k}.")
+    if method not in WEIGHTINGS:
+        raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
     n_bank = bank_emb.shape[0]
     if n_bank == 0:
         raise ValueError("The reference bank is empty.")
     if bank_values.shape[0] != n_bank:
         raise ValueError(f"bank_values has {bank_values.shape[0]} rows for {n_bank} bank embeddings.")
+    arrays = {"query embeddings": query_emb, "reference embeddings": bank_emb, "reference values": bank_values}
+    for name, arr in arrays.items():
+        if not np.isfinite(arr).all():
+            raise ValueError(f"The {name} contain NaN or infinite values; retrieval would rank them first.")
     if method == "simple":
         k = 1
     if k > n_bank:
@@ -83,13 +194,16 @@ def retrieve(
         k = n_bank
     device = torch.device("cpu") if device is None else torch.device(device)
     chunk_size = auto_chunk_size(n_bank) if chunk_size is None else int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
     bank_raw = torch.as_tensor(np.asarray(bank_emb, dtype=np.float32), device=device)
+    bank_norm = bank_raw.norm(dim=-1)
     bank_n = F.normalize(bank_raw, dim=-1)
-    bank_sq = (bank_raw * bank_raw).sum(-1)
     values = np.asarray(bank_values, dtype=np.float32)
     n_query = query_emb.shape[0]
     pred = np.empty((n_query, values.shape[1]), dtype=np.float32)
     conf = np.empty(n_query, dtype=np.float32)
+    weigh = WEIGHTINGS[method]
     starts = range(0, n_query, chunk_size)
     for a in progress(starts, desc=desc, total=len(starts), leave=False):
         b = min(a + chunk_size, n_query)
@@ -97,11 +211,8 @@ def retrieve(
         sims = F.normalize(q_raw, dim=-1) @ bank_n.T
         top, idx = torch.topk(sims, k, dim=1)
         conf[a:b] = top.mean(1).cpu().numpy()
-        if method == "weighted":
-            d2 = (q_raw * q_raw).sum(-1, keepdim=True) + bank_sq[idx] - 2 * (q_raw.unsqueeze(1) * bank_raw[idx]).sum(-1)
-            w = torch.softmax(-(d2 - d2.min(1, keepdim=True).values), dim=1)
-        else:
-            w = torch.full(idx.shape, 1.0 / k, device=device)
+        w = weigh(TopK(top, idx, q_raw, bank_raw, q_raw.norm(dim=-1), bank_norm))
+        w = w / w.sum(1, keepdim=True)
         rows = np.repeat(np.arange(b - a), k)
         W = sp.csr_matrix((w.cpu().numpy().ravel(), (rows, idx.cpu().numpy().ravel())), shape=(b - a, n_bank))
         pred[a:b] = W @ values

@@ -1,0 +1,444 @@
+"""The model abstraction every method plugs into.
+
+A method is a small :class:`ExpressionModel` subclass registered with :func:`register_model`: it names
+itself (``method``), says which kind it is and how to build its network from a JSON config
+(:meth:`ExpressionModel.build_net`). The base owns the rest: the config, ensembles (``nets``: one network
+per member), the image side (frozen features or patches through a fine-tuned encoder, run through the one
+inference loop :func:`histoexp.train.infer`), extra arrays kept with the model (e.g. a reference bank),
+and save/load as safetensors + JSON (:mod:`histoexp.models._io`; never pickle).
+
+Two kinds:
+
+- :class:`RetrievalModel` (BLEEP, mclSTExp): the image embedding of a query spot is matched against
+  embeddings of reference spots (:class:`ReferenceSpots`: expression, and positions / sections where the
+  method's spot branch needs them); the prediction aggregates the reference spots' expression. Networks
+  provide ``encode_image(x)`` and ``encode_reference(batch)``.
+- :class:`RegressionModel` (ridge, NH2ST, zero-shot): image -> expression directly. Networks provide
+  ``predict(x)``; an ensemble averages its members.
+
+``hx.tl.impute`` is the one prediction entry point for both kinds; ``hx.tl.load_model`` /
+:func:`load_model` reads any registered kind back.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._utils import jsonable
+from . import _io
+
+__all__ = [
+    "MODELS",
+    "ExpressionModel",
+    "ReferenceSpots",
+    "RegressionModel",
+    "RetrievalModel",
+    "load_model",
+    "register_model",
+]
+
+#: Registered model classes by ``method`` name.
+MODELS: dict[str, type[ExpressionModel]] = {}
+
+
+def register_model(cls: type[ExpressionModel]) -> type[ExpressionModel]:
+    """Class decorator: make ``cls`` loadable by :func:`load_model` under ``cls.method``."""
+    if not getattr(cls, "method", None) or cls.kind not in ("retrieval", "regression"):
+        raise TypeError(f"{cls.__name__} must set `method` and `kind` ('retrieval' or 'regression').")
+    if cls.method in MODELS and MODELS[cls.method] is not cls:
+        raise ValueError(f"A model named {cls.method!r} is already registered ({MODELS[cls.method].__name__}).")
+    MODELS[cls.method] = cls
+    return cls
+
+
+def load_model(path: str | os.PathLike, *, device=None) -> ExpressionModel:
+    """Load a model folder written by ``model.save``, whatever its registered kind.
+
+    Parameters
+    ----------
+    path
+        The folder.
+    device
+        Move the weights there (``None``: CPU).
+    """
+    from . import bleep, ridge  # noqa: F401  (register the built-in methods)
+
+    config = _io.read_config(path)
+    method = config.get("method")
+    if method not in MODELS:
+        raise ValueError(f"{path}: unknown model method {method!r} (known: {sorted(MODELS)}).")
+    return MODELS[method].load(path, device=device)
+
+
+@dataclass
+class ReferenceSpots:
+    """Reference spots for retrieval: what a retrieval model's spot branch reads.
+
+    Attributes
+    ----------
+    expression
+        ``(n, n_model_genes)`` log-normalised expression of the model genes, float32.
+    coords
+        ``(n, 2)`` spot positions (array coordinates), or ``None``.
+    sections
+        ``(n,)`` section labels (strings), or ``None``.
+    """
+
+    expression: np.ndarray
+    coords: np.ndarray | None = None
+    sections: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.expression = np.asarray(self.expression, dtype=np.float32)
+        if self.expression.ndim != 2:
+            raise ValueError(f"Reference expression must be 2-d, got shape {self.expression.shape}.")
+        if not np.isfinite(self.expression).all():
+            bad = int((~np.isfinite(self.expression)).any(1).sum())
+            raise ValueError(f"Reference expression has non-finite values in {bad} spots (NaN or inf counts?).")
+        n = len(self.expression)
+        if self.coords is not None:
+            self.coords = np.asarray(self.coords, dtype=np.float32)
+            if self.coords.shape != (n, 2) or not np.isfinite(self.coords).all():
+                raise ValueError(f"Reference coords must be finite with shape ({n}, 2), got {self.coords.shape}.")
+        if self.sections is not None:
+            self.sections = np.asarray(self.sections).astype(str)
+            if self.sections.shape != (n,):
+                raise ValueError(f"Reference sections must have shape ({n},), got {self.sections.shape}.")
+
+    def __len__(self) -> int:
+        return len(self.expression)
+
+
+class ExpressionModel:
+    """Base of every histoexp model (see the module docs).
+
+    Parameters
+    ----------
+    nets
+        The trained network(s): one per ensemble member.
+    config
+        JSON-able description (``genes``, ``normalize``, ``target_sum``, ``mode`` (``'frozen'`` or
+        ``'finetune'``), ``use_rep``, ``embedding``, ``encoder``, ``patches``, ``feature_dim``, the
+        method's settings, training ``params`` and ``history``).
+    preprocess
+        Patch preprocessing of a fine-tuned encoder (uint8 ``(B, px, px, 3)`` -> model input).
+    arrays
+        Named float arrays kept and saved with the model (e.g. a reference bank).
+    """
+
+    method: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    def __init__(self, nets: nn.Module | list[nn.Module], config: dict, *, preprocess=None, arrays=None) -> None:
+        nets = [nets] if isinstance(nets, nn.Module) else list(nets)
+        if not nets:
+            raise ValueError(f"A {type(self).__name__} needs at least one network.")
+        self.nets = [n.eval() for n in nets]
+        self.config = jsonable(dict(config))  # JSON-able by construction: it is saved as config.json
+        self.config.update(method=self.method, kind=self.kind, n_ensemble=len(self.nets))
+        self.preprocess = preprocess
+        self.arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in (arrays or {}).items()}
+
+    # -- to implement ------------------------------------------------------------------------------
+    @classmethod
+    def build_net(cls, config: dict, encoder: nn.Module | None = None) -> nn.Module:
+        """Build a fresh network for ``config`` (``encoder``: the trainable image encoder in finetune mode)."""
+        raise NotImplementedError
+
+    # -- description -------------------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """The (first) network."""
+        return self.nets[0]
+
+    @property
+    def n_ensemble(self) -> int:
+        """Number of independently trained members."""
+        return len(self.nets)
+
+    @property
+    def genes(self) -> list[str]:
+        """Genes the model was trained on, in order."""
+        return list(self.config["genes"])
+
+    @property
+    def mode(self) -> str:
+        """``'frozen'`` (features from ``obsm[use_rep]``) or ``'finetune'`` (patches through the encoder)."""
+        return self.config["mode"]
+
+    @property
+    def use_rep(self) -> str | None:
+        """``obsm`` key of the frozen image features (``None`` in finetune mode)."""
+        return self.config.get("use_rep")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return next(iter(self.net.parameters()), next(iter(self.net.buffers()), torch.empty(0))).device
+
+    def to(self, device) -> ExpressionModel:
+        """Move the network(s) to ``device`` (in place); returns self."""
+        for net in self.nets:
+            net.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        c = self.config
+        src = f"obsm[{c.get('use_rep')!r}]" if self.mode == "frozen" else f"patches via {c['encoder'].get('name')!r}"
+        return (
+            f"{type(self).__name__}({self.kind}, mode={self.mode!r}, images from {src}, {len(self.genes)} genes, "
+            f"n_ensemble={self.n_ensemble}{self._repr_extra()})"
+        )
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    # -- running the networks ----------------------------------------------------------------------
+    def _members(self, member: int | None) -> list[nn.Module]:
+        if member is None:
+            return self.nets
+        if not -self.n_ensemble <= member < self.n_ensemble:
+            raise IndexError(f"`member` must be in [0, {self.n_ensemble}), got {member}.")
+        return [self.nets[member]]
+
+    def _image_batch(self, batch: dict) -> torch.Tensor:
+        x = batch["image"]
+        if self.mode == "finetune":
+            if self.preprocess is None:
+                raise RuntimeError("This fine-tuned model has no image preprocessing.")
+            return self.preprocess(x)
+        return x
+
+    def check_images(self, images: Any) -> None:
+        """Raise unless ``images`` is what the image branch reads (features of the right width, or patches)."""
+        if self.mode == "frozen":
+            shape = getattr(images, "shape", None)
+            if shape is None or len(shape) != 2 or shape[1] != self.config["feature_dim"]:
+                raise ValueError(
+                    f"The model reads frozen features of shape (n, {self.config['feature_dim']}), got {shape}."
+                )
+            if not np.isfinite(np.asarray(images)).all():
+                raise ValueError("The image features contain NaN or infinite values.")
+        elif not hasattr(images, "batch"):
+            raise ValueError("A fine-tuned model reads patches (a patch source from hx.pp.get_patches).")
+
+    def _run(self, fn, data, *, member, batch_size, device, desc) -> list[np.ndarray]:
+        from ..train import infer
+
+        nets = self._members(member)
+        device = self.device if device is None else torch.device(device)
+        outs = []
+        for net in nets:
+            net.to(device).eval()
+            outs.append(infer(lambda b, net=net: fn(net, b), data, batch_size=batch_size, device=device, desc=desc))
+        return outs
+
+    def _run_images(self, fn, images, *, member=None, batch_size=256, device=None, desc="images"):
+        self.check_images(images)
+        return self._run(
+            lambda net, b: fn(net, self._image_batch(b)),
+            images,
+            member=member,
+            batch_size=batch_size,
+            device=device,
+            desc=desc,
+        )
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model folder: ``config.json``, ``model.safetensors`` (and ``arrays.safetensors``).
+
+        No pickle: weights and arrays are safetensors, everything else JSON. An existing model folder is
+        replaced only with ``overwrite=True``.
+        """
+        if self.n_ensemble == 1:
+            weights = dict(self.net.state_dict())
+        else:
+            weights = {f"member{i}.{k}": v for i, net in enumerate(self.nets) for k, v in net.state_dict().items()}
+        tensors = {"model": weights}
+        if self.arrays:
+            tensors["arrays"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
+        return _io.save_folder(path, config=self.config, tensors=tensors, overwrite=overwrite)
+
+    @classmethod
+    def _encoder_from_config(cls, config: dict):
+        """Rebuild the fine-tuned encoder's architecture (weights come from the model file)."""
+        from .encoders import get_encoder
+
+        spec = config["encoder"]
+        enc = get_encoder(spec.get("key", spec["name"]), weights=None, **spec.get("kwargs", {}))
+        return enc.module, enc.preprocess
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device=None) -> ExpressionModel:
+        """Read a model folder written by :meth:`save` (weights read with safetensors only)."""
+        config = _io.read_config(path)
+        if config.get("method") != cls.method:
+            raise ValueError(f"{path} holds a {config.get('method')!r} model, not a {cls.method!r} model.")
+        missing = [k for k in ("genes", "mode", "n_ensemble") if k not in config]
+        if missing:
+            raise ValueError(f"{path}/config.json lacks {missing}: not a complete histoexp model folder.")
+        n_members = int(config["n_ensemble"])
+        state = _io.read_tensors(path, "model")
+        nets, preprocess = [], None
+        for i in range(n_members):
+            encoder = None
+            if config["mode"] == "finetune":
+                encoder, preprocess = cls._encoder_from_config(config)
+            net = cls.build_net(config, encoder)
+            if n_members == 1:
+                part = state
+            else:
+                prefix = f"member{i}."
+                part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"{path}: the weights do not match config.json (member {i}); the folder was edited or mixed "
+                    f"with another model's files. {str(err).splitlines()[0]}"
+                ) from err
+            nets.append(net)
+        arrays = None
+        if "arrays.safetensors" in config.get("files", []):
+            arrays = {k: v.numpy() for k, v in _io.read_tensors(path, "arrays").items()}
+        model = cls(nets, config, preprocess=preprocess, arrays=arrays)
+        model._check_loaded(path)
+        if device is not None:
+            model.to(device)
+        return model
+
+    def _check_loaded(self, path) -> None:
+        """Consistency checks of a loaded folder (subclasses extend)."""
+
+
+class RetrievalModel(ExpressionModel):
+    """Image query -> reference spot embeddings -> aggregate reference expression.
+
+    Subclasses' networks provide ``encode_image(x)`` and ``encode_reference(batch)`` (``batch``: a
+    :class:`histoexp.train.SpotDataset` dict with ``expression`` and, when listed in
+    ``reference_fields``, ``coords``). The training spots can be kept as the default reference
+    (``arrays['reference_expression']`` and ``arrays['reference_coords']``).
+    """
+
+    kind = "retrieval"
+    #: What the spot branch reads of a reference spot besides expression (``'coords'``).
+    reference_fields: ClassVar[tuple[str, ...]] = ()
+    #: Retrieval defaults of the method (``hx.tl.impute`` uses them when ``k``/``method`` are not given).
+    retrieval_defaults: ClassVar[dict] = {"k": 50, "method": "average"}
+
+    @property
+    def reference(self) -> ReferenceSpots | None:
+        """The training spots kept with the model (``None`` when not kept)."""
+        if "reference_expression" not in self.arrays:
+            return None
+        return ReferenceSpots(self.arrays["reference_expression"], self.arrays.get("reference_coords"))
+
+    def _repr_extra(self) -> str:
+        ref = self.reference
+        return f", reference={'none' if ref is None else len(ref)} spots"
+
+    @staticmethod
+    def join(parts: list[np.ndarray]) -> np.ndarray:
+        """Join member embeddings: one as it is; several L2-normalised, concatenated, / sqrt(n).
+
+        The cosine similarity of two joined embeddings is then the mean of the members' cosines.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        scale = np.sqrt(len(parts))
+        normed = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) / scale for p in parts]
+        return np.concatenate(normed, axis=1).astype(np.float32)
+
+    def encode_images(self, images: Any, *, batch_size: int = 256, device=None, member: int | None = None):
+        """Image embeddings (an ensemble's joined by :meth:`join`; ``member=i``: member ``i``'s raw ones).
+
+        Parameters
+        ----------
+        images
+            Frozen features ``(n, feature_dim)``, or a patch source for a fine-tuned model.
+        batch_size
+            Spots per forward pass.
+        device
+            Device for the computation (``None``: where the weights are).
+        member
+            Ensemble member (``None``: all, joined).
+        """
+        outs = self._run_images(
+            lambda net, x: net.encode_image(x),
+            images,
+            member=member,
+            batch_size=batch_size,
+            device=device,
+            desc="image embeddings",
+        )
+        return self.join(outs)
+
+    def encode_reference(
+        self, spots: ReferenceSpots | np.ndarray, *, batch_size: int = 4096, device=None, member: int | None = None
+    ) -> np.ndarray:
+        """Embeddings of reference spots (ensembles and ``member`` as in :meth:`encode_images`)."""
+        from ..train import SpotDataset
+
+        if not isinstance(spots, ReferenceSpots):
+            spots = ReferenceSpots(spots)
+        if spots.expression.shape[1] != len(self.genes):
+            raise ValueError(
+                f"Reference expression must have {len(self.genes)} columns (the model genes), "
+                f"got {spots.expression.shape[1]}."
+            )
+        if "coords" in self.reference_fields and spots.coords is None:
+            raise ValueError(f"The {self.method} spot branch needs the reference spots' coordinates.")
+        coords = spots.coords if "coords" in self.reference_fields else None
+        data = SpotDataset(expression=spots.expression, coords=coords)
+        outs = self._run(
+            lambda net, b: net.encode_reference(b),
+            data,
+            member=member,
+            batch_size=batch_size,
+            device=device,
+            desc="reference embeddings",
+        )
+        return self.join(outs)
+
+    def encode_expression(self, expr: np.ndarray, **kwargs) -> np.ndarray:
+        """Embeddings of reference expression alone (:meth:`encode_reference` without positions)."""
+        return self.encode_reference(ReferenceSpots(expr), **kwargs)
+
+
+class RegressionModel(ExpressionModel):
+    """Image -> expression directly; an ensemble averages its members' predictions.
+
+    Subclasses' networks provide ``predict(x) -> (B, n_genes)``.
+    """
+
+    kind = "regression"
+
+    def predictable(self, genes: list[str]) -> list[str]:
+        """Return the subset of ``genes`` this model cannot predict (default: those outside its training genes)."""
+        known = set(self.genes)
+        return [g for g in genes if g not in known]
+
+    def predict(self, images: Any, *, genes: list[str] | None = None, batch_size: int = 256, device=None):
+        """Predicted expression ``(n, len(genes))`` (``genes``: default the training genes)."""
+        genes = self.genes if genes is None else list(genes)
+        unknown = self.predictable(genes)
+        if unknown:
+            raise KeyError(f"{len(unknown)} genes cannot be predicted by this model (e.g. {unknown[:5]}).")
+        pos = {g: i for i, g in enumerate(self.genes)}
+        cols = torch.as_tensor([pos[g] for g in genes])
+        outs = self._run_images(
+            lambda net, x: net.predict(x)[:, cols.to(x.device)],
+            images,
+            batch_size=batch_size,
+            device=device,
+            desc="prediction",
+        )
+        return np.mean(outs, axis=0).astype(np.float32) if len(outs) > 1 else outs[0]

@@ -1,0 +1,78 @@
+"""Ridge regression on frozen image features (HEST's baseline), as a regression model of the platform.
+
+The fitted pipeline (standardise -> PCA -> ridge) is held as torch buffers and one linear layer, so it
+saves, loads, ensembles and predicts through the same code as every other model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import RegressionModel, register_model
+from .heads import FeatureInput
+
+__all__ = ["RidgeModel", "RidgeNet", "fit_ridge_net"]
+
+
+class RidgeNet(nn.Module):
+    """``Linear(PCA(standardise(features)))``: HEST's ``StandardScaler -> PCA -> Ridge`` as a module."""
+
+    def __init__(self, feature_dim: int, n_genes: int, n_pcs: int | None) -> None:
+        super().__init__()
+        self.features = FeatureInput(feature_dim, n_pcs, whiten=False)
+        self.linear = nn.Linear(self.features.out_dim, n_genes)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted expression of the training genes."""
+        return self.linear(self.features(x))
+
+
+def fit_ridge_net(
+    net: RidgeNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    groups: np.ndarray | None,
+    alphas: np.ndarray,
+    random_state: int = 0,
+) -> float:
+    """Fit ``net`` in closed form on training features ``x`` and targets ``y``; returns the chosen alpha.
+
+    The standardisation and the PCA are fitted on ``x``. ``alpha`` is chosen by sklearn's ``RidgeCV``: with
+    two or more ``groups`` (sections) by leave-one-group-out cross-validation (R², averaged over genes), so
+    neighbouring spots of one section never sit on both sides of a split; otherwise by efficient
+    leave-one-out. The inner folds reuse the PCA fitted on all training spots (training data only).
+    """
+    from sklearn.linear_model import Ridge, RidgeCV
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    net.features.fit(x, random_state=random_state)
+    with torch.no_grad():
+        z = net.features(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    cv = None
+    if groups is not None and len(np.unique(groups)) >= 2:
+        cv = list(LeaveOneGroupOut().split(z, y, groups))
+    alpha = float(RidgeCV(alphas=alphas, cv=cv).fit(z, y).alpha_)
+    ridge = Ridge(alpha=alpha).fit(z, y)
+    with torch.no_grad():
+        net.linear.weight.copy_(torch.as_tensor(np.atleast_2d(ridge.coef_), dtype=torch.float32))
+        net.linear.bias.copy_(torch.as_tensor(np.atleast_1d(ridge.intercept_), dtype=torch.float32))
+    return alpha
+
+
+@register_model
+class RidgeModel(RegressionModel):
+    """Ridge regression of expression on frozen image features (see :func:`histoexp.tl.fit_ridge`)."""
+
+    method = "ridge"
+
+    @classmethod
+    def build_net(cls, config: dict, encoder: nn.Module | None = None) -> RidgeNet:  # noqa: D102
+        if encoder is not None:
+            raise ValueError("Ridge regression reads frozen features only.")
+        return RidgeNet(config["feature_dim"], len(config["genes"]), config.get("n_pcs"))
+
+    def _repr_extra(self) -> str:
+        return f", alpha={self.config.get('alpha')}, n_pcs={self.config.get('n_pcs')}"

@@ -1,0 +1,401 @@
+"""The one prediction entry point for every model: :func:`impute` (and :func:`load_model`)."""
+
+from __future__ import annotations
+
+import copy as _copy
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._settings import logger, settings
+from .._utils import jsonable, resolve_library_key
+from ._evaluate import MEASURED
+from ._fit import _embedding_record
+
+
+def load_model(path: str | os.PathLike, *, device: str | None = None):
+    """Load any histoexp model folder (BLEEP, ridge, ...), dispatching on ``config.json``'s ``'method'``.
+
+    Parameters
+    ----------
+    path
+        Folder written by a model's ``.save``.
+    device
+        Move the weights there (``None``: CPU).
+    """
+    from ..models.base import load_model as _load
+
+    return _load(path, device=device)
+
+
+def _as_model(model):
+    from ..models.base import ExpressionModel
+
+    if isinstance(model, ExpressionModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise TypeError(f"`model` must be a histoexp model or a model folder, got {type(model).__name__}.")
+
+
+def _query_images(query: AnnData, model, patches_key: str | None):
+    """Return what the model's image branch reads from the query (features or patches), with clear errors."""
+    cfg = model.config
+    if model.mode == "frozen":
+        rep = model.use_rep
+        enc = (cfg.get("encoder") or {}).get("name")
+        if rep not in query.obsm:
+            how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
+            raise KeyError(
+                f"The model reads image features from obsm[{rep!r}], which the query lacks "
+                f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
+            )
+        feats = np.asarray(query.obsm[rep], dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != cfg["feature_dim"]:
+            raise ValueError(
+                f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {cfg['feature_dim']} features a spot."
+            )
+        if not np.isfinite(feats).all():
+            raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
+        q_rec, m_rec = _embedding_record(query, rep), cfg.get("embedding")
+        if q_rec and m_rec:
+            for field in ("encoder", "weights", "random_init"):
+                if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
+                    raise ValueError(
+                        f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
+                        f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
+                    )
+        return feats
+    from ..pp import get_patches
+
+    geo = cfg.get("patches") or {}
+    key = patches_key or geo.get("key", "patches")
+    try:
+        src = get_patches(query, key=key)
+    except (KeyError, ValueError) as err:
+        raise KeyError(
+            f"The model was fine-tuned end to end and reads patches, but the query has none under {key!r} ({err}). "
+            f"Run hx.pp.extract_patches(query, size_um={geo.get('size_um')}, mpp={geo.get('mpp')}, "
+            f"patch_px={geo.get('patch_px')}) first."
+        ) from err
+    for field in ("patch_px", "mpp"):
+        want, got = geo.get(field), getattr(src, field, None)
+        if want is not None and got is not None and not np.isclose(float(want), float(got)):
+            logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
+    return src
+
+
+def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per section (label): subtract the section's per-gene mean, add ``target``."""
+    out = np.empty_like(x)
+    for lab in np.unique(labels):
+        m = labels == lab
+        out[m] = x[m] - x[m].mean(0) + target
+    return out
+
+
+def _positions(adata: AnnData, key: str) -> np.ndarray:
+    if key not in adata.obsm:
+        raise KeyError(f"A reference lacks obsm[{key!r}] (spot positions the model's spot branch reads).")
+    return np.asarray(adata.obsm[key], dtype=np.float32)[:, :2]
+
+
+def _reference_bank(model, reference, genes, layer, center=None):
+    """(ReferenceSpots of the model genes, values of the output genes, output gene names)."""
+    from ..models.base import ReferenceSpots
+    from ..pp import expression_matrix
+
+    mgenes = model.genes
+    if reference is None:
+        stored = model.reference
+        if stored is None:
+            raise ValueError("The model keeps no reference spots (fit with keep_reference=False): pass `reference=`.")
+        out = mgenes if genes is None or (isinstance(genes, str) and genes == "all") else _as_list(genes)
+        miss = [g for g in out if g not in mgenes]
+        if miss:
+            raise KeyError(
+                f"{len(miss)} of {len(out)} requested genes are not in the model's stored reference "
+                f"(e.g. {miss[:5]}); pass `reference=` AnnData(s) that contain them."
+            )
+        cols = [mgenes.index(g) for g in out]
+        return stored, stored.expression[:, cols], list(out)
+    refs = _as_refs(reference)
+    if not refs or not all(isinstance(r, AnnData) for r in refs):
+        raise TypeError("`reference` must be an AnnData or a list of AnnData.")
+    for i, r in enumerate(refs):
+        miss = [g for g in mgenes if g not in r.var_names]
+        if miss:
+            raise ValueError(
+                f"Reference {i} lacks {len(miss)} of the model's {len(mgenes)} genes (e.g. {miss[:5]}); "
+                "the spot branch needs all of them."
+            )
+    common = [g for g in refs[0].var_names if all(g in r.var_names for r in refs[1:])]
+    if genes is None:
+        out = mgenes
+    elif isinstance(genes, str) and genes == "all":
+        out = common
+    else:
+        out = list(dict.fromkeys(_as_list(genes)))
+        miss = [g for g in out if g not in common]
+        if miss:
+            raise KeyError(f"{len(miss)} of {len(out)} requested genes are not in every reference (e.g. {miss[:5]}).")
+    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", 1e4)
+    bank = np.concatenate([expression_matrix(r, mgenes, layer=layer, normalize=norm, target_sum=ts) for r in refs])
+    same = list(out) == list(mgenes)
+    if same:
+        values = bank
+    else:
+        values = np.concatenate([expression_matrix(r, out, layer=layer, normalize=norm, target_sum=ts) for r in refs])
+    sections = np.concatenate([_section_labels(r, i, resolve_library_key(r)) for i, r in enumerate(refs)])
+    if center:
+        column = center if isinstance(center, str) else None
+        labels = np.concatenate(
+            [_section_labels(r, i, column if column in r.obs else None) for i, r in enumerate(refs)]
+        )
+        train_mean = model.config.get("expression_mean")
+        if train_mean is None:
+            raise ValueError("`center_reference` needs the model's training mean (models fitted by histoexp >= 0.2).")
+        train_mean = np.asarray(train_mean, dtype=np.float32)
+        bank = _center_sections(bank, labels, train_mean)
+        if same:
+            values = bank
+        else:
+            pos = {g: i for i, g in enumerate(mgenes)}
+            target = values.mean(0)
+            for j, g in enumerate(out):
+                if g in pos:
+                    target[j] = train_mean[pos[g]]
+            values = _center_sections(values, labels, target)
+    coords = None
+    if "coords" in model.reference_fields:
+        coords = np.concatenate([_positions(r, model.config.get("coords_key", "spatial")) for r in refs])
+    return ReferenceSpots(bank, coords, sections), values, list(out)
+
+
+def _section_labels(adata: AnnData, i: int, column: str | None) -> np.ndarray:
+    """Label each spot ``'<reference number>:<section>'`` (one section per AnnData without ``column``)."""
+    if column is None:
+        return np.full(adata.n_obs, f"{i}:")
+    return np.char.add(f"{i}:", adata.obs[column].astype(str).to_numpy().astype(str))
+
+
+def _as_refs(reference) -> list:
+    return [reference] if isinstance(reference, AnnData) else list(reference)
+
+
+def _as_list(genes) -> list[str]:
+    return [genes] if isinstance(genes, str) else list(genes)
+
+
+def _measurement(query: AnnData, genes: list[str], layer: str | None, model) -> tuple[np.ndarray | None, np.ndarray]:
+    """Return the query's log-normalised measurement of ``genes`` (NaN where unmeasured) and the measured mask."""
+    from ..pp import expression_matrix
+    from ._evaluate import _x_is_empty
+
+    measured = pd.Index(query.var_names).get_indexer(genes) >= 0
+    x_tag = str(query.uns.get("histoexp", {}).get("X", ""))
+    has_counts = (layer is not None and layer in query.layers) or (
+        layer is None and query.n_vars > 0 and not _x_is_empty(query) and not x_tag.startswith("prediction:")
+    )
+    if not measured.any() or not has_counts:
+        return None, np.zeros(len(genes), dtype=bool)
+    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", 1e4)
+    present = [g for g, m in zip(genes, measured, strict=True) if m]
+    sub = expression_matrix(query, present, layer=layer, normalize=norm, target_sum=ts)
+    full = np.full((query.n_obs, len(genes)), np.nan, dtype=np.float32)
+    full[:, measured] = sub
+    return full, measured
+
+
+def impute(
+    query: AnnData,
+    model,
+    *,
+    reference: AnnData | Sequence[AnnData] | None = None,
+    genes: Sequence[str] | str | None = None,
+    k: int | None = None,
+    method: str | None = None,
+    key_added: str | None = None,
+    layer: str | None = None,
+    center_reference: str | bool | None = None,
+    patches_key: str | None = None,
+    batch_size: int = 256,
+    chunk_size: int | None = None,
+    to_X: bool = False,
+    device: str | None = None,
+) -> AnnData:
+    """Predict the expression of query spots from their images, with any histoexp model.
+
+    The one prediction entry point. It dispatches on the model's kind:
+
+    - **retrieval** models (BLEEP, mclSTExp): each query spot's image embedding is matched (cosine
+      similarity) against the embeddings of the reference spots; the prediction aggregates the
+      expression of the ``k`` best matches with the weighting ``method`` (an ensemble retrieves with
+      each member and averages). The reference needs no image: count-only sections can extend it.
+      Retrieval is chunked (:func:`histoexp.tl._retrieval.retrieve`): memory per chunk is bounded, so a
+      million query spots fit in RAM.
+    - **regression** models (ridge, NH2ST, zero-shot): the model maps the image to expression directly;
+      ``reference``, ``k``, ``method`` and ``center_reference`` do not apply (an error says so).
+
+    The output is the same for every model and every query (see the table in the docs): a **new**
+    AnnData over the query's spots whose ``var`` are the predicted genes only,
+
+    ==========================  ===================================================================
+    ``layers[key_added]``       predictions, float32, log1p(normalize_total 1e4) scale, no NaN
+    ``layers['measured']``      the query's own measurement of those genes on the same scale (library
+                                size over all the query's genes), when the query measured any of them;
+                                columns of unmeasured genes are NaN and ``var['measured']`` is False
+    ``var['measured']``         the query measured the gene
+    ``var['seen_in_training']`` the gene is one of the model's training genes
+    ``X``                       ``None``; the predictions with ``to_X=True`` (then
+                                ``uns['histoexp']['X'] == 'prediction:<key_added>'``)
+    ``obs``, ``obsm``, ``obsp``  the query's, copied; ``obs[f'{key_added}_confidence']`` for retrieval
+                                models (mean cosine similarity of the neighbours used, in [-1, 1])
+    ``uns``                     the query's (images, scalefactors), copied; ``uns[key_added]['params']``
+                                the prediction's parameters and the model's description
+    ==========================  ===================================================================
+
+    The query is never modified. :func:`histoexp.tl.evaluate` scores ``layers[key_added]`` against
+    ``layers['measured']`` and refuses when there is no measurement.
+
+    Parameters
+    ----------
+    query
+        Spots to predict. Frozen-feature model: ``obsm[model.use_rep]`` computed with the same encoder
+        and weights as the training data (checked against ``uns['histoexp']['embeddings']``);
+        fine-tuned model: patches (``hx.pp.extract_patches``) with the training geometry.
+    model
+        A histoexp model (``hx.tl.fit_*``) or a model folder.
+    reference
+        Retrieval models: AnnData or list of AnnData with counts (``X`` or ``layers[layer]``) holding
+        every model gene. ``None``: the training spots kept in the model (only model genes can then be
+        predicted). For an honest evaluation the query section must not be in the reference.
+    genes
+        Output genes. ``None``: the model genes; ``'all'`` (retrieval): every reference gene; a list:
+        those genes (retrieval: in the reference; regression: ones the model can predict).
+    k
+        Retrieval neighbours (``None``: the method's default, BLEEP 50).
+    method
+        Retrieval weighting (``None``: the method's default, BLEEP ``'average'``); see
+        :func:`histoexp.tl._retrieval.retrieve` for ``'simple'``, ``'average'``, ``'weighted'``,
+        ``'inverse_distance'``, ``'inverse_distance_l2'``.
+    key_added
+        Layer / ``uns`` key of the predictions (``None``: the model's method name, e.g. ``'bleep'``).
+    layer
+        Layer with counts of the references and of the query's measurement (``None``: ``X``).
+    center_reference
+        Retrieval only: linear batch correction of ``reference`` (not in the BLEEP paper, which
+        Harmony-corrects its training data): each reference section's log-expression is centred per gene
+        and shifted to the model's training mean, both as spot-branch input and as predicted values
+        (output genes outside the model's genes are shifted to the pooled reference mean). A string names
+        the ``obs`` column of the sections (an AnnData without it counts as one section); ``True``: each
+        reference AnnData is one section (or its ``library_id`` sections). Use it when the reference holds
+        other patients or sequencing depths (e.g. count-only sections).
+    patches_key
+        Patches key of the query (fine-tuned model; ``None``: the model's).
+    batch_size
+        Spots per forward pass of the image branch.
+    chunk_size
+        Query spots per retrieval block (``None``: automatic, ~256 MiB of similarities).
+    to_X
+        Also put the predictions in ``X`` (for scanpy functions that read ``X`` only).
+    device
+        Torch device (``None``: ``hx.settings.device``).
+
+    Returns
+    -------
+    AnnData
+        The prediction object described above.
+    """
+    from ._retrieval import WEIGHTINGS, retrieve
+
+    if not isinstance(query, AnnData):
+        raise TypeError(f"`query` must be an AnnData, got {type(query).__name__}.")
+    model = _as_model(model)
+    key = key_added or model.method
+    if key == MEASURED:
+        raise ValueError(f"`key_added={key!r}` is reserved for the query's measurement.")
+    images = _query_images(query, model, patches_key)
+    dev = settings.resolve_device(device)
+    model.to(dev)
+    params: dict = {"model": {k: model.config.get(k) for k in ("method", "kind", "mode", "use_rep", "n_ensemble")}}
+    params["model"]["n_genes"] = len(model.genes)
+    conf = None
+    if model.kind == "retrieval":
+        k = model.retrieval_defaults["k"] if k is None else k
+        method = model.retrieval_defaults["method"] if method is None else method
+        if method not in WEIGHTINGS:
+            raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
+        if center_reference and reference is None:
+            raise ValueError("`center_reference` applies to an explicit `reference=`, not to the model's stored one.")
+        spots, values, out_genes = _reference_bank(model, reference, genes, layer, center=center_reference)
+        pred = None
+        for member in range(model.n_ensemble):
+            q_emb = model.encode_images(images, batch_size=batch_size, member=member)
+            bank_emb = model.encode_reference(spots, member=member)
+            p, c = retrieve(q_emb, bank_emb, values, k=k, method=method, chunk_size=chunk_size, device=dev)
+            pred, conf = (p, c) if pred is None else (pred + p, conf + c)
+        if model.n_ensemble > 1:
+            pred /= model.n_ensemble
+            conf /= model.n_ensemble
+        params.update(
+            method=method,
+            k=1 if method == "simple" else min(k, len(spots)),
+            n_reference=len(spots),
+            center_reference=center_reference,
+            reference="model" if reference is None else f"{len(_as_refs(reference))} AnnData",
+        )
+    else:
+        given = {"reference": reference, "k": k, "method": method, "center_reference": center_reference}
+        wrong = [name for name, v in given.items() if v is not None]
+        if wrong:
+            raise ValueError(
+                f"{wrong} apply to retrieval models; {model.method!r} is a regression model that predicts from "
+                "the image alone."
+            )
+        out_genes = model.genes if genes is None else list(dict.fromkeys(_as_list(genes)))
+        pred = model.predict(images, genes=out_genes, batch_size=batch_size, device=dev)
+    params.update(n_genes=len(out_genes), n_spots=query.n_obs, to_X=bool(to_X))
+    return _prediction_anndata(query, pred, out_genes, key, conf, params, model, layer, to_X)
+
+
+def _prediction_anndata(query, pred, genes, key, conf, params, model, layer, to_X) -> AnnData:
+    measured, mask = _measurement(query, genes, layer, model)
+    trained = set(model.genes)
+    var = pd.DataFrame(
+        {"measured": mask, "seen_in_training": [g in trained for g in genes]}, index=pd.Index(genes, dtype=str)
+    )
+    uns = _copy.deepcopy(dict(query.uns))
+    for stale in (key, MEASURED):  # results of an earlier prediction on the query do not describe this one
+        uns.pop(stale, None)
+    out = AnnData(
+        X=pred.copy() if to_X else None,
+        obs=query.obs.copy(),
+        var=var,
+        obsm={k: v.copy() for k, v in query.obsm.items()},
+        obsp={k: v.copy() for k, v in query.obsp.items()},
+        uns=uns,
+    )
+    out.layers[key] = pred
+    if measured is not None:
+        out.layers[MEASURED] = measured
+    if conf is not None:
+        out.obs[f"{key}_confidence"] = conf
+    hist = dict(out.uns.get("histoexp", {}))
+    hist.pop("X", None)
+    if to_X:
+        hist["X"] = f"prediction:{key}"
+    out.uns["histoexp"] = hist
+    out.uns[key] = {"params": jsonable(params)}
+    if measured is None:
+        logger.info("impute: the query has no measurement of the predicted genes; no layers['measured'].")
+    elif not mask.all():
+        logger.warning(
+            "impute: the query does not measure %d of the %d predicted genes (var['measured'] is False).",
+            int((~mask).sum()),
+            len(genes),
+        )
+    return out
