@@ -2,7 +2,7 @@
 
 Train on four of the five imaged sections of patient C (C2..C6), predict the fifth, for each fold.
 Targets: log1p(normalize_total 1e4) of the her2st 785-gene panel. Metrics per fold and averaged
-(histoexp.tl._evaluate.gene_metrics / summarize, the same code as ``hx.tl.evaluate``): mean Pearson over
+(``hx.tl.gene_metrics`` / ``hx.tl.summarize_metrics``, the same code as ``hx.tl.evaluate``): mean Pearson over
 the panel (PCC@M), over the 50 most variable (HVG-50) and 50 most expressed (HEG-50) genes of the test
 section, PCC@H (mean of the 50 best-predicted genes), mean Spearman, MSE, MAE; plus the adjusted Rand
 index between spatial domains found on the prediction and on the measurement (``hx.tl.spatial_domains``).
@@ -10,7 +10,8 @@ index between spatial domains found on the prediction and on the measurement (``
 Methods:
 
 - ``mean``: training mean per gene (a constant prediction: correlation 0 by convention);
-- ``ridge[<features>]``: standardise, PCA-256, RidgeCV on the frozen features (HEST recipe);
+- ``ridge[<features>]``: ``hx.tl.fit_ridge`` on the frozen features (standardise, PCA-256, ridge with alpha by
+  leave-one-section-out inside the training sections; HEST recipe);
 - ``bleep[<features>]``: ``hx.tl.fit_bleep`` on the same frozen features (defaults: an ensemble of five heads;
   resnet50 features PCA-reduced with ``n_pcs=8``) + ``hx.tl.impute`` (k=50, average);
 - ``bleep+bank[<features>]``: the same model, reference bank extended with the 30 count-only her2st sections;
@@ -44,7 +45,6 @@ from pathlib import Path
 import numpy as np
 
 import histoexp as hx
-from histoexp.tl._evaluate import gene_metrics, summarize
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -52,9 +52,9 @@ from her2st_bleep import (  # noqa: E402
     SECTIONS,
     add_common_arguments,
     prepare,
-    ridge_predict,
     run_bleep_e2e,
     run_bleep_frozen,
+    run_ridge,
 )
 
 KEYS = ("pcc_mean", "pcc_hvg", "pcc_heg", "pcc_at_h", "spearman_mean", "mse_mean", "mae_mean")
@@ -89,16 +89,17 @@ def machine() -> dict:
     }
 
 
-def domain_ari(query, pred: np.ndarray, panel: list[str], seed: int) -> float:
+def domain_ari(query, pred: np.ndarray, truth: np.ndarray, panel: list[str], seed: int) -> float:
     """ARI between leiden domains of the prediction and of the measurement (same panel, same settings)."""
-    q = query.copy()
-    layer = np.full(q.shape, np.nan, np.float32)
-    layer[:, q.var_names.get_indexer(panel)] = pred
-    q.layers["pred"] = layer
-    hx.tl.spatial_domains(q, layer=None, genes=panel, key_added="measured_domains", random_state=seed)
+    import anndata as ad
+    import pandas as pd
+
+    q = ad.AnnData(obs=query.obs.copy(), var=pd.DataFrame(index=panel), obsm={"spatial": query.obsm["spatial"]})
+    q.layers["pred"], q.layers["measured"] = pred, truth
+    hx.tl.spatial_domains(q, layer="measured", random_state=seed)
     if np.all(np.ptp(pred, axis=0) == 0):
         return 0.0  # a constant prediction has no domains
-    hx.tl.spatial_domains(q, layer="pred", genes=panel, compare="measured_domains", random_state=seed)
+    hx.tl.spatial_domains(q, layer="pred", compare="measured_domains", random_state=seed)
     return float(q.uns["pred_domains"]["ari"])
 
 
@@ -126,10 +127,10 @@ def main() -> None:
         fold = {"test": test, "train": [s for s in SECTIONS if s != test], "n_test": int(te.sum()), "methods": {}}
 
         def record(method, pred, secs, fold=fold, query=query, y_te=y_te, test=test):
-            s = summarize(gene_metrics(pred, y_te, panel), n_top=50)
+            s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, y_te, panel), n_top=50)
             m = {k: s[k] for k in KEYS}
             m.update({k: s[k] for k in ("n_genes", "n_constant_excluded", "n_constant_prediction")})
-            m["ari"] = domain_ari(query, pred, panel, args.seed)
+            m["ari"] = domain_ari(query, pred, y_te, panel, args.seed)
             m["seconds"] = round(secs, 1)
             fold["methods"][method] = m
             log(
@@ -140,8 +141,7 @@ def main() -> None:
         t = time.time()
         record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), time.time() - t)
         for name in args.features:
-            t = time.time()
-            record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
+            run_ridge(train, query, panel, name, record, seed=args.seed)
             run_bleep_frozen(
                 train,
                 query,

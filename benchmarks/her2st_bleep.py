@@ -6,7 +6,8 @@ counted), over the 50 most variable panel genes of the test section (HVG-50), an
 log1p(normalize_total 1e4) of the panel genes. Methods, all in one run:
 
 - ``mean``: the training mean of each gene (Pearson is 0 by convention: a constant prediction);
-- ``ridge[<features>]``: standardise, PCA-256 (capped by the feature dimension), RidgeCV (HEST recipe);
+- ``ridge[<features>]``: ``hx.tl.fit_ridge`` (standardise, PCA-256 capped by the feature dimension and the
+  spots, ridge with alpha chosen by leave-one-section-out inside the training sections; HEST recipe);
 - ``bleep[<features>]``: BLEEP on the same frozen features (hx.tl.fit_bleep defaults, i.e. an
   ensemble of 5 heads, + hx.tl.impute, reference = the four training sections); resnet50 features
   are PCA-reduced inside fit_bleep (``n_pcs=8``, see below);
@@ -67,7 +68,6 @@ from pathlib import Path
 import numpy as np
 
 import histoexp as hx
-from histoexp.tl._evaluate import gene_metrics, summarize
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 HERE = Path(__file__).resolve().parent
@@ -78,34 +78,15 @@ def log(msg: str) -> None:
 
 
 def embed(adata, encoder: str, *, patch_px: int, size_um: float, seed: int = 0, batch: int = 64) -> np.ndarray:
-    """Frozen features of every spot: patches at a fixed physical size through a registry encoder."""
+    """Frozen features of every spot: patches at a fixed physical size through ``hx.tl.embed_patches``."""
     import torch
-
-    from histoexp.models import get_encoder
 
     tmp = adata.copy()
     hx.pp.extract_patches(tmp, size_um=size_um, patch_px=patch_px, key_added="p")
-    src = hx.pp.get_patches(tmp, key="p")
     torch.manual_seed(seed)  # the random-init weights are the same in every run
-    enc = get_encoder(encoder, weights=None if encoder != "handcrafted" else "default")
-    out = [
-        enc.embed(torch.as_tensor(src.batch(np.arange(a, min(a + batch, len(src)))))) for a in range(0, len(src), batch)
-    ]
-    return torch.cat(out).numpy().astype(np.float32)
-
-
-def ridge_predict(x_tr, y_tr, x_te, seed=0):
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    n_comp = min(256, x_tr.shape[1], x_tr.shape[0] - 1)
-    model = make_pipeline(
-        StandardScaler(), PCA(n_components=n_comp, random_state=seed), RidgeCV(alphas=np.logspace(-1, 5, 13))
-    )
-    model.fit(x_tr, y_tr)
-    return model.predict(x_te).astype(np.float32)
+    weights = "default" if encoder == "handcrafted" else None
+    hx.tl.embed_patches(tmp, encoder, weights=weights, patches_key="p", batch_size=batch, key_added="X")
+    return np.asarray(tmp.obsm["X"], dtype=np.float32)
 
 
 def load_sections(data_dir, *, bank: bool):
@@ -115,14 +96,18 @@ def load_sections(data_dir, *, bank: bool):
     log(f"loaded {adata.n_obs} spots of {SECTIONS}, panel {len(panel)} genes")
     extra = None
     if bank:
-        others = [s for s in hx.datasets._her2st._sections() if s not in SECTIONS]
+        others = [s for s in hx.datasets.her2st_sections() if s not in SECTIONS]
         extra = hx.datasets.her2st(others, data_dir=data_dir)
         log(f"count-only bank: {len(others)} sections, {extra.n_obs} spots")
     return adata, panel, extra
 
 
-def _panel_pred(out, query, panel) -> np.ndarray:
-    return out.layers["bleep"][:, query.var_names.get_indexer(panel)]
+def run_ridge(train, query, panel, name, record, *, seed=0):
+    """``ridge[name]``: ``hx.tl.fit_ridge`` (standardise, PCA-256, ridge; alpha by leave-one-section-out)."""
+    t = time.time()
+    model = hx.tl.fit_ridge(train, genes=panel, use_rep=f"X_{name}", random_state=seed, overwrite=True)
+    record(f"ridge[{name}]", hx.tl.impute(query, model).layers["ridge"], time.time() - t)
+    return model
 
 
 def run_bleep_frozen(
@@ -144,15 +129,13 @@ def run_bleep_frozen(
         overwrite=True,
     )
     fit_s = time.time() - t
-    out = hx.tl.impute(query, model, k=k, method=method, copy=True)
-    record(f"bleep[{name}]", _panel_pred(out, query, panel), time.time() - t)
+    out = hx.tl.impute(query, model, k=k, method=method)
+    record(f"bleep[{name}]", out.layers["bleep"], time.time() - t)
     if bank is not None:
         for label, center in ((f"bleep+bank[{name}]", None), (f"bleep+bank-centred[{name}]", "library_id")):
             t = time.time()
-            out = hx.tl.impute(
-                query, model, reference=[train, bank], k=k, method=method, center_reference=center, copy=True
-            )
-            record(label, _panel_pred(out, query, panel), time.time() - t + fit_s)
+            out = hx.tl.impute(query, model, reference=[train, bank], k=k, method=method, center_reference=center)
+            record(label, out.layers["bleep"], time.time() - t + fit_s)
     return model
 
 
@@ -173,12 +156,12 @@ def run_bleep_e2e(train, query, panel, record, *, px=64, epochs=8, k=50, method=
         random_state=seed,
         overwrite=True,
     )
-    out = hx.tl.impute(query, model, k=k, method=method, copy=True)
-    record("bleep-e2e[resnet18]", _panel_pred(out, query, panel), time.time() - t)
+    out = hx.tl.impute(query, model, k=k, method=method)
+    record("bleep-e2e[resnet18]", out.layers["bleep"], time.time() - t)
 
 
 def metrics(pred, truth, genes) -> dict:
-    s = summarize(gene_metrics(pred, truth, genes), n_top=50)
+    s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, truth, genes), n_top=50)
     return {
         "pcc_panel": s["pcc_mean"],
         "pcc_hvg50": s["pcc_hvg"],
@@ -272,8 +255,7 @@ def main() -> None:
         t = time.time()
         record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), time.time() - t)
         for name in args.features:
-            t = time.time()
-            record(f"ridge[{name}]", ridge_predict(feats[name][tr], y_tr, feats[name][te], args.seed), time.time() - t)
+            run_ridge(train, query, panel, name, record, seed=args.seed)
             model = run_bleep_frozen(
                 train,
                 query,

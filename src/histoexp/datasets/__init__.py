@@ -1,6 +1,6 @@
 """Datasets: the real HER2+ breast cancer ST data (her2st) and a small synthetic H&E dataset."""
 
-from ._her2st import her2st, her2st_gene_panel
+from ._her2st import her2st, her2st_gene_panel, her2st_sections
 from ._synthetic import synthetic
 
-__all__ = ["her2st", "her2st_gene_panel", "synthetic"]
+__all__ = ["her2st", "her2st_gene_panel", "her2st_sections", "synthetic"]

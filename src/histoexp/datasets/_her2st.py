@@ -24,6 +24,21 @@ def _sections() -> list[str]:
     return sorted(out)
 
 
+def her2st_sections(*, images: bool | None = None) -> list[str]:
+    """Names of the her2st sections (``'A1'`` ... ``'H3'``).
+
+    Parameters
+    ----------
+    images
+        ``True``: only the sections with an H&E image (C2..C6); ``False``: only the count-only ones;
+        ``None``: all.
+    """
+    names = _sections()
+    if images is None:
+        return names
+    return [s for s in names if (_image_key(s) is not None) == bool(images)]
+
+
 def _image_key(section: str) -> str | None:
     prefix = _IMG_DIR.format(p=section[0], s=section)
     keys = [k for k in _registry.REGISTRY if k.startswith(prefix)]

@@ -3,8 +3,19 @@
 from ._bleep import fit_bleep
 from ._domains import spatial_domains
 from ._embed import embed_patches
-from ._evaluate import evaluate
+from ._evaluate import evaluate, gene_metrics
+from ._evaluate import summarize as summarize_metrics
 from ._predict import impute, load_model
 from ._ridge import fit_ridge
 
-__all__ = ["embed_patches", "evaluate", "fit_bleep", "fit_ridge", "impute", "load_model", "spatial_domains"]
+__all__ = [
+    "embed_patches",
+    "evaluate",
+    "fit_bleep",
+    "fit_ridge",
+    "gene_metrics",
+    "impute",
+    "load_model",
+    "spatial_domains",
+    "summarize_metrics",
+]
