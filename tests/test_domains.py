@@ -71,3 +71,14 @@ def test_domains_real_section(her2st_c2):
     assert a.uns["bleep_domains"]["params"]["n_genes"] == 200
     assert a.uns["bleep_domains"]["ari"] == pytest.approx(1.0)
     assert a.uns["shuffled_domains"]["ari"] < 0.15
+
+
+def test_domains_clear_errors_on_too_few_spots_and_bad_settings(synth):
+    tiny = synth[:4].copy()
+    with pytest.raises(ValueError, match="at least 7 spots"):
+        hx.tl.spatial_domains(tiny, layer=None)
+    with pytest.raises(ValueError, match="n_pcs"):
+        hx.tl.spatial_domains(synth, layer=None, n_pcs=0)
+    with pytest.raises(ValueError, match="resolution"):
+        hx.tl.spatial_domains(synth, layer=None, resolution=0)
+    assert "measured_domains" not in synth.obs

@@ -117,6 +117,17 @@ def spatial_domains(
 
     key = key_added or (f"{layer}_domains" if layer is not None else "measured_domains")
     check_key_free(adata.obs, key, where="adata.obs", overwrite=overwrite)
+    min_spots = max(3, n_spatial_neighbors + 1) if use_spatial else 3
+    if adata.n_obs < min_spots:
+        raise ValueError(
+            f"spatial_domains needs at least {min_spots} spots (more than `n_spatial_neighbors={n_spatial_neighbors}`),"
+            f" got {adata.n_obs}."
+        )
+    for name, value in (("n_pcs", n_pcs), ("n_neighbors", n_neighbors), ("n_spatial_neighbors", n_spatial_neighbors)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if not resolution > 0:
+        raise ValueError(f"`resolution` must be positive, got {resolution!r}.")
     if compare is not None and compare not in adata.obs:
         raise KeyError(f"`compare={compare!r}` is not a column of adata.obs (run spatial_domains for it first).")
     M, used = _expression(adata, layer, genes, normalize)
