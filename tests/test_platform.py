@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import histoexp as hx
-from histoexp.models.base import MODELS, RegressionModel, register_model
+from histoexp.models.base import MODELS, RegressionModel, RetrievalModel, register_model
 from histoexp.models.heads import FeatureInput
 from histoexp.tl._fit import prepare_fit, train_members, write_fit_keys
 from histoexp.train import SpotDataset, infer
@@ -91,6 +91,52 @@ def test_toy_plugin_trains_saves_loads_predicts(split, tmp_path):
     loaded = hx.tl.load_model(tmp_path / "toy")
     assert isinstance(loaded, ToyModel)
     np.testing.assert_array_equal(hx.tl.impute(test, loaded).layers["toy_linear"], pred.layers["toy_linear"])
+
+
+class CoordNet(nn.Module):
+    """A retrieval network whose spot branch reads positions as well as expression (as mclSTExp's)."""
+
+    def __init__(self, feature_dim, n_genes):
+        super().__init__()
+        self.image = nn.Linear(feature_dim, 8)
+        self.expr, self.pos = nn.Linear(n_genes, 8), nn.Linear(2, 8)
+
+    def encode_image(self, x):
+        return self.image(x)
+
+    def encode_reference(self, batch):
+        return self.expr(batch["expression"]) + self.pos(batch["coords"] / 100)
+
+
+@register_model
+class CoordModel(RetrievalModel):
+    method = "toy_coords"
+    reference_fields = ("coords",)
+    retrieval_defaults = {"k": 10, "method": "inverse_distance"}
+
+    @classmethod
+    def build_net(cls, config, encoder=None):
+        return CoordNet(config["feature_dim"], len(config["genes"]))
+
+
+def test_retrieval_reference_spots_carry_positions(split):
+    train, test = split
+    genes = list(train.var_names)
+    torch.manual_seed(0)
+    model = CoordModel(CoordModel.build_net({"feature_dim": 12, "genes": genes}),
+                       {"genes": genes, "mode": "frozen", "use_rep": "X_feat", "feature_dim": 12})  # fmt: skip
+    out = hx.tl.impute(test, model, reference=train)
+    params = out.uns["toy_coords"]["params"]
+    assert params["k"] == 10 and params["method"] == "inverse_distance"
+    moved = train.copy()
+    moved.obsm["spatial"] = moved.obsm["spatial"][::-1].copy()
+    assert not np.allclose(hx.tl.impute(test, model, reference=moved).layers["toy_coords"], out.layers["toy_coords"])
+    no_pos = train.copy()
+    del no_pos.obsm["spatial"]
+    with pytest.raises(KeyError, match="spot positions"):
+        hx.tl.impute(test, model, reference=no_pos)
+    with pytest.raises(ValueError, match="keeps no reference"):
+        hx.tl.impute(test, model)
 
 
 # ---------------------------------------------------------------------------------------------- ridge
@@ -195,14 +241,20 @@ def real_pipeline(her2st_dir):
     hx.tl.spatial_domains(pred, layer="bleep", compare="measured_domains")
     rpred = hx.tl.impute(query, ridge)
     hx.tl.evaluate(rpred, layer="ridge")
-    return train, query, pred, rpred
+    # an H&E-only query of the same slide: tiles, features, prediction without a measurement
+    src = query.uns["spatial"]["C2"]["metadata"]["source_image_path"]
+    tiles = hx.pp.tile_tissue(src, tile_um=200.0, mpp=query.uns["spatial"]["C2"]["scalefactors"]["microns_per_pixel"])
+    hx.pp.extract_patches(tiles, size_um=112, patch_px=64)
+    hx.tl.embed_patches(tiles, encoder="handcrafted")
+    he = hx.tl.impute(tiles, bleep)
+    return train, query, pred, rpred, he
 
 
 def test_real_prediction_contract_and_scanpy(real_pipeline):
     import scanpy as sc
     import squidpy as sq
 
-    _, query, pred, rpred = real_pipeline
+    _, query, pred, rpred, he = real_pipeline
     panel = [g for g in hx.datasets.her2st_gene_panel() if g in query.var_names]
     assert list(pred.var_names) == panel and pred.X is None
     assert not np.isnan(pred.layers["bleep"]).any() and pred.var["measured"].all()
@@ -210,6 +262,9 @@ def test_real_prediction_contract_and_scanpy(real_pipeline):
     assert 0.02 < pred.uns["bleep"]["metrics"]["pcc_mean"] < 0.6
     assert 0.02 < rpred.uns["ridge"]["metrics"]["pcc_mean"] < 0.6
     assert pred.uns["bleep"]["metrics"]["truth"] == "layers['measured']"
+    assert list(he.var_names) == panel and "measured" not in he.layers and he.n_obs > 50
+    with pytest.raises(ValueError, match="no measurement"):
+        hx.tl.evaluate(he, layer="bleep")
     # scanpy / squidpy work on the prediction layer as on any expression layer
     work = pred.copy()
     sc.pp.pca(work, layer="bleep", n_comps=10)
@@ -241,8 +296,8 @@ def _keys(adata):
 
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_every_key_round_trips(real_pipeline, tmp_path, fmt):
-    train, _, pred, rpred = real_pipeline
-    for name, obj in (("train", train), ("pred", pred), ("ridge", rpred)):
+    train, _, pred, rpred, he = real_pipeline
+    for name, obj in (("train", train), ("pred", pred), ("ridge", rpred), ("he", he)):
         path = tmp_path / f"{name}.{fmt}"
         if fmt == "h5ad":
             obj.write_h5ad(path)
