@@ -78,6 +78,9 @@ def synth_pred(synth):
     genes = list(synth.var_names[:8])
     p = _impute_like(synth, genes)
     hx.tl.evaluate(p, layer="bleep", truth="measured")
+    x = p.obsm["spatial"][:, 0]
+    p.obs["measured_domains"] = pd.Categorical((x > np.median(x)).astype(int).astype(str))
+    p.obs["bleep_domains"] = pd.Categorical((x <= np.median(x)).astype(int).astype(str))
     return p
 
 
@@ -86,6 +89,7 @@ def synth_pred(synth):
 # ------------------------------------------------------------------------------------------------
 CALLS = {
     "gene_map": lambda a, **kw: hx.pl.gene_map(a, ["gene000", "gene001"], **kw),
+    "spatial_domains": lambda a, **kw: hx.pl.spatial_domains(a, **kw),
     "correlation": lambda a, **kw: hx.pl.correlation(a, "bleep", **kw),
 }
 
@@ -313,6 +317,49 @@ def test_gene_map_errors(pred, c2_pred):
 # ------------------------------------------------------------------------------------------------
 # spatial domains
 # ------------------------------------------------------------------------------------------------
+def test_match_labels():
+    ref = np.array(list("aaabbbccc"))
+    pred = np.array(["2", "2", "2", "0", "0", "1", "1", "1", "9"])
+    assert hx.pl.match_labels(pred, ref) == {"2": "a", "0": "b", "1": "c"}  # '9' has no partner left
+    assert hx.pl.match_labels(pred, [None] * 9) == {}
+
+
+def test_spatial_domains_plot_matches_colours(c2_pred):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    xy = c2_pred.obsm["spatial"]
+    ref = (xy[:, 0] > np.median(xy[:, 0])).astype(int) * 2 + (xy[:, 1] > np.median(xy[:, 1])).astype(int)
+    rng = np.random.default_rng(0)
+    perm = np.array([3, 0, 1, 2])  # same regions under other names
+    pred = perm[ref].astype(str).astype(object)
+    flip = rng.random(len(pred)) < 0.1
+    pred[flip] = rng.choice(list("0123"), flip.sum())
+    pred[:5] = "7"  # a predicted domain with no measured partner
+    c2_pred.obs["measured_domains"] = pd.Categorical(ref.astype(str))
+    c2_pred.obs["bleep_domains"] = pd.Categorical(pred)
+    fig = hx.pl.spatial_domains(c2_pred, return_fig=True)
+    m_ax, p_ax = _panels(fig)
+    assert (m_ax.get_title(), p_ax.get_title()) == ("measured_domains", "bleep_domains")
+    m_col, p_col = _spots(m_ax).get_facecolors(), _spots(p_ax).get_facecolors()
+    matched = pred == perm[ref].astype(str)
+    assert matched.sum() > 100
+    np.testing.assert_array_equal(p_col[matched], m_col[matched])  # same colour = same region
+    assert not np.array_equal(p_col[~matched & (pred != "7")], m_col[~matched & (pred != "7")])
+    assert not any(np.allclose(p_col[0], c) for c in m_col)  # the unmatched domain has a colour of its own
+    ari = adjusted_rand_score(ref.astype(str), pred.astype(str))
+    nmi = normalized_mutual_info_score(ref.astype(str), pred.astype(str))
+    assert f"ARI = {ari:.3f}, NMI = {nmi:.3f}" in fig.get_suptitle() and "C2" in fig.get_suptitle()
+    legend = [t.get_text() for t in p_ax.get_legend().get_texts()]
+    assert "3 → 0" in legend and "7 (unmatched)" in legend
+    # cropped to the tissue (the image is larger than the spots' extent)
+    d = c2_pred.uns["spatial"]["C2"]["scalefactors"]["spot_diameter_fullres"]
+    assert m_ax.get_xlim() == pytest.approx((xy[:, 0].min() - d, xy[:, 0].max() + d))
+    fig = hx.pl.spatial_domains(c2_pred, compare=None, return_fig=True)
+    assert len(_panels(fig)) == 1
+    with pytest.raises(KeyError, match="run hx.tl.spatial_domains"):
+        hx.pl.spatial_domains(c2_pred, "ridge_domains")
+
+
 # ------------------------------------------------------------------------------------------------
 # scatter, metrics, method comparison
 # ------------------------------------------------------------------------------------------------

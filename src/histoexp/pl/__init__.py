@@ -1,10 +1,10 @@
-"""Plotting: gene maps over the H&E image, metric distributions, patches (reads AnnData keys only, never torch).
+"""Plotting: gene maps and spatial domains over the H&E image, metric distributions, patches.
 
-Every function follows scanpy's contract: ``show``, ``save`` and ``return_fig``; it returns None unless
-``return_fig=True``, so a notebook cell displays the figure once.
+Every function reads AnnData keys only (never torch) and follows scanpy's contract: ``show``, ``save``
+and ``return_fig``; it returns None unless ``return_fig=True``, so a notebook cell displays the figure once.
 """
 
 from ._plots import correlation, patches
-from ._spatial import gene_map
+from ._spatial import gene_map, match_labels, spatial_domains
 
-__all__ = ["correlation", "gene_map", "patches"]
+__all__ = ["correlation", "gene_map", "match_labels", "patches", "spatial_domains"]

@@ -394,3 +394,199 @@ def gene_map(
     if sec.lib is not None:
         fig.suptitle(f"section {sec.lib}")
     return finish(fig, show=show, save=save, return_fig=return_fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# spatial_domains
+# ----------------------------------------------------------------------------------------------
+def _palette(n: int) -> list[str]:
+    from scanpy.plotting.palettes import default_20, default_28, default_102
+
+    for pal in (default_20, default_28, default_102):
+        if n <= len(pal):
+            return list(pal)
+    import matplotlib as mpl
+
+    return [mpl.colors.to_hex(c) for c in mpl.colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))]
+
+
+def match_labels(predicted: Sequence, reference: Sequence) -> dict:
+    """Match predicted labels to reference labels (Hungarian method on the contingency table).
+
+    Returns ``{predicted label: reference label}`` for the pairs of the maximum-overlap one-to-one
+    assignment (:func:`scipy.optimize.linear_sum_assignment`) that share at least one spot; predicted labels
+    without such a partner are left out. Missing values (NaN) are ignored.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    p = pd.Series(np.asarray(predicted, dtype=object))
+    q = pd.Series(np.asarray(reference, dtype=object))
+    ok = p.notna().to_numpy() & q.notna().to_numpy()
+    if not ok.any():
+        return {}
+    table = pd.crosstab(p[ok].astype(str), q[ok].astype(str))
+    rows, cols = linear_sum_assignment(-table.to_numpy())
+    return {table.index[i]: table.columns[j] for i, j in zip(rows, cols, strict=True) if table.iat[i, j] > 0}
+
+
+def _categories(col: pd.Series) -> list[str]:
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return [str(c) for c in col.cat.categories]
+    vals = [str(v) for v in pd.unique(col.dropna())]
+    try:
+        return sorted(vals, key=float)
+    except ValueError:
+        return sorted(vals)
+
+
+def spatial_domains(
+    adata: AnnData,
+    key: str = "bleep_domains",
+    compare: str | None = "measured_domains",
+    *,
+    library_id: str | None = None,
+    library_key: str | None = None,
+    palette: Sequence[str] | None = None,
+    img: bool = True,
+    crop: bool = True,
+    size: float = 1.0,
+    alpha: float | None = None,
+    shape: Literal["circle", "square"] | None = None,
+    scalebar: bool = True,
+    panel_size: float = 4.5,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Predicted spatial domains next to the measured ones, with matched colours, ARI and NMI.
+
+    Draws ``obs[compare]`` (left) and ``obs[key]`` (right) over the H&E image, cropped to the tissue.
+    The predicted labels are matched one-to-one to the measured ones by the Hungarian method on their
+    contingency table (:func:`match_labels`), so one colour means one region in both panels; a predicted
+    domain without a partner gets a colour no measured domain has (its legend entry says "unmatched").
+    The title gives the adjusted Rand index and the normalised mutual information
+    (:func:`sklearn.metrics.adjusted_rand_score`, :func:`~sklearn.metrics.normalized_mutual_info_score`)
+    over the drawn spots that have both labels.
+
+    Parameters
+    ----------
+    adata
+        Annotated data after :func:`histoexp.tl.spatial_domains` (``obs[key]``, ``obs[compare]``).
+    key
+        ``obs`` column with the predicted domains.
+    compare
+        ``obs`` column with the reference (measured) domains, or None for the predicted panel alone.
+    library_id
+        Section to draw (default: the first one).
+    library_key
+        Column of ``obs`` holding the section (default ``'library_id'`` when there are several sections).
+    palette
+        Colours of the reference domains in category order (default: ``uns[f'{compare}_colors']`` when it
+        fits, else scanpy's default palette).
+    img
+        Draw the H&E image under the spots.
+    crop
+        Zoom on the spots instead of the whole image.
+    size
+        Spot size as a multiple of the spot diameter (or tile side).
+    alpha
+        Opacity of the spots (default 1, 0.6 for tiles).
+    shape
+        ``'circle'`` or ``'square'`` (default squares for tiles, else circles).
+    scalebar
+        Draw a µm scale bar when the µm per pixel is known.
+    panel_size
+        Height of one panel in inches.
+    show
+        Show the figure (default: unless ``save`` or ``return_fig`` is given).
+    save
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else None.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba_array
+    from matplotlib.lines import Line2D
+
+    for name, col in (("key", key), ("compare", compare)):
+        if col is not None and col not in adata.obs:
+            raise KeyError(
+                f"`{name}={col!r}` is not a column of adata.obs (found {list(adata.obs.columns)}); "
+                "run hx.tl.spatial_domains first."
+            )
+    sec = _section(adata, library_id, library_key, shape=shape)
+    if alpha is None:
+        alpha = 0.6 if sec.shape == "square" else 1.0
+    pred_all = adata.obs[key]
+    pred = np.array([None if pd.isna(v) else str(v) for v in pred_all[sec.mask]], dtype=object)
+    pred_cats = _categories(pred_all)
+    panels = []  # (column, labels, {label: colour}, {label: legend text})
+    title = None
+    if compare is not None:
+        ref_all = adata.obs[compare]
+        ref = np.array([None if pd.isna(v) else str(v) for v in ref_all[sec.mask]], dtype=object)
+        ref_cats = _categories(ref_all)
+        mapping = match_labels(pred, ref)
+        unmatched = [c for c in pred_cats if c not in mapping]
+        if palette is None:
+            stored = adata.uns.get(f"{compare}_colors")
+            pal = list(stored) if stored is not None and len(stored) == len(ref_cats) else None
+            if pal is not None:
+                pal = pal + [c for c in _palette(len(ref_cats) + len(unmatched)) if c not in pal]
+            else:
+                pal = _palette(len(ref_cats) + len(unmatched))
+        else:
+            pal = list(palette)
+        if len(pal) < len(ref_cats) + len(unmatched):
+            raise ValueError(f"`palette` has {len(pal)} colours; {len(ref_cats) + len(unmatched)} are needed.")
+        ref_col = {c: pal[i] for i, c in enumerate(ref_cats)}
+        pred_col = {c: ref_col[mapping[c]] for c in mapping}
+        pred_col.update({c: pal[len(ref_cats) + i] for i, c in enumerate(unmatched)})
+        pred_text = {c: (f"{c} → {mapping[c]}" if c in mapping else f"{c} (unmatched)") for c in pred_cats}
+        panels.append((compare, ref, ref_col, {c: c for c in ref_cats}))
+        panels.append((key, pred, pred_col, pred_text))
+        ok = np.array([a is not None and b is not None for a, b in zip(pred, ref, strict=True)])
+        if ok.sum() >= 2:
+            from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+            ari = adjusted_rand_score(ref[ok].astype(str), pred[ok].astype(str))
+            nmi = normalized_mutual_info_score(ref[ok].astype(str), pred[ok].astype(str))
+            title = f"ARI = {ari:.3f}, NMI = {nmi:.3f} ({key} vs {compare}, {int(ok.sum())} spots)"
+        else:
+            title = f"ARI and NMI undefined: fewer than 2 spots with both {key} and {compare}"
+    else:
+        pal = list(palette) if palette is not None else _palette(len(pred_cats))
+        panels.append((key, pred, {c: pal[i] for i, c in enumerate(pred_cats)}, {c: c for c in pred_cats}))
+    if sec.lib is not None:
+        title = f"section {sec.lib}" + (f": {title}" if title else "")
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(panel_size * n * 1.35, panel_size), squeeze=False, layout="constrained")
+    for ax, (col, labels, colours, text) in zip(axes[0], panels, strict=True):
+        faces = to_rgba_array([colours.get(v, "lightgray") if v is not None else "lightgray" for v in labels])
+        _draw(ax, sec, colors=faces, alpha=alpha, size=size, img=img, crop=crop, scalebar=scalebar)
+        ax.set_title(col)
+        present = [c for c in colours if (labels == c).any()]
+        handles = [
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="o",
+                markersize=7,
+                markerfacecolor=colours[c],
+                markeredgecolor="none",
+                label=text[c],
+            )
+            for c in present
+        ]
+        ax.legend(
+            handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, title="domain"
+        )
+    if title:
+        fig.suptitle(title)
+    return finish(fig, show=show, save=save, return_fig=return_fig)
