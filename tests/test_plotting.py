@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import matplotlib
@@ -74,7 +75,7 @@ def c2_pred(her2st_c2):
 
 @pytest.fixture
 def synth_pred(synth):
-    """New-style prediction on the synthetic sections, evaluated, with domains."""
+    """New-style prediction on the synthetic sections, evaluated, with (made-up) domains."""
     genes = list(synth.var_names[:8])
     p = _impute_like(synth, genes)
     hx.tl.evaluate(p, layer="bleep", truth="measured")
@@ -90,7 +91,10 @@ def synth_pred(synth):
 CALLS = {
     "gene_map": lambda a, **kw: hx.pl.gene_map(a, ["gene000", "gene001"], **kw),
     "spatial_domains": lambda a, **kw: hx.pl.spatial_domains(a, **kw),
+    "scatter_measured": lambda a, **kw: hx.pl.scatter_measured(a, "gene000", **kw),
+    "pcc_vs_expression": lambda a, **kw: hx.pl.pcc_vs_expression(a, **kw),
     "correlation": lambda a, **kw: hx.pl.correlation(a, "bleep", **kw),
+    "method_comparison": lambda a, **kw: hx.pl.method_comparison(RESULTS, **kw),
 }
 
 
@@ -122,7 +126,7 @@ def test_return_and_display_contract(name, synth_pred, tmp_path, monkeypatch):
     assert shown == [1, 1] and b"<svg" in (tmp_path / "both.svg").read_bytes()[:1000]
 
 
-@pytest.mark.parametrize("name", ["correlation"])
+@pytest.mark.parametrize("name", ["scatter_measured", "pcc_vs_expression", "correlation", "method_comparison"])
 def test_drawing_into_given_axes(name, synth_pred, monkeypatch):
     shown = []
     monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(1))
@@ -363,6 +367,75 @@ def test_spatial_domains_plot_matches_colours(c2_pred):
 # ------------------------------------------------------------------------------------------------
 # scatter, metrics, method comparison
 # ------------------------------------------------------------------------------------------------
+def test_scatter_measured(c2_pred):
+    j = C2_GENES.index("GNAS")
+    m, p = c2_pred.layers["measured"][:, j], c2_pred.layers["bleep"][:, j]
+    fig = hx.pl.scatter_measured(c2_pred, "GNAS", return_fig=True)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), np.column_stack([m, p]))
+    assert ax.get_title() == f"GNAS: r = {np.corrcoef(m, p)[0, 1]:.2f} (187 spots)"
+    (line,) = ax.lines
+    np.testing.assert_array_equal(line.get_xdata(), line.get_ydata())  # the identity line
+    assert ax.get_xlabel() == "measured (log1p normalised counts)" and ax.get_ylabel() == "predicted (bleep)"
+    with pytest.raises(ValueError, match="not measured"):
+        hx.pl.scatter_measured(c2_pred, "TMSB10")
+    with pytest.raises(KeyError, match="var_names"):
+        hx.pl.scatter_measured(c2_pred, "NOPE")
+    del c2_pred.layers["measured"]
+    with pytest.raises(ValueError, match="needs a measurement"):
+        hx.pl.scatter_measured(c2_pred, "GNAS")
+
+
+def test_pcc_vs_expression(c2_pred):
+    with pytest.raises(KeyError, match="evaluate"):
+        hx.pl.pcc_vs_expression(c2_pred)
+    hx.tl.evaluate(c2_pred, layer="bleep", truth="measured", genes=C2_GENES[:-1])
+    meas = c2_pred.layers["measured"][:, :-1].astype(np.float64)
+    for x, expect in (("mean", meas.mean(0)), ("variance", meas.var(0))):
+        fig = hx.pl.pcc_vs_expression(c2_pred, x=x, n_labels=3, return_fig=True)
+        ax = fig.axes[0]
+        np.testing.assert_allclose(
+            ax.collections[0].get_offsets(), np.column_stack([expect, c2_pred.var["bleep_pcc"][:-1]]), rtol=1e-5
+        )
+        best = c2_pred.var["bleep_pcc"].nlargest(3).index
+        assert sorted(t.get_text() for t in ax.texts) == sorted(best)
+        assert "Spearman ρ" in ax.get_title() and "9 genes" in ax.get_title()
+        assert ax.get_xlabel().startswith(f"{x} of measured")
+    with pytest.raises(ValueError, match="'mean' or 'variance'"):
+        hx.pl.pcc_vs_expression(c2_pred, x="max")
+
+
+def test_method_comparison_from_benchmark_json():
+    res = json.loads(RESULTS.read_text())
+    fig = hx.pl.method_comparison(RESULTS, "pcc_hvg", return_fig=True)
+    ax = fig.axes[0]
+    methods = list(res["folds"][0]["methods"])
+    bars = sorted(ax.patches, key=lambda b: -b.get_y())  # top to bottom = results order
+    for bar, m in zip(bars, methods, strict=True):
+        per_fold = [f["methods"][m]["pcc_hvg"] for f in res["folds"]]
+        assert bar.get_width() == pytest.approx(np.mean(per_fold))
+        assert bar.get_width() == pytest.approx(res["mean"][m]["pcc_hvg"])
+    # one point per fold and method, coloured by test section
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f["test"] for f in res["folds"]]
+    c2_points = ax.collections[0].get_offsets()[:, 0]
+    np.testing.assert_allclose(c2_points, [res["folds"][0]["methods"][m]["pcc_hvg"] for m in methods])
+    assert [t.get_text() for t in ax.get_yticklabels()][0].startswith("mean")
+    with pytest.raises(KeyError, match="nope"):
+        hx.pl.method_comparison(res, "nope")
+    with pytest.raises(KeyError, match="methods"):
+        hx.pl.method_comparison(res, methods=["ridge[handcrafted]", "unknown"])
+
+
+def test_method_comparison_from_mapping():
+    fig = hx.pl.method_comparison({"a": [0.1, 0.3], "b": [0.5, np.nan, 0.7]}, return_fig=True, methods=["b", "a"])
+    ax = fig.axes[0]
+    widths = {t.get_text().split()[0]: b.get_width() for t, b in zip(ax.get_yticklabels(), ax.patches, strict=True)}
+    assert widths == {"b": pytest.approx(0.6), "a": pytest.approx(0.2)}
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 4  # NaN folds are not drawn
+    with pytest.raises(TypeError, match="per-fold values"):
+        hx.pl.method_comparison({"a": 0.3})
+
+
 # ------------------------------------------------------------------------------------------------
 # correlation, patches
 # ------------------------------------------------------------------------------------------------
