@@ -259,6 +259,8 @@ def test_gene_map_counts_in_x(pred):
     assert len(_panels(hx.pl.gene_map(q, "gene000", return_fig=True))) == 1
     with pytest.raises(ValueError, match="no measurement"):
         hx.pl.gene_map(q, "gene000", compare="X")
+    q.X = np.full(q.shape, np.nan, np.float32)  # NaN is no measurement either
+    assert len(_panels(hx.pl.gene_map(q, "gene000", return_fig=True))) == 1
 
 
 def test_gene_map_he_only_tiles(synth):

@@ -138,8 +138,14 @@ def x_has_measurement(adata: AnnData) -> bool:
     X = adata.X
     if X is None or adata.n_vars == 0 or adata.n_obs == 0 or x_is_prediction(adata):
         return False
-    data = np.asarray(X.data if hasattr(X, "nnz") else X)
-    return data.size > 0 and bool(np.any(np.nan_to_num(data) != 0))
+    if hasattr(X, "nnz"):
+        data = np.asarray(X.data)
+        return bool(np.any((data != 0) & np.isfinite(data)))
+    for start in range(0, adata.n_obs, 4096):  # row blocks: no full-size temporary for a large dense X
+        block = np.asarray(X[start : start + 4096])
+        if np.any((block != 0) & np.isfinite(block)):
+            return True
+    return False
 
 
 def resolve_prediction(adata: AnnData, layer: str | None) -> tuple[str, str]:
