@@ -1,223 +1,31 @@
-"""Plots over AnnData keys: gene maps on the H&E image, per-gene correlation, patch grids (no torch here)."""
+"""Plots over AnnData keys and benchmark results: per-gene metrics, predicted vs measured, patches (no torch)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 
-from .._settings import logger
+from ._utils import (
+    EXPRESSION_LABEL,
+    check_genes,
+    compare_label,
+    finish,
+    fmt_r,
+    matrix,
+    new_or_given_ax,
+    pearson,
+    resolve_compare,
+    resolve_prediction,
+)
 
 
 def _dense(M) -> np.ndarray:
     return np.asarray(M.toarray() if hasattr(M, "toarray") else M, dtype=np.float32)
-
-
-def _pick_library(adata: AnnData, library_id: str | None, library_key: str | None) -> tuple[str | None, np.ndarray]:
-    """Return the library to draw and the boolean mask of its spots."""
-    spatial = adata.uns.get("spatial", {})
-    libs = list(spatial.keys())
-    if library_key is None and "library_id" in adata.obs and len(libs) > 1:
-        library_key = "library_id"
-    if library_id is None:
-        if library_key is not None:
-            col = adata.obs[library_key].astype(str)
-            present = [lib for lib in libs if (col == lib).any()] or list(pd.unique(col))
-            library_id = str(present[0]) if present else None
-        elif libs:
-            library_id = str(libs[0])
-        if library_id is not None and len(libs) > 1:
-            logger.info("gene_map: drawing library %r (pass `library_id=` for another one).", library_id)
-    elif libs and library_id not in libs:
-        raise KeyError(f"`library_id={library_id!r}` is not in adata.uns['spatial'] (found {libs}).")
-    if library_key is not None and library_id is not None:
-        if library_key not in adata.obs:
-            raise KeyError(f"`library_key={library_key!r}` is not a column of adata.obs.")
-        mask = (adata.obs[library_key].astype(str) == str(library_id)).to_numpy()
-        if not mask.any():
-            raise KeyError(f"No spot of adata.obs[{library_key!r}] equals `library_id={library_id!r}`.")
-    else:
-        mask = np.ones(adata.n_obs, dtype=bool)
-    return library_id, mask
-
-
-def _has_measurement(adata: AnnData, compare: str | None, genes: Sequence[str]) -> bool:
-    if compare is None or adata.n_vars == 0:
-        return False
-    if compare != "X":
-        return compare in adata.layers
-    X = adata.X
-    if X is None:
-        return False
-    data = np.asarray(X.data if hasattr(X, "nnz") else X)
-    return data.size > 0 and bool(np.any(np.nan_to_num(data) != 0))
-
-
-def _crop_to_spots(ax, xy: np.ndarray, sf: dict) -> None:
-    """Limit ``ax`` (squidpy's image coordinates: full-res pixels x hires scale) to the spots' extent."""
-    scale = float(sf.get("tissue_hires_scalef", 1.0))
-    pad = float(sf.get("spot_diameter_fullres", 0.0)) * scale
-    pts = np.asarray(xy, dtype=float) * scale
-    (x0, y0), (x1, y1) = pts.min(0) - pad, pts.max(0) + pad
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y1, y0)
-
-
-def gene_map(
-    adata: AnnData,
-    genes: str | Sequence[str],
-    *,
-    layer: str = "bleep",
-    compare: str | None = "X",
-    library_id: str | None = None,
-    library_key: str | None = None,
-    img: bool = True,
-    normalize: str = "log1p",
-    size: float | None = None,
-    cmap: str = "viridis",
-    panel_size: float = 3.5,
-    crop: bool = True,
-    return_fig: bool = True,
-    save: str | Path | None = None,
-    **kwargs,
-):
-    """Measured and predicted expression side by side over the H&E image, one row per gene.
-
-    Each panel is drawn by :func:`squidpy.pl.spatial_scatter` (image + spots). The two panels of a
-    gene share one colour scale (``vmin``/``vmax`` over both) with one colour bar per row. When the
-    measurement is missing (``compare=None``, a gene absent from ``adata.var_names`` or without
-    prediction, ``X`` empty or all-zero as in an H&E-only query returned by
-    :func:`histoexp.tl.impute`, or ``n_vars == 0``), only the prediction is shown (one column).
-
-    Parameters
-    ----------
-    adata
-        Annotated data with ``obsm['spatial']``, ``uns['spatial']`` and predictions in ``layers[layer]``.
-    genes
-        One gene or a list of genes (rows).
-    layer
-        Layer with the predicted expression.
-    compare
-        ``'X'`` (measured counts in ``X``, normalised with ``normalize``), another layer name (used as
-        it is), or ``None`` to show the prediction only.
-    library_id
-        Section to draw (default: the first one).
-    library_key
-        Column of ``obs`` holding the section (default ``'library_id'`` when several sections exist).
-    img
-        Draw the H&E image under the spots.
-    normalize
-        ``'log1p'`` (counts normalised to 10,000 per spot, log1p) or ``'none'`` for ``compare='X'``.
-    size
-        Spot size scale passed to squidpy (default: the spot diameter).
-    cmap
-        Colour map.
-    panel_size
-        Width/height of one panel in inches.
-    crop
-        Zoom on the spots (their extent plus one spot diameter) instead of the whole image.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` (else the array of axes, shape ``(n_genes, n_cols)``).
-    save
-        Write the figure to this path (format from the suffix).
-    **kwargs
-        Passed to :func:`squidpy.pl.spatial_scatter`.
-
-    Returns
-    -------
-    The figure (or the axes); never calls ``plt.show``.
-    """
-    import matplotlib.pyplot as plt
-    import squidpy as sq
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    genes = [genes] if isinstance(genes, str) else list(genes)
-    if not genes:
-        raise ValueError("`genes` is empty.")
-    if layer not in adata.layers:
-        raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}); run impute first.")
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names (e.g. {missing[:5]}).")
-    if "spatial" not in adata.obsm:
-        raise KeyError("adata.obsm['spatial'] is missing: gene_map needs spot coordinates.")
-    lib, mask = _pick_library(adata, library_id, library_key)
-    idx = adata.var_names.get_indexer(genes)
-    pred = _dense(adata.layers[layer][:, idx])[mask]
-    with_meas = _has_measurement(adata, compare, genes)
-    meas = None
-    if with_meas:
-        if compare == "X":
-            from ..pp import expression_matrix
-
-            meas = expression_matrix(adata[mask], genes, normalize=normalize)
-            meas_label = "measured" if normalize == "none" else f"measured ({normalize})"
-        else:
-            meas = _dense(adata.layers[compare][:, idx])[mask]
-            meas_label = compare
-    elif compare is not None:
-        logger.info("gene_map: no measurement found (compare=%r); showing the prediction only.", compare)
-
-    tmp = AnnData(
-        X=np.zeros((int(mask.sum()), len(genes)), dtype=np.float32),
-        obs=pd.DataFrame(index=adata.obs_names[mask].copy()),
-        var=pd.DataFrame(index=pd.Index(genes)),
-    )
-    tmp.obsm["spatial"] = np.asarray(adata.obsm["spatial"])[mask]
-    tmp.layers["predicted"] = pred
-    if meas is not None:
-        tmp.layers["measured"] = meas
-    has_img = lib is not None and "spatial" in adata.uns and lib in adata.uns["spatial"]
-    if has_img:
-        tmp.uns["spatial"] = {lib: adata.uns["spatial"][lib]}
-    columns = (["measured"] if meas is not None else []) + ["predicted"]
-    n_rows, n_cols = len(genes), len(columns)
-    fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(panel_size * n_cols + 0.8, panel_size * n_rows), squeeze=False, layout="constrained"
-    )
-    sf = adata.uns["spatial"][lib].get("scalefactors", {}) if has_img else {}
-    shape = "circle" if "spot_diameter_fullres" in sf else None
-    for r, gene in enumerate(genes):
-        vals = [tmp.layers[c][:, r] for c in columns]
-        finite = np.concatenate([v[np.isfinite(v)] for v in vals])
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if vmax <= vmin:
-            vmax = vmin + 1e-6
-        norm = Normalize(vmin=vmin, vmax=vmax)
-        for c, col in enumerate(columns):
-            title = f"{gene} · {meas_label if col == 'measured' else f'predicted ({layer})'}"
-            sq.pl.spatial_scatter(
-                tmp,
-                shape=shape,
-                color=gene,
-                layer=col,
-                library_id=lib if has_img else None,
-                img=img and has_img,
-                img_res_key="hires",
-                size=size,
-                cmap=cmap,
-                norm=norm,
-                colorbar=False,
-                title=title,
-                ax=axes[r, c],
-                frameon=False,
-                **kwargs,
-            )
-            axes[r, c].set_xlabel("")
-            axes[r, c].set_ylabel("")
-            if crop and has_img:
-                _crop_to_spots(axes[r, c], tmp.obsm["spatial"], sf)
-        sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
-        fig.colorbar(sm, ax=list(axes[r]), shrink=0.8, label="log expression" if normalize == "log1p" else None)
-    if save is not None:
-        fig.savefig(save, dpi=100, bbox_inches="tight")
-    if not isinstance(fig, Figure):  # pragma: no cover - defensive
-        return axes
-    return fig if return_fig else axes
 
 
 def correlation(
@@ -227,7 +35,9 @@ def correlation(
     metric: str = "pcc",
     n_best: int = 10,
     ax=None,
+    show: bool | None = None,
     save: str | Path | None = None,
+    return_fig: bool = False,
 ):
     """Distribution of the per-gene correlation with the best-predicted genes named.
 
@@ -246,14 +56,17 @@ def correlation(
         Number of best genes to name.
     ax
         Axes to draw in (default: a new figure).
+    show
+        Show the figure (default: unless ``save``, ``return_fig`` or ``ax`` is given).
     save
-        Write the figure to this path.
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
 
     Returns
     -------
-    The :class:`~matplotlib.axes.Axes`.
+    The figure if ``return_fig``, else None.
     """
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     col = f"{layer}_{metric}"
@@ -262,8 +75,7 @@ def correlation(
     vals = adata.var[col].dropna()
     if vals.empty:
         raise ValueError(f"adata.var[{col!r}] holds no evaluated gene (all NaN).")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig, ax, own = new_or_given_ax(ax, (6, 4))
     sns.histplot(vals.to_numpy(), bins=min(40, max(10, vals.size // 5)), ax=ax, color="#4c72b0")
     ax.axvline(vals.mean(), color="k", ls="--", lw=1, label=f"mean {vals.mean():.3f}")
     ax.axvline(vals.median(), color="grey", ls=":", lw=1, label=f"median {vals.median():.3f}")
@@ -284,9 +96,7 @@ def correlation(
     ax.set_xlabel(f"{name} r per gene ({layer}, {vals.size} genes)")
     ax.set_ylabel("genes")
     ax.legend(loc="upper right", fontsize=8)
-    if save is not None:
-        ax.figure.savefig(save, dpi=100, bbox_inches="tight")
-    return ax
+    return finish(fig, show=show, save=save, return_fig=return_fig, own=own)
 
 
 def patches(
@@ -299,7 +109,9 @@ def patches(
     ncols: int | None = None,
     random_state: int = 0,
     panel_size: float = 1.6,
+    show: bool | None = None,
     save: str | Path | None = None,
+    return_fig: bool = False,
 ):
     """Show a grid of extracted patches (read through :func:`histoexp.pp.get_patches`).
 
@@ -321,12 +133,16 @@ def patches(
         Seed of the spot sample.
     panel_size
         Size of one panel in inches.
+    show
+        Show the figure (default: unless ``save`` or ``return_fig`` is given).
     save
-        Write the figure to this path.
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure`.
+    The figure if ``return_fig``, else None.
     """
     import matplotlib.pyplot as plt
 
@@ -366,6 +182,280 @@ def patches(
             title += f"\n{color}={v:.2f}" if isinstance(v, (float, np.floating)) else f"\n{color}={v}"
         ax.set_title(title, fontsize=7)
     fig.suptitle(f"{k} patches ({src.patch_px} px, {src.size_um:.0f} µm)", fontsize=9)
-    if save is not None:
-        fig.savefig(save, dpi=100, bbox_inches="tight")
-    return fig
+    return finish(fig, show=show, save=save, return_fig=return_fig)
+
+
+def _measurement(adata: AnnData, compare: str | None, what: str) -> str:
+    cmp = resolve_compare(adata, compare)
+    if cmp is None:
+        raise ValueError(
+            f"{what} needs a measurement: adata has no layers['measured'] and no counts in X "
+            f"(compare={compare!r}); an H&E-only prediction cannot be compared."
+        )
+    return cmp
+
+
+def scatter_measured(
+    adata: AnnData,
+    gene: str,
+    *,
+    layer: str | None = None,
+    compare: str | None = "auto",
+    normalize: str = "log1p",
+    size: float = 12.0,
+    alpha: float = 0.6,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Predicted against measured expression of one gene, one point per spot, with r and the identity line.
+
+    Parameters
+    ----------
+    adata
+        Predictions (``layers[layer]``) and a measurement (see ``compare``), e.g. from :func:`histoexp.tl.impute`.
+    gene
+        The gene.
+    layer
+        The predictions (default: the only layer other than ``'measured'``, else ``X`` marked as a prediction).
+    compare
+        The measurement: ``'auto'`` (``layers['measured']``, else counts in ``X``), a layer or ``'X'``.
+    normalize
+        Normalisation of counts in ``X`` (``'log1p'`` or ``'none'``).
+    size
+        Marker size (points²).
+    alpha
+        Marker opacity.
+    ax
+        Axes to draw in (default: a new figure).
+    show
+        Show the figure (default: unless ``save``, ``return_fig`` or ``ax`` is given).
+    save
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else None.
+    """
+    if not isinstance(gene, str):
+        raise TypeError(f"`gene` must be one gene name (a str), got {type(gene).__name__}.")
+    source, key = resolve_prediction(adata, layer)
+    check_genes(adata, [gene])
+    cmp = _measurement(adata, compare, "scatter_measured")
+    p = matrix(adata, source, [gene])[:, 0]
+    m = matrix(adata, cmp, [gene], normalize=normalize, measured=True)[:, 0]
+    ok = np.isfinite(p) & np.isfinite(m)
+    if not ok.any():
+        raise ValueError(f"{gene!r} has no spot with both a prediction and a measurement (not measured?).")
+    p, m = p[ok], m[ok]
+    r = pearson(p, m)
+    fig, ax, own = new_or_given_ax(ax, (4.5, 4.5))
+    ax.scatter(m, p, s=size, alpha=alpha, color="#4c72b0", edgecolors="none")
+    lo, hi = float(min(m.min(), p.min())), float(max(m.max(), p.max()))
+    pad = 0.03 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="k", ls="--", lw=1, label="y = x")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    scale = EXPRESSION_LABEL if (cmp != "X" or normalize == "log1p") else "expression"
+    ax.set_xlabel(f"{compare_label(cmp)} ({scale})")
+    ax.set_ylabel(f"predicted ({key})")
+    ax.set_title(f"{gene}: {fmt_r(r)} ({ok.sum()} spots)")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return finish(fig, show=show, save=save, return_fig=return_fig, own=own)
+
+
+def pcc_vs_expression(
+    adata: AnnData,
+    layer: str | None = None,
+    *,
+    x: str = "mean",
+    metric: str = "pcc",
+    compare: str | None = "auto",
+    normalize: str = "log1p",
+    n_labels: int = 5,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Per-gene correlation against the mean or variance of the measured expression of that gene.
+
+    Reads ``var[f'{key}_{metric}']`` written by :func:`histoexp.tl.evaluate` and computes the mean or the
+    (population) variance over spots of the measurement (``layers['measured']``, else counts in ``X``
+    normalised with ``normalize``). The title gives the Spearman correlation between the two, so one sees
+    whether a model only predicts the highly expressed or highly variable genes.
+
+    Parameters
+    ----------
+    adata
+        Predictions after :func:`histoexp.tl.evaluate`, with the measurement.
+    layer
+        The evaluated key / prediction layer (default: the only layer other than ``'measured'``).
+    x
+        ``'mean'`` or ``'variance'`` of the measured expression.
+    metric
+        ``'pcc'`` (Pearson) or ``'spearman'``.
+    compare
+        The measurement: ``'auto'``, a layer or ``'X'``.
+    normalize
+        Normalisation of counts in ``X`` (``'log1p'`` or ``'none'``).
+    n_labels
+        Name the ``n_labels`` best-predicted genes.
+    ax
+        Axes to draw in (default: a new figure).
+    show
+        Show the figure (default: unless ``save``, ``return_fig`` or ``ax`` is given).
+    save
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else None.
+    """
+    from scipy.stats import spearmanr
+
+    if x not in ("mean", "variance"):
+        raise ValueError(f"`x={x!r}` must be 'mean' or 'variance'.")
+    _, key = resolve_prediction(adata, layer)
+    col = f"{key}_{metric}"
+    if col not in adata.var:
+        raise KeyError(f"adata.var[{col!r}] not found: run hx.tl.evaluate(adata, layer={key!r}) first.")
+    vals = adata.var[col].astype(float)
+    vals = vals[np.isfinite(vals.to_numpy())]
+    if vals.empty:
+        raise ValueError(f"adata.var[{col!r}] holds no evaluated gene (all NaN).")
+    cmp = _measurement(adata, compare, "pcc_vs_expression")
+    M = matrix(adata, cmp, list(vals.index), normalize=normalize, measured=True)
+    with np.errstate(invalid="ignore"):
+        xs = np.nanmean(M, axis=0) if x == "mean" else np.nanvar(M, axis=0)
+    ok = np.isfinite(xs)
+    genes, xs, ys = vals.index[ok], xs[ok], vals.to_numpy()[ok]
+    if not len(genes):
+        raise ValueError(f"None of the {len(vals)} evaluated genes is measured in {compare_label(cmp)!r}.")
+    fig, ax, own = new_or_given_ax(ax, (5.5, 4.5))
+    ax.scatter(xs, ys, s=10, alpha=0.6, color="#4c72b0", edgecolors="none")
+    ax.axhline(0, color="grey", lw=0.8)
+    for i in np.argsort(-ys)[: max(0, n_labels)]:
+        ax.annotate(str(genes[i]), (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    rho = spearmanr(xs, ys).statistic if len(xs) > 2 else float("nan")
+    name = "Pearson r" if metric == "pcc" else metric.capitalize()
+    scale = EXPRESSION_LABEL if (cmp != "X" or normalize == "log1p") else "expression"
+    ax.set_xlabel(f"{x} of {compare_label(cmp)} expression per gene ({scale})")
+    ax.set_ylabel(f"{name} per gene ({key})")
+    ax.set_title(f"{name} vs {x}: Spearman ρ = {rho:.2f} ({len(genes)} genes)")
+    return finish(fig, show=show, save=save, return_fig=return_fig, own=own)
+
+
+def _results_table(results, metric: str) -> tuple[dict[str, list[float]], list[str] | None]:
+    """Return ``{method: per-fold values}`` and the fold names (None for a plain mapping)."""
+    if isinstance(results, (str, os.PathLike)):
+        with open(results) as fh:
+            results = json.load(fh)
+    if not isinstance(results, Mapping):
+        raise TypeError(f"`results` must be a mapping or a JSON path, got {type(results).__name__}.")
+    if "folds" in results:
+        folds = results["folds"]
+        names = [str(f.get("test", f"fold {i}")) for i, f in enumerate(folds)]
+        table: dict[str, list[float]] = {}
+        for f in folds:
+            for meth in f.get("methods", {}):
+                table.setdefault(meth, [])
+        seen = set()
+        for meth in table:
+            for f in folds:
+                rec = f.get("methods", {}).get(meth, {})
+                if metric in rec:
+                    seen.add(meth)
+                table[meth].append(float(rec[metric]) if rec.get(metric) is not None else np.nan)
+        missing = [m for m in table if m not in seen]
+        if missing:
+            some = next(iter(folds[0].get("methods", {}).values()), {}) if folds else {}
+            raise KeyError(f"`metric={metric!r}` is missing for {missing} in every fold (metrics: {sorted(some)}).")
+        return table, names
+    table = {}
+    for meth, vals in results.items():
+        if isinstance(vals, Mapping) or isinstance(vals, str) or not isinstance(vals, Sequence | np.ndarray):
+            raise TypeError(
+                f"`results[{meth!r}]` must be a list of per-fold values (or pass a benchmark results dict with "
+                "'folds')."
+            )
+        table[str(meth)] = [float(v) if v is not None else np.nan for v in vals]
+    return table, None
+
+
+def method_comparison(
+    results,
+    metric: str = "pcc_mean",
+    *,
+    methods: Sequence[str] | None = None,
+    ax=None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+):
+    """Compare methods across cross-validation folds: one point per fold and a bar at the mean.
+
+    Parameters
+    ----------
+    results
+        A benchmark results dict (or the path of its JSON file) as written by ``benchmarks/her2st.py``
+        (``results['folds'][i]['methods'][name][metric]``, the fold named by ``results['folds'][i]['test']``),
+        or a mapping ``{method: per-fold values}``.
+    metric
+        The metric, e.g. ``'pcc_mean'``, ``'pcc_hvg'``, ``'ari'``.
+    methods
+        Methods to show, in this order (default: all, in the order of the results).
+    ax
+        Axes to draw in (default: a new figure).
+    show
+        Show the figure (default: unless ``save``, ``return_fig`` or ``ax`` is given).
+    save
+        Write the figure to this path (atomically).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else None.
+
+    Examples
+    --------
+    >>> hx.pl.method_comparison("benchmarks/results/her2st.json", "pcc_hvg")  # doctest: +SKIP
+    """
+    import matplotlib as mpl
+
+    table, fold_names = _results_table(results, metric)
+    if methods is not None:
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        unknown = [m for m in methods if m not in table]
+        if unknown:
+            raise KeyError(f"`methods` {unknown} are not in the results (found {list(table)}).")
+    else:
+        methods = list(table)
+    if not methods:
+        raise ValueError("`results` holds no method.")
+    n_folds = max(len(table[m]) for m in methods)
+    fig, ax, own = new_or_given_ax(ax, (7.0, 0.45 * len(methods) + 1.6))
+    colours = mpl.colormaps["tab10" if n_folds <= 10 else "tab20"](np.arange(n_folds) % 20)
+    offsets = np.linspace(-0.22, 0.22, n_folds) if n_folds > 1 else np.zeros(1)
+    ys = np.arange(len(methods))[::-1]
+    means = [float(np.nanmean(table[m])) if np.isfinite(table[m]).any() else np.nan for m in methods]
+    ax.barh(ys, np.nan_to_num(means), height=0.7, color="#d0d8e8", edgecolor="#4c72b0", zorder=1)
+    for j in range(n_folds):  # one collection per fold: its points over the methods
+        vals = np.array([table[m][j] if j < len(table[m]) else np.nan for m in methods], dtype=float)
+        ok = np.isfinite(vals)
+        label = fold_names[j] if fold_names is not None else f"fold {j}"
+        ax.scatter(vals[ok], ys[ok] + offsets[j], s=22, color=colours[j], zorder=3, label=label, edgecolors="none")
+    ax.set_yticks(ys, [f"{m}  ({mean:.3f})" for m, mean in zip(methods, means, strict=True)])
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"{metric} (bar and brackets: mean over folds; points: folds)")
+    ax.set_title(f"{metric}, {n_folds} folds")
+    if fold_names is not None:
+        ax.legend(title="test section", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    return finish(fig, show=show, save=save, return_fig=return_fig, own=own)
