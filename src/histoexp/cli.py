@@ -3,6 +3,10 @@
 Run ``histoexp --help`` or ``histoexp <command> --help``. The console script calls :func:`main`, which
 returns the exit status (0 on success, 1 on bad input or a failed step with a one-line message, 2 on
 a usage error).
+
+Outputs: every command checks all its outputs before doing any work. An existing output is replaced
+only with ``--overwrite`` (a folder only when histoexp wrote it), an output may not be one of the
+inputs, and each file is written once, atomically (complete, or not at all).
 """
 
 from __future__ import annotations
@@ -46,6 +50,107 @@ class _Steps:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _positive(option: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise CLIError(f"{option} {value}: expected an integer >= {minimum}.")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _check_outputs(
+    *,
+    overwrite: bool,
+    inputs: Sequence[tuple[str, str | os.PathLike]] = (),
+    files: Sequence[tuple[str, Path]] = (),
+    folders: Sequence[tuple[str, Path]] = (),
+    models: Sequence[tuple[str, Path]] = (),
+    patterns: Sequence[tuple[str, Path, str]] = (),
+) -> None:
+    """Check every output of a command before any work (CLIError naming the option).
+
+    An output fails when it exists (without --overwrite), may not be replaced (a folder histoexp did
+    not write), or is one of the inputs. ``files``: (option, file); ``folders``: (option, folder
+    receiving files, may exist); ``models``: (option, model folder); ``patterns``: (option, folder,
+    glob) for outputs named after results.
+    """
+    from histoexp._fs import check_output
+    from histoexp.models._io import is_model_folder
+
+    for opt, out in [*files, *folders, *models]:
+        for in_opt, inp in inputs:
+            if _same_path(Path(out), Path(inp)):
+                raise CLIError(f"{opt} {str(out)!r} is also the input {in_opt}; choose another output.")
+    for opt, folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"{opt} {str(folder)!r} is a file, not a folder; choose another output folder.")
+    try:
+        for opt, file in files:
+            check_output(file, overwrite=overwrite, arg=opt)
+        for opt, folder in models:
+            check_output(folder, overwrite=overwrite, arg=opt, kind="model", owned=is_model_folder)
+    except FileExistsError as err:
+        raise CLIError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
+    for opt, folder, glob in patterns:
+        found = sorted(p.name for p in folder.glob(glob)) if folder.is_dir() else []
+        if found and not overwrite:
+            raise CLIError(
+                f"{opt} {str(folder)!r} already holds {found[:3]}{' ...' if len(found) > 3 else ''}; pass "
+                "--overwrite to replace them, or choose another output folder."
+            )
+
+
+def _write_csv(df: pd.DataFrame, path: Path, *, overwrite: bool, **kwargs) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: df.to_csv(p, **kwargs), overwrite=overwrite, arg=str(path))
+
+
+def _write_text(text: str, path: Path, *, overwrite: bool) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: Path(p).write_text(text), overwrite=overwrite, arg=str(path))
+
+
+def _write_fig(fig, path: Path, *, overwrite: bool) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, bbox_inches="tight"), overwrite=overwrite, arg=str(path))
+
+
+def _check_her2st_dir(data_dir: str, sections: Sequence[str]) -> None:
+    """Fail before any work when --data-dir is not a her2st copy holding the demo sections' files."""
+    from histoexp.datasets import _her2st
+
+    if not Path(data_dir).expanduser().is_dir():
+        raise CLIError(f"--data-dir {data_dir!r} is not a folder.")
+    what = (
+        "pass the root of a her2st copy (the folder holding data/ST-cnts, data/ST-spotfiles and data/ST-imgs, "
+        "as in https://github.com/almaan/her2st), or leave --data-dir out to download the files"
+    )
+    root = _her2st._as_root(data_dir)
+    if root is None:
+        raise CLIError(f"--data-dir {data_dir!r} holds no her2st data/ folder: {what}.")
+    missing = [
+        rel
+        for sec in sections
+        for rel in (_her2st._CNTS.format(s=sec), _her2st._SPOTS.format(s=sec), _her2st._image_key(sec))
+        if rel is not None and not (root / rel).is_file()
+    ]
+    if missing:
+        kinds = sorted({"images" if "ST-imgs" in m else "counts" if "ST-cnts" in m else "spot files" for m in missing})
+        raise CLIError(
+            f"--data-dir {data_dir!r} lacks the her2st {' and '.join(kinds)} of sections {list(sections)} "
+            f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}): {what}."
+        )
+
+
 def _weights_arg(value: str | None) -> str | None:
     if value is None or value.lower() == "default":
         return "default"
@@ -176,7 +281,9 @@ def _format_table(df: pd.DataFrame) -> str:
     return out.to_string()
 
 
-def _save_gene_maps(adata, genes, out: Path, *, layer: str = "bleep", compare="X", prefix="gene_map") -> list[Path]:
+def _save_gene_maps(
+    adata, genes, out: Path, *, layer: str = "bleep", compare="X", prefix="gene_map", overwrite: bool = False
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -185,9 +292,10 @@ def _save_gene_maps(adata, genes, out: Path, *, layer: str = "bleep", compare="X
     import histoexp as hx
 
     paths = []
-    for g in genes:
+    for g in dict.fromkeys(genes):  # each file once
         path = out / f"{prefix}_{g}.png"
-        fig = hx.pl.gene_map(adata, [g], layer=layer, compare=compare, save=path)
+        fig = hx.pl.gene_map(adata, [g], layer=layer, compare=compare, return_fig=True)
+        _write_fig(fig, path, overwrite=overwrite)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -231,14 +339,27 @@ def cmd_demo(args) -> int:
         train = [s for s in DEMO_SECTIONS if s != test]
         if args.quick:
             train = train[:2]
+    _positive("--patch-px", args.patch_px)
+    _positive("--epochs", args.epochs)
+    _positive("--k", args.k)
+    _positive("--n-maps", args.n_maps, 0)
     epochs = args.epochs if args.epochs is not None else (10 if args.quick else None)
     genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
     patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
     weights = _weights_arg(args.weights)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise CLIError(f"--data-dir {args.data_dir!r} is not a folder.")
+    if args.data_dir is not None:
+        _check_her2st_dir(args.data_dir, [*train, test])
+    names = ("metrics_per_gene.csv", "metrics.csv", "domains.png", "correlation.png", "predictions.h5ad")
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("--data-dir", args.data_dir)] if args.data_dir is not None else [],
+        folders=[("--out", out)],
+        files=[("--out", out / name) for name in (*names, "summary.json")],
+        models=[("--out", out / "model")],
+        patterns=[("--out", out, "gene_map_*.png")],
+    )
+    ow = args.overwrite  # the folder is created by the first write, after every check passed
 
     step = _Steps(7, quiet=args.quiet)
     print(
@@ -268,7 +389,7 @@ def cmd_demo(args) -> int:
     if epochs is not None:
         fit_kw["epochs"] = epochs
     model = hx.tl.fit_bleep(ref, **fit_kw)
-    model.save(out / "model")
+    model.save(out / "model", overwrite=ow)
     step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}")
 
     # genes outside the training panel (ERBB2 is not in the 785-gene panel) are predicted from the
@@ -288,16 +409,22 @@ def cmd_demo(args) -> int:
         step.note(f"also predicted from the reference counts (not in the training panel): {', '.join(extra)}")
 
     step("evaluating against the measured expression")
-    hx.tl.evaluate(query, layer="bleep", genes=model.genes)
-    table = hx.tl.evaluate(query, layer="bleep", genes=model.genes, copy=True)
+    # training genes the held-out section does not measure are not predicted into it (impute drops
+    # them): evaluate the others
+    panel = [g for g in model.genes if g in query.var_names]
+    if len(panel) < len(model.genes):
+        unmeasured = [g for g in model.genes if g not in query.var_names]
+        step.note(f"{len(unmeasured)} training genes are not measured in {test} and not evaluated: {unmeasured[:5]}")
+    hx.tl.evaluate(query, layer="bleep", genes=panel)
+    table = hx.tl.evaluate(query, layer="bleep", genes=panel, copy=True)
     extra_tab = hx.tl.evaluate(query, layer="bleep", genes=extra, copy=True) if extra else None
     ev_genes = list(table.index[table["status"].isin(["ok", "constant_prediction"])])
     truth = hx.pp.expression_matrix(query, ev_genes)
     base = gene_metrics(_mean_baseline(hx.pp.expression_matrix(ref, ev_genes), query.n_obs), truth, ev_genes)
     summary = _summary_table({"BLEEP": query.uns["bleep"]["metrics"], "mean baseline": summarize(base)})
     per_gene = table.drop(columns=["truth_var"]).sort_values("pcc", ascending=False)
-    per_gene.to_csv(out / "metrics_per_gene.csv", index_label="gene")
-    summary.to_csv(out / "metrics.csv", index_label="metric")
+    _write_csv(per_gene, out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
+    _write_csv(summary, out / "metrics.csv", overwrite=ow, index_label="metric")
 
     step("spatial domains on measured and on predicted expression (PCA + spatial kNN + leiden)")
     hx.tl.spatial_domains(query, layer=None, genes=ev_genes, key_added="measured_domains", random_state=args.seed)
@@ -309,18 +436,18 @@ def cmd_demo(args) -> int:
     for ax, key in zip(axes, ["measured_domains", "bleep_domains"], strict=True):
         sq.pl.spatial_scatter(query, color=key, shape="circle", ax=ax, title=key, img_res_key="hires", frameon=False)
     fig.suptitle(f"{test}: domains, ARI = {ari:.3f}")
-    fig.savefig(out / "domains.png", dpi=100, bbox_inches="tight")
+    _write_fig(fig, out / "domains.png", overwrite=ow)
     plt.close(fig)
 
     step("writing predictions.h5ad, metrics and gene maps")
     best = [g for g in per_gene.index if g not in DEMO_GENES][: args.n_maps]
     map_genes = [g for g in DEMO_GENES if g in ev_genes or g in extra] + best
-    _save_gene_maps(query, map_genes, out)
+    _save_gene_maps(query, map_genes, out, overwrite=ow)
     ax = hx.pl.correlation(query, "bleep")
-    ax.figure.savefig(out / "correlation.png", dpi=100, bbox_inches="tight")
+    _write_fig(ax.figure, out / "correlation.png", overwrite=ow)
     plt.close(ax.figure)
-    _strip_patches(query).write_h5ad(out / "predictions.h5ad")
-    (out / "summary.json").write_text(
+    hx.io.write_h5ad(_strip_patches(query), out / "predictions.h5ad", overwrite=ow)
+    _write_text(
         json.dumps(
             {
                 "train": train,
@@ -336,7 +463,9 @@ def cmd_demo(args) -> int:
             },
             indent=2,
             default=str,
-        )
+        ),
+        out / "summary.json",
+        overwrite=ow,
     )
     print(f"\nHER2ST {test} predicted from {', '.join(train)} ({args.encoder} features, BLEEP):")
     print(_format_table(summary))
@@ -357,8 +486,19 @@ def cmd_fit(args) -> int:
 
     import histoexp as hx
 
+    _positive("--patch-px", args.patch_px)
+    _positive("--epochs", args.epochs)
     weights = _weights_arg(args.weights)
     genes = _genes_arg(args.genes)
+    for path in args.references:
+        if not Path(path).exists():
+            raise CLIError(f"{str(path)!r} does not exist.")
+    output = Path(args.output)
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("REF.h5ad", p) for p in args.references],
+        models=[("--output", output)],
+    )
     step = _Steps(3, quiet=args.quiet)
     step(f"reading {len(args.references)} reference file(s)")
     parts = []
@@ -387,7 +527,7 @@ def cmd_fit(args) -> int:
     if args.epochs is not None:
         fit_kw["epochs"] = args.epochs
     model = hx.tl.fit_bleep(ref, **fit_kw)
-    model.save(args.output)
+    model.save(output, overwrite=args.overwrite)
     print(f"model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
     return 0
 
@@ -404,8 +544,20 @@ def cmd_impute(args) -> int:
     qpath = Path(args.query)
     if not qpath.exists():
         raise CLIError(f"query {str(qpath)!r} does not exist.")
+    _positive("--k", args.k)
+    _positive("--n-maps", args.n_maps, 0)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    for path in args.reference or []:
+        if not Path(path).exists():
+            raise CLIError(f"--reference {str(path)!r} does not exist.")
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("MODEL_DIR", model_dir), ("QUERY", qpath), *(("--reference", p) for p in args.reference or [])],
+        folders=[("--output", out)],
+        files=[("--output", out / "predictions.h5ad"), ("--output", out / "metrics_per_gene.csv")],
+        patterns=[("--output", out, "gene_map_*.png")],
+    )
+    ow = args.overwrite
     step = _Steps(4, quiet=args.quiet)
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
@@ -454,16 +606,16 @@ def cmd_impute(args) -> int:
             step.note(f"no evaluation: {err}")
     if measured:
         ranking = pred.var["bleep_pcc"].dropna().sort_values(ascending=False)
-        ranking.to_frame("pearson").to_csv(out / "metrics_per_gene.csv", index_label="gene")
+        _write_csv(ranking.to_frame("pearson"), out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
         top = list(ranking.index[: args.n_maps])
         print(f"mean Pearson over {ranking.size} genes: {pred.uns['bleep']['metrics']['pcc_mean']:.3f}")
     else:
         P = np.asarray(pred.layers["bleep"])
         var = np.nanvar(P, axis=0)
         top = [pred.var_names[i] for i in np.argsort(-np.nan_to_num(var, nan=-1))[: args.n_maps]]
-    _save_gene_maps(pred, top, out, compare="X" if measured else None)
+    _save_gene_maps(pred, top, out, compare="X" if measured else None, overwrite=ow)
     plt.close("all")
-    _strip_patches(pred).write_h5ad(out / "predictions.h5ad")
+    hx.io.write_h5ad(_strip_patches(pred), out / "predictions.h5ad", overwrite=ow)
     print(f"predicted {int((~np.isnan(np.asarray(pred.layers['bleep'])).all(0)).sum())} genes for {pred.n_obs} spots")
     print(f"outputs in {out.resolve()} (gene maps: {', '.join(top)})")
     return 0
@@ -473,6 +625,20 @@ def cmd_evaluate(args) -> int:
     """Evaluate predictions stored in an .h5ad (layers[LAYER] vs X)."""
     import histoexp as hx
 
+    csv = json_out = None
+    if args.output:
+        csv = Path(args.output)
+        json_out = csv.with_suffix(".json")
+        if _same_path(csv, json_out):
+            raise CLIError(
+                f"--output {args.output!r}: the per-gene table is CSV and the summary goes to a .json file next to "
+                "it; pass a name ending in .csv."
+            )
+        _check_outputs(
+            overwrite=args.overwrite,
+            inputs=[("PRED.h5ad", args.predictions)],
+            files=[("--output", csv), ("--output", json_out)],
+        )
     adata = _read_h5ad(args.predictions)
     if args.layer not in adata.layers:
         raise CLIError(f"--layer {args.layer!r} is not in the file's layers {list(adata.layers)}.")
@@ -481,14 +647,22 @@ def cmd_evaluate(args) -> int:
     print(_format_table(_summary_table({args.layer: metrics})))
     best = table["pcc"].dropna().sort_values(ascending=False).head(10)
     print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in best.items()))
-    if args.output:
-        table.to_csv(args.output, index_label="gene")
-        Path(args.output).with_suffix(".json").write_text(json.dumps(metrics, indent=2, default=str))
-        print(f"per-gene metrics written to {args.output}")
+    if csv is not None:
+        _write_csv(table, csv, overwrite=args.overwrite, index_label="gene")
+        _write_text(json.dumps(metrics, indent=2, default=str), json_out, overwrite=args.overwrite)
+        print(f"per-gene metrics written to {csv} (summary: {json_out})")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs that already exist (only files and model folders histoexp wrote)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps (default: hx.settings.device, auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -530,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
     p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
     p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -541,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default=None, help="her2st | all | N (HVGs, default 250) | file | A,B,C")
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -557,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=50, help="neighbours averaged (default 50)")
     p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
     p.add_argument("--n-maps", type=int, default=4, help="gene maps to draw (best or most variable genes)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_impute)
 
@@ -566,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", default=None, help="layer with the truth, used as is (default: log1p-normalised X)")
     p.add_argument("--n-top", type=int, default=50, help="size of HVG/HEG/best selections (default 50)")
     p.add_argument("-o", "--output", default=None, metavar="metrics.csv", help="write the per-gene table (+ .json)")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_evaluate, quiet=False)
     return parser
 
