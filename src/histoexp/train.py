@@ -194,15 +194,14 @@ def _update_hash(h, a) -> None:
         return
     if hasattr(a, "detach"):  # torch tensor, without importing torch here
         t = a.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
         try:
-            arr = t.numpy()
+            a = t.numpy()  # same fingerprint as the equal numpy array
         except TypeError:  # bfloat16 and other dtypes numpy lacks: hash the raw bytes
             import torch
 
-            arr = t.reshape(-1).view(torch.uint8).numpy()
-        h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
-        return
+            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            return
     arr = np.ascontiguousarray(np.asarray(a))
     if arr.dtype == object:
         raise TypeError(f"data_fingerprint: cannot hash an object array of shape {arr.shape}.")
