@@ -81,7 +81,6 @@ def _check_outputs(
     glob) for outputs named after results.
     """
     from histoexp._fs import check_output
-    from histoexp.models._io import is_model_folder
 
     for opt, out in [*files, *folders, *models]:
         for in_opt, inp in inputs:
@@ -93,6 +92,9 @@ def _check_outputs(
     try:
         for opt, file in files:
             check_output(file, overwrite=overwrite, arg=opt)
+        if models:  # imports torch: only for commands that write a model
+            from histoexp.models._io import is_model_folder
+
         for opt, folder in models:
             check_output(folder, overwrite=overwrite, arg=opt, kind="model", owned=is_model_folder)
     except FileExistsError as err:
