@@ -115,7 +115,7 @@ def test_save_load_impute_identical(tmp_path, synth3, fitted):
     test = synth3[synth3.obs["library_id"] == "S2"].copy()
     model.save(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["arrays.safetensors", "config.json", "model.safetensors"]
+    assert files == [".histoexp.json", "arrays.safetensors", "config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["method"] == "bleep" and cfg["mode"] == "frozen" and cfg["use_rep"] == "X_fake"
     assert {"histoexp", "torch"} <= set(cfg["versions"])

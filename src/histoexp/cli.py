@@ -3,6 +3,10 @@
 Run ``histoexp --help`` or ``histoexp <command> --help``. The console script calls :func:`main`, which
 returns the exit status (0 on success, 1 on bad input or a failed step with a one-line message, 2 on
 a usage error).
+
+Outputs: every command checks all its outputs before doing any work. An existing output is replaced
+only with ``--overwrite`` (a folder only when histoexp wrote it), an output may not be one of the
+inputs, and each file is written once, atomically (complete, or not at all).
 """
 
 from __future__ import annotations
@@ -46,6 +50,109 @@ class _Steps:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _positive(option: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise CLIError(f"{option} {value}: expected an integer >= {minimum}.")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _check_outputs(
+    *,
+    overwrite: bool,
+    inputs: Sequence[tuple[str, str | os.PathLike]] = (),
+    files: Sequence[tuple[str, Path]] = (),
+    folders: Sequence[tuple[str, Path]] = (),
+    models: Sequence[tuple[str, Path]] = (),
+    patterns: Sequence[tuple[str, Path, str]] = (),
+) -> None:
+    """Check every output of a command before any work (CLIError naming the option).
+
+    An output fails when it exists (without --overwrite), may not be replaced (a folder histoexp did
+    not write), or is one of the inputs. ``files``: (option, file); ``folders``: (option, folder
+    receiving files, may exist); ``models``: (option, model folder); ``patterns``: (option, folder,
+    glob) for outputs named after results.
+    """
+    from histoexp._fs import check_output
+
+    for opt, out in [*files, *folders, *models]:
+        for in_opt, inp in inputs:
+            if _same_path(Path(out), Path(inp)):
+                raise CLIError(f"{opt} {str(out)!r} is also the input {in_opt}; choose another output.")
+    for opt, folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"{opt} {str(folder)!r} is a file, not a folder; choose another output folder.")
+    try:
+        for opt, file in files:
+            check_output(file, overwrite=overwrite, arg=opt)
+        if models:  # imports torch: only for commands that write a model
+            from histoexp.models._io import is_model_folder
+
+        for opt, folder in models:
+            check_output(folder, overwrite=overwrite, arg=opt, kind="model", owned=is_model_folder)
+    except FileExistsError as err:
+        raise CLIError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
+    for opt, folder, glob in patterns:
+        found = sorted(p.name for p in folder.glob(glob)) if folder.is_dir() else []
+        if found and not overwrite:
+            raise CLIError(
+                f"{opt} {str(folder)!r} already holds {found[:3]}{' ...' if len(found) > 3 else ''}; pass "
+                "--overwrite to replace them, or choose another output folder."
+            )
+
+
+def _write_csv(df: pd.DataFrame, path: Path, *, overwrite: bool, **kwargs) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: df.to_csv(p, **kwargs), overwrite=overwrite, arg=str(path))
+
+
+def _write_text(text: str, path: Path, *, overwrite: bool) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: Path(p).write_text(text), overwrite=overwrite, arg=str(path))
+
+
+def _write_fig(fig, path: Path, *, overwrite: bool) -> None:
+    from histoexp._fs import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, bbox_inches="tight"), overwrite=overwrite, arg=str(path))
+
+
+def _check_her2st_dir(data_dir: str, sections: Sequence[str]) -> None:
+    """Fail before any work when --data-dir is not a her2st copy holding the demo sections' files."""
+    from histoexp.datasets import _her2st
+
+    if not Path(data_dir).expanduser().is_dir():
+        raise CLIError(f"--data-dir {data_dir!r} is not a folder.")
+    what = (
+        "pass the root of a her2st copy (the folder holding data/ST-cnts, data/ST-spotfiles and data/ST-imgs, "
+        "as in https://github.com/almaan/her2st), or leave --data-dir out to download the files"
+    )
+    root = _her2st._as_root(data_dir)
+    if root is None:
+        raise CLIError(f"--data-dir {data_dir!r} holds no her2st data/ folder: {what}.")
+    missing = [
+        rel
+        for sec in sections
+        for rel in (_her2st._CNTS.format(s=sec), _her2st._SPOTS.format(s=sec), _her2st._image_key(sec))
+        if rel is not None and not (root / rel).is_file()
+    ]
+    if missing:
+        kinds = sorted({"images" if "ST-imgs" in m else "counts" if "ST-cnts" in m else "spot files" for m in missing})
+        raise CLIError(
+            f"--data-dir {data_dir!r} lacks the her2st {' and '.join(kinds)} of sections {list(sections)} "
+            f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}): {what}."
+        )
+
+
 def _weights_arg(value: str | None) -> str | None:
     if value is None or value.lower() == "default":
         return "default"
@@ -176,7 +283,9 @@ def _format_table(df: pd.DataFrame) -> str:
     return out.to_string()
 
 
-def _save_gene_maps(adata, genes, out: Path, *, layer: str = "bleep", compare="X", prefix="gene_map") -> list[Path]:
+def _save_gene_maps(
+    adata, genes, out: Path, *, layer: str = "bleep", compare="auto", prefix="gene_map", overwrite: bool = False
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -185,9 +294,10 @@ def _save_gene_maps(adata, genes, out: Path, *, layer: str = "bleep", compare="X
     import histoexp as hx
 
     paths = []
-    for g in genes:
+    for g in dict.fromkeys(genes):  # each file once
         path = out / f"{prefix}_{g}.png"
-        fig = hx.pl.gene_map(adata, [g], layer=layer, compare=compare, save=path)
+        fig = hx.pl.gene_map(adata, [g], layer=layer, compare=compare, return_fig=True)
+        _write_fig(fig, path, overwrite=overwrite)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -215,7 +325,6 @@ def cmd_demo(args) -> int:
     import matplotlib.pyplot as plt
 
     import histoexp as hx
-    from histoexp.tl._evaluate import gene_metrics, summarize
 
     test = args.test_section
     if test not in DEMO_SECTIONS:
@@ -231,16 +340,30 @@ def cmd_demo(args) -> int:
         train = [s for s in DEMO_SECTIONS if s != test]
         if args.quick:
             train = train[:2]
+    _positive("--patch-px", args.patch_px)
+    _positive("--epochs", args.epochs)
+    _positive("--k", args.k)
+    _positive("--n-maps", args.n_maps, 0)
     epochs = args.epochs if args.epochs is not None else (10 if args.quick else None)
     genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
     patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
     weights = _weights_arg(args.weights)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise CLIError(f"--data-dir {args.data_dir!r} is not a folder.")
+    if args.data_dir is not None:
+        _check_her2st_dir(args.data_dir, [*train, test])
+    names = ("metrics_per_gene.csv", "metrics.csv", "domains.png", "correlation.png", "predictions.h5ad")
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("--data-dir", args.data_dir)] if args.data_dir is not None else [],
+        folders=[("--out", out)],
+        files=[("--out", out / name) for name in (*names, "summary.json")],
+        models=[("--out", out / "model")],
+        patterns=[("--out", out, "gene_map_*.png")],
+    )
+    ow = args.overwrite  # the folder is created by the first write, after every check passed
 
     step = _Steps(7, quiet=args.quiet)
+    gene_metrics, summarize = hx.tl.gene_metrics, hx.tl.summarize_metrics
     print(
         f"histoexp demo: BLEEP on HER2ST, train {','.join(train)} -> predict {test}; encoder={args.encoder} "
         f"(weights={weights}), genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
@@ -263,19 +386,20 @@ def cmd_demo(args) -> int:
     prepare_features(query, encoder=args.encoder, weights=weights, patch_px=patch_px, device=args.device)
     step.note(f"features obsm[{rep!r}]: {ref.obsm[rep].shape[1]} dims")
 
-    step("training BLEEP (frozen image features -> projection heads, contrastive loss)")
+    step("training BLEEP (frozen image features -> projection heads, contrastive loss) and the ridge baseline")
     fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed, "device": args.device}
     if epochs is not None:
         fit_kw["epochs"] = epochs
     model = hx.tl.fit_bleep(ref, **fit_kw)
-    model.save(out / "model")
-    step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}")
+    model.save(out / "model", overwrite=ow)
+    ridge = hx.tl.fit_ridge(ref, genes=model.genes, use_rep=rep, random_state=args.seed)
+    step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}; ridge alpha {ridge.config['alpha']:g}")
 
     # genes outside the training panel (ERBB2 is not in the 785-gene panel) are predicted from the
     # reference bank's counts: retrieval works for any gene the reference spots have.
     extra = [g for g in DEMO_GENES if g not in model.genes and g in ref.var_names and g in query.var_names]
     step(f"predicting {test} (retrieval of the k={args.k} nearest reference spots, method={args.method})")
-    hx.tl.impute(
+    pred = hx.tl.impute(
         query,
         model,
         reference=ref if extra else None,
@@ -284,43 +408,47 @@ def cmd_demo(args) -> int:
         method=args.method,
         device=args.device,
     )
+    rpred = hx.tl.impute(query, ridge, device=args.device)
     if extra:
         step.note(f"also predicted from the reference counts (not in the training panel): {', '.join(extra)}")
 
     step("evaluating against the measured expression")
-    hx.tl.evaluate(query, layer="bleep", genes=model.genes)
-    table = hx.tl.evaluate(query, layer="bleep", genes=model.genes, copy=True)
-    extra_tab = hx.tl.evaluate(query, layer="bleep", genes=extra, copy=True) if extra else None
+    # training genes the held-out section does not measure have no measurement to compare with
+    measured = set(pred.var_names[pred.var["measured"].to_numpy(bool)])
+    panel = [g for g in model.genes if g in measured]
+    if len(panel) < len(model.genes):
+        unmeasured = [g for g in model.genes if g not in measured]
+        step.note(f"{len(unmeasured)} training genes are not measured in {test} and not evaluated: {unmeasured[:5]}")
+    hx.tl.evaluate(pred, layer="bleep", genes=panel)
+    hx.tl.evaluate(rpred, layer="ridge", genes=panel)
+    table = hx.tl.evaluate(pred, layer="bleep", genes=panel, copy=True)
+    extra_tab = hx.tl.evaluate(pred, layer="bleep", genes=extra, copy=True) if extra else None
     ev_genes = list(table.index[table["status"].isin(["ok", "constant_prediction"])])
-    truth = hx.pp.expression_matrix(query, ev_genes)
+    truth = pred[:, ev_genes].layers["measured"]
     base = gene_metrics(_mean_baseline(hx.pp.expression_matrix(ref, ev_genes), query.n_obs), truth, ev_genes)
-    summary = _summary_table({"BLEEP": query.uns["bleep"]["metrics"], "mean baseline": summarize(base)})
+    columns = {"BLEEP": pred.uns["bleep"]["metrics"], "ridge": rpred.uns["ridge"]["metrics"]}
+    summary = _summary_table({**columns, "mean baseline": summarize(base)})
     per_gene = table.drop(columns=["truth_var"]).sort_values("pcc", ascending=False)
-    per_gene.to_csv(out / "metrics_per_gene.csv", index_label="gene")
-    summary.to_csv(out / "metrics.csv", index_label="metric")
+    _write_csv(per_gene, out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
+    _write_csv(summary, out / "metrics.csv", overwrite=ow, index_label="metric")
 
     step("spatial domains on measured and on predicted expression (PCA + spatial kNN + leiden)")
-    hx.tl.spatial_domains(query, layer=None, genes=ev_genes, key_added="measured_domains", random_state=args.seed)
-    hx.tl.spatial_domains(query, layer="bleep", genes=ev_genes, compare="measured_domains", random_state=args.seed)
-    ari = query.uns["bleep_domains"]["ari"]
-    import squidpy as sq
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
-    for ax, key in zip(axes, ["measured_domains", "bleep_domains"], strict=True):
-        sq.pl.spatial_scatter(query, color=key, shape="circle", ax=ax, title=key, img_res_key="hires", frameon=False)
-    fig.suptitle(f"{test}: domains, ARI = {ari:.3f}")
-    fig.savefig(out / "domains.png", dpi=100, bbox_inches="tight")
+    hx.tl.spatial_domains(pred, layer="measured", genes=ev_genes, random_state=args.seed)  # -> measured_domains
+    hx.tl.spatial_domains(pred, layer="bleep", genes=ev_genes, compare="measured_domains", random_state=args.seed)
+    ari = pred.uns["bleep_domains"]["ari"]
+    fig = hx.pl.spatial_domains(pred, "bleep_domains", "measured_domains", return_fig=True)
+    _write_fig(fig, out / "domains.png", overwrite=ow)
     plt.close(fig)
 
     step("writing predictions.h5ad, metrics and gene maps")
     best = [g for g in per_gene.index if g not in DEMO_GENES][: args.n_maps]
     map_genes = [g for g in DEMO_GENES if g in ev_genes or g in extra] + best
-    _save_gene_maps(query, map_genes, out)
-    ax = hx.pl.correlation(query, "bleep")
-    ax.figure.savefig(out / "correlation.png", dpi=100, bbox_inches="tight")
-    plt.close(ax.figure)
-    _strip_patches(query).write_h5ad(out / "predictions.h5ad")
-    (out / "summary.json").write_text(
+    _save_gene_maps(pred, map_genes, out, overwrite=ow)
+    fig = hx.pl.correlation(pred, "bleep", return_fig=True)
+    _write_fig(fig, out / "correlation.png", overwrite=ow)
+    plt.close(fig)
+    hx.io.write_h5ad(_strip_patches(pred), out / "predictions.h5ad", overwrite=ow)
+    _write_text(
         json.dumps(
             {
                 "train": train,
@@ -328,7 +456,8 @@ def cmd_demo(args) -> int:
                 "encoder": args.encoder,
                 "weights": weights,
                 "epochs": epochs,
-                "bleep": query.uns["bleep"]["metrics"],
+                "bleep": pred.uns["bleep"]["metrics"],
+                "ridge": rpred.uns["ridge"]["metrics"],
                 "mean_baseline": summarize(base),
                 "extra_genes": {} if extra_tab is None else extra_tab[["pcc", "spearman", "mse"]].to_dict("index"),
                 "ari_domains": ari,
@@ -336,7 +465,9 @@ def cmd_demo(args) -> int:
             },
             indent=2,
             default=str,
-        )
+        ),
+        out / "summary.json",
+        overwrite=ow,
     )
     print(f"\nHER2ST {test} predicted from {', '.join(train)} ({args.encoder} features, BLEEP):")
     print(_format_table(summary))
@@ -352,13 +483,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    """Fit BLEEP on reference .h5ad files and save the model folder."""
+    """Fit a model (BLEEP or ridge) on reference .h5ad files and save the model folder."""
     import anndata as ad
 
     import histoexp as hx
 
+    _positive("--patch-px", args.patch_px)
+    _positive("--epochs", args.epochs)
     weights = _weights_arg(args.weights)
     genes = _genes_arg(args.genes)
+    for path in args.references:
+        if not Path(path).exists():
+            raise CLIError(f"{str(path)!r} does not exist.")
+    output = Path(args.output)
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("REF.h5ad", p) for p in args.references],
+        models=[("--output", output)],
+    )
     step = _Steps(3, quiet=args.quiet)
     step(f"reading {len(args.references)} reference file(s)")
     parts = []
@@ -382,13 +524,16 @@ def cmd_fit(args) -> int:
         ref = ad.concat(parts, join="inner", merge="same", uns_merge="first", index_unique=None)
         ref.obs_names_make_unique()
         ref.obs["library_id"] = pd.Categorical(ref.obs["library_id"].astype(str))
-    step(f"training BLEEP on {ref.n_obs} spots")
-    fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed, "device": args.device}
-    if args.epochs is not None:
-        fit_kw["epochs"] = args.epochs
-    model = hx.tl.fit_bleep(ref, **fit_kw)
-    model.save(args.output)
-    print(f"model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
+    step(f"training {args.method} on {ref.n_obs} spots")
+    fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed}
+    if args.method == "ridge":
+        model = hx.tl.fit_ridge(ref, **fit_kw)
+    else:
+        if args.epochs is not None:
+            fit_kw["epochs"] = args.epochs
+        model = hx.tl.fit_bleep(ref, device=args.device, **fit_kw)
+    model.save(output, overwrite=args.overwrite)
+    print(f"{args.method} model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
     return 0
 
 
@@ -404,8 +549,20 @@ def cmd_impute(args) -> int:
     qpath = Path(args.query)
     if not qpath.exists():
         raise CLIError(f"query {str(qpath)!r} does not exist.")
+    _positive("--k", args.k)
+    _positive("--n-maps", args.n_maps, 0)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    for path in args.reference or []:
+        if not Path(path).exists():
+            raise CLIError(f"--reference {str(path)!r} does not exist.")
+    _check_outputs(
+        overwrite=args.overwrite,
+        inputs=[("MODEL_DIR", model_dir), ("QUERY", qpath), *(("--reference", p) for p in args.reference or [])],
+        folders=[("--output", out)],
+        files=[("--output", out / "predictions.h5ad"), ("--output", out / "metrics_per_gene.csv")],
+        patterns=[("--output", out, "gene_map_*.png")],
+    )
+    ow = args.overwrite
     step = _Steps(4, quiet=args.quiet)
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
@@ -433,46 +590,51 @@ def cmd_impute(args) -> int:
     references = [_read_h5ad(p) for p in args.reference] if args.reference else None
     if references is not None and len(references) == 1:
         references = references[0]
-    step(f"predicting ({args.method}, k={args.k})")
-    res = hx.tl.impute(
-        query,
-        model,
-        reference=references,
-        genes=_genes_arg(args.genes),
-        k=args.k,
-        method=args.method,
-        device=args.device,
-    )
-    pred = res if res is not None else query
-    measured = res is None and bool(query.n_vars)
+    key = model.method
+    retrieval = {"k": args.k, "method": args.method, "reference": references}
+    if model.kind != "retrieval":
+        if references is not None:
+            raise CLIError(f"--reference applies to retrieval models; {key!r} predicts from the image alone.")
+        retrieval = {}
+    step(f"predicting ({key}" + (f", {args.method}, k={args.k})" if retrieval else ")"))
+    pred = hx.tl.impute(query, model, genes=_genes_arg(args.genes), device=args.device, **retrieval)
+    measured = "measured" in pred.layers
     step(f"writing {out / 'predictions.h5ad'} and gene maps")
     if measured:
-        try:
-            hx.tl.evaluate(pred, layer="bleep")
-        except ValueError as err:
-            measured = False
-            step.note(f"no evaluation: {err}")
-    if measured:
-        ranking = pred.var["bleep_pcc"].dropna().sort_values(ascending=False)
-        ranking.to_frame("pearson").to_csv(out / "metrics_per_gene.csv", index_label="gene")
+        hx.tl.evaluate(pred, layer=key)
+        ranking = pred.var[f"{key}_pcc"].dropna().sort_values(ascending=False)
+        _write_csv(ranking.to_frame("pearson"), out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
         top = list(ranking.index[: args.n_maps])
-        print(f"mean Pearson over {ranking.size} genes: {pred.uns['bleep']['metrics']['pcc_mean']:.3f}")
+        print(f"mean Pearson over {ranking.size} genes: {pred.uns[key]['metrics']['pcc_mean']:.3f}")
     else:
-        P = np.asarray(pred.layers["bleep"])
-        var = np.nanvar(P, axis=0)
-        top = [pred.var_names[i] for i in np.argsort(-np.nan_to_num(var, nan=-1))[: args.n_maps]]
-    _save_gene_maps(pred, top, out, compare="X" if measured else None)
+        order = np.argsort(-np.asarray(pred.layers[key]).var(axis=0))
+        top = [pred.var_names[i] for i in order[: args.n_maps]]
+    _save_gene_maps(pred, top, out, layer=key, overwrite=ow)
     plt.close("all")
-    _strip_patches(pred).write_h5ad(out / "predictions.h5ad")
-    print(f"predicted {int((~np.isnan(np.asarray(pred.layers['bleep'])).all(0)).sum())} genes for {pred.n_obs} spots")
+    hx.io.write_h5ad(_strip_patches(pred), out / "predictions.h5ad", overwrite=ow)
+    print(f"predicted {pred.n_vars} genes for {pred.n_obs} spots")
     print(f"outputs in {out.resolve()} (gene maps: {', '.join(top)})")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    """Evaluate predictions stored in an .h5ad (layers[LAYER] vs X)."""
+    """Evaluate predictions stored in an .h5ad (layers[LAYER] vs the measurement)."""
     import histoexp as hx
 
+    csv = json_out = None
+    if args.output:
+        csv = Path(args.output)
+        json_out = csv.with_suffix(".json")
+        if _same_path(csv, json_out):
+            raise CLIError(
+                f"--output {args.output!r}: the per-gene table is CSV and the summary goes to a .json file next to "
+                "it; pass a name ending in .csv."
+            )
+        _check_outputs(
+            overwrite=args.overwrite,
+            inputs=[("PRED.h5ad", args.predictions)],
+            files=[("--output", csv), ("--output", json_out)],
+        )
     adata = _read_h5ad(args.predictions)
     if args.layer not in adata.layers:
         raise CLIError(f"--layer {args.layer!r} is not in the file's layers {list(adata.layers)}.")
@@ -481,14 +643,22 @@ def cmd_evaluate(args) -> int:
     print(_format_table(_summary_table({args.layer: metrics})))
     best = table["pcc"].dropna().sort_values(ascending=False).head(10)
     print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in best.items()))
-    if args.output:
-        table.to_csv(args.output, index_label="gene")
-        Path(args.output).with_suffix(".json").write_text(json.dumps(metrics, indent=2, default=str))
-        print(f"per-gene metrics written to {args.output}")
+    if csv is not None:
+        _write_csv(table, csv, overwrite=args.overwrite, index_label="gene")
+        _write_text(json.dumps(metrics, indent=2, default=str), json_out, overwrite=args.overwrite)
+        print(f"per-gene metrics written to {csv} (summary: {json_out})")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs that already exist (only files and model folders histoexp wrote)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps (default: hx.settings.device, auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -530,17 +700,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
     p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
     p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("fit", help="train BLEEP on reference .h5ad files -> model folder")
+    p = sub.add_parser("fit", help="train a model (BLEEP or ridge) on reference .h5ad files -> model folder")
     p.add_argument("references", nargs="+", metavar="REF.h5ad", help="reference sections (counts + image)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--encoder", default="handcrafted", help="image encoder (default handcrafted)")
     p.add_argument("--weights", default="default", help="encoder weights: default | none | PATH")
     p.add_argument("--genes", default=None, help="her2st | all | N (HVGs, default 250) | file | A,B,C")
+    p.add_argument("--method", default="bleep", choices=["bleep", "ridge"], help="model to fit (default bleep)")
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -557,15 +730,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=50, help="neighbours averaged (default 50)")
     p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
     p.add_argument("--n-maps", type=int, default=4, help="gene maps to draw (best or most variable genes)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_impute)
 
     p = sub.add_parser("evaluate", help="per-gene and summary metrics of predictions in an .h5ad")
-    p.add_argument("predictions", metavar="PRED.h5ad", help="file with predictions in layers[--layer] and counts in X")
+    p.add_argument(
+        "predictions",
+        metavar="PRED.h5ad",
+        help="file with predictions in layers[--layer] and the measurement in layers['measured'] (or counts in X)",
+    )
     p.add_argument("--layer", default="bleep", help="layer with predictions (default bleep)")
-    p.add_argument("--truth", default=None, help="layer with the truth, used as is (default: log1p-normalised X)")
+    p.add_argument(
+        "--truth", default=None, help="layer with the truth, used as is (default: layers['measured'], else log1p X)"
+    )
     p.add_argument("--n-top", type=int, default=50, help="size of HVG/HEG/best selections (default 50)")
     p.add_argument("-o", "--output", default=None, metavar="metrics.csv", help="write the per-gene table (+ .json)")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_evaluate, quiet=False)
     return parser
 

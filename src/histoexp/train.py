@@ -10,11 +10,18 @@ Reproducibility: every epoch ``e`` draws its shuffling order and its dropout noi
 ``(random_state, e)`` inside :func:`torch.random.fork_rng`, so the caller's global RNG is untouched,
 two runs with the same seed on the same device give the same numbers, and a run resumed from the
 checkpoint of epoch ``e`` continues exactly as the uninterrupted run (same weights, same losses).
+
+Checkpoints are written as one set: the files of an epoch are staged under hidden names, then
+``state.json`` (listing their sha256) replaces the previous one, then the staged files are renamed.
+A process killed at any point resumes from the last complete epoch (or finishes the renames), and a
+checkpoint whose files do not match ``state.json`` refuses to resume instead of mixing models.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -25,15 +32,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._fs import _fsync_dir, _fsync_file, atomic_write
 from ._settings import logger, settings
 from ._utils import progress as _progress
 
-__all__ = ["SpotDataset", "fit", "infer", "split_by_library", "to_device", "torch_threads"]
+__all__ = ["SpotDataset", "data_fingerprint", "fit", "infer", "split_by_library", "to_device", "torch_threads"]
 
 _STATE = "state.json"
 _LAST = "last.safetensors"
 _BEST = "best.safetensors"
 _OPTIM = "optimizer.pt"
+_FILES = (_LAST, _BEST, _OPTIM)
+#: ``state.json['format']`` of histoexp checkpoints (with the sha256 of every file of the set)
+_FORMAT = "histoexp-checkpoint-1"
 
 
 @contextlib.contextmanager
@@ -171,10 +182,50 @@ def _state_dict_cpu(model) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+def _update_hash(h, a) -> None:
+    if a is None:
+        h.update(b"None;")
+        return
+    if hasattr(a, "tocsr") and not isinstance(a, np.ndarray):  # scipy sparse: its parts
+        a = a.tocsr()
+        h.update(f"csr{tuple(a.shape)};".encode())
+        for part in (a.data, a.indices, a.indptr):
+            _update_hash(h, part)
+        return
+    if hasattr(a, "detach"):  # torch tensor, without importing torch here
+        t = a.detach().cpu().contiguous()
+        try:
+            a = t.numpy()  # same fingerprint as the equal numpy array
+        except TypeError:  # bfloat16 and other dtypes numpy lacks: hash the raw bytes
+            import torch
+
+            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            return
+    arr = np.ascontiguousarray(np.asarray(a))
+    if arr.dtype == object:
+        raise TypeError(f"data_fingerprint: cannot hash an object array of shape {arr.shape}.")
+    h.update(f"{arr.shape}{arr.dtype.str};".encode())
+    h.update(memoryview(arr).cast("B"))
+
+
+def data_fingerprint(*arrays) -> str:
+    """Fingerprint of training data: sha256 over the shapes, dtypes and bytes of ``arrays``.
+
+    Pass the result to :func:`fit` as ``fingerprint=``: a resume on other data of the same shape
+    then fails instead of silently continuing another model. Accepts numpy arrays, torch tensors
+    (any device), scipy sparse matrices and ``None``; order matters. Hashing runs at memory speed
+    (about a second per GB).
+    """
+    h = hashlib.sha256()
+    h.update(f"{len(arrays)};".encode())
+    for a in arrays:
+        _update_hash(h, a)
+    return h.hexdigest()
+
+
+def _staged(ckpt: Path, name: str) -> Path:
+    return ckpt / f".{name}.new"
 
 
 def _save_checkpoint(ckpt: Path, model, optimizer, scaler, state: dict, best_weights: dict | None) -> None:
@@ -182,18 +233,81 @@ def _save_checkpoint(ckpt: Path, model, optimizer, scaler, state: dict, best_wei
     from safetensors.torch import save_file
 
     ckpt.mkdir(parents=True, exist_ok=True)
-    _atomic(ckpt / _LAST, lambda p: save_file(_state_dict_cpu(model), p))
-    if best_weights is not None:
-        _atomic(ckpt / _BEST, lambda p: save_file(best_weights, p))
     opt = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
-    _atomic(ckpt / _OPTIM, lambda p: torch.save(opt, p))
-    _atomic(ckpt / _STATE, lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    writers = {_LAST: lambda p: save_file(_state_dict_cpu(model), p)}
+    if best_weights is not None:
+        writers[_BEST] = lambda p: save_file(best_weights, p)
+    writers[_OPTIM] = lambda p: torch.save(opt, p)
+    files = {}
+    for name, write in writers.items():
+        write(str(_staged(ckpt, name)))
+        _fsync_file(_staged(ckpt, name))
+        files[name] = hashlib.sha256(_staged(ckpt, name).read_bytes()).hexdigest()
+    # commit point: before it a resume sees the previous complete set, after it the staged files
+    record = json.dumps(state | {"format": _FORMAT, "files": files}, indent=1)
+    atomic_write(ckpt / _STATE, lambda p: Path(p).write_text(record), overwrite=True, arg="checkpoint_dir")
+    for name in files:
+        os.replace(_staged(ckpt, name), ckpt / name)
+    _fsync_dir(ckpt)
 
 
-def _load_weights(model, path: Path, device) -> None:
-    from safetensors.torch import load_file
+def _is_checkpoint(ckpt: Path) -> bool:
+    try:
+        saved = json.loads((ckpt / _STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("format") == _FORMAT
 
-    model.load_state_dict(load_file(str(path), device=str(device)))
+
+def _check_checkpoint_dir(ckpt: Path) -> None:
+    """Refuse to start a fresh run over files histoexp did not write, or over a checkpoint (resume it)."""
+    found = [n for n in (_STATE, *_FILES) if (ckpt / n).exists()]
+    if not found:
+        return
+    if _is_checkpoint(ckpt):
+        raise FileExistsError(
+            f"`checkpoint_dir`: {str(ckpt)!r} holds a histoexp checkpoint; pass `resume=True` to continue it, or "
+            "another (or empty) `checkpoint_dir` to start again (histoexp does not replace it silently)."
+        )
+    raise FileExistsError(
+        f"`checkpoint_dir`: {str(ckpt)!r} holds {found}, which are not a histoexp checkpoint; histoexp does not "
+        "overwrite files it did not write: choose another `checkpoint_dir`."
+    )
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, bytes]]:
+    """``state.json`` and the verified bytes of the files it lists (finishing an interrupted save)."""
+    try:
+        saved = json.loads((ckpt / _STATE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"`checkpoint_dir`: {str(ckpt / _STATE)!r} is not readable JSON ({err}); pass `resume=False` with "
+            "another `checkpoint_dir` to start again."
+        ) from err
+    if not (isinstance(saved, dict) and saved.get("format") == _FORMAT and isinstance(saved.get("files"), dict)):
+        raise ValueError(
+            f"`checkpoint_dir`: {str(ckpt)!r} holds a state.json that is not a histoexp checkpoint with file hashes "
+            "(another program's, or an older histoexp's); it cannot be verified: start again in another "
+            "`checkpoint_dir`."
+        )
+    names = set(saved["files"])
+    if not ({_LAST, _OPTIM} <= names <= set(_FILES)):
+        raise ValueError(f"`checkpoint_dir`: state.json in {str(ckpt)!r} lists unexpected files {sorted(names)}.")
+    blobs = {}
+    for name, sha in saved["files"].items():
+        final, staged = ckpt / name, _staged(ckpt, name)
+        data = final.read_bytes() if final.is_file() else None
+        if data is None or hashlib.sha256(data).hexdigest() != sha:
+            data = staged.read_bytes() if staged.is_file() else None
+            if data is None or hashlib.sha256(data).hexdigest() != sha:
+                raise ValueError(
+                    f"`checkpoint_dir`: {str(final)!r} does not match the sha256 recorded in state.json (edited, "
+                    "damaged, or from another run): resuming would mix models. Start again with `resume=False` "
+                    "in another `checkpoint_dir`."
+                )
+            os.replace(staged, final)  # the interrupted save had committed to these files: finish it
+        blobs[name] = data
+    return saved, blobs
 
 
 def fit(
@@ -219,6 +333,7 @@ def fit(
     batch_sampler: Callable[[Any, int], Any] | None = None,
     progress: bool = True,
     desc: str = "training",
+    fingerprint: str | None = None,
 ) -> dict:
     """Train ``model`` by minimising ``loss_fn`` with early stopping on the validation loss.
 
@@ -257,10 +372,13 @@ def fit(
         Folder receiving a checkpoint after every epoch: ``last.safetensors`` (weights),
         ``best.safetensors`` (best weights so far), ``optimizer.pt`` (optimizer/AMP state, tensors
         only, read back with ``weights_only=True``) and ``state.json`` (epoch, losses, early-stopping
-        state, hyper-parameters).
+        state, hyper-parameters, data fingerprint, the sha256 of the other files). Written as one set
+        (see the module notes). Without ``resume``, a folder already holding a checkpoint (or files of
+        these names) raises :class:`FileExistsError`: nothing is overwritten silently.
     resume
         Continue from the checkpoint in ``checkpoint_dir`` (if there is one): the result equals the
-        uninterrupted run. The hyper-parameters must match those of the checkpoint.
+        uninterrupted run. The hyper-parameters and ``fingerprint`` must match those of the
+        checkpoint, and its files their recorded sha256.
     drop_last
         Drop the last incomplete training batch (``None``: when there are more training samples than
         ``batch_size``, as BLEEP does: in-batch contrastive losses degrade on tiny batches).
@@ -278,6 +396,9 @@ def fit(
         Show a progress bar over epochs with the losses (also subject to ``hx.settings.progress``).
     desc
         Progress bar label.
+    fingerprint
+        Identifies the training data (e.g. :func:`data_fingerprint` of the inputs and targets); stored
+        in the checkpoint, and a resume with another fingerprint raises :class:`ValueError`.
 
     Returns
     -------
@@ -339,7 +460,7 @@ def fit(
     if resume and ckpt is None:
         raise ValueError("`resume=True` needs `checkpoint_dir`.")
     if resume and (ckpt / _STATE).is_file():
-        saved = json.loads((ckpt / _STATE).read_text())
+        saved, blobs = _read_checkpoint(ckpt)
         diff = {
             k: (saved["hparams"].get(k), v)
             for k, v in hparams.items()
@@ -347,20 +468,27 @@ def fit(
         }
         if diff:
             raise ValueError(f"Cannot resume from {ckpt}: hyper-parameters differ (saved, now): {diff}.")
-        state.update({k: v for k, v in saved.items() if k != "hparams"})
+        if saved.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"Cannot resume from {ckpt}: `fingerprint` differs (saved {saved.get('fingerprint')!r}, now "
+                f"{fingerprint!r}): the checkpoint was trained on other data. Start again in another `checkpoint_dir`."
+            )
+        state.update({k: v for k, v in saved.items() if k in state and k != "hparams"})
         state["stopped_early"] = False
-        _load_weights(model, ckpt / _LAST, device)
-        extra = torch.load(ckpt / _OPTIM, map_location=device, weights_only=True)
+        from safetensors.torch import load
+
+        model.load_state_dict(load(blobs[_LAST]))
+        extra = torch.load(io.BytesIO(blobs[_OPTIM]), map_location=device, weights_only=True)
         opt.load_state_dict(extra["optimizer"])
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
-        if (ckpt / _BEST).is_file():
-            from safetensors.torch import load_file
-
-            best_weights = load_file(str(ckpt / _BEST))
+        if _BEST in blobs:
+            best_weights = load(blobs[_BEST])
         logger.info("Resuming %s from %s after epoch %d.", desc, ckpt, state["epoch"] + 1)
-    elif resume:
-        logger.info("No checkpoint in %s: training from scratch.", ckpt)
+    elif ckpt is not None:
+        _check_checkpoint_dir(ckpt)
+        if resume:
+            logger.info("No checkpoint in %s: training from scratch.", ckpt)
 
     def run_epoch(loader, train: bool) -> float:
         total, count = 0.0, 0
@@ -438,7 +566,9 @@ def fit(
             bar.set_postfix(postfix)
         logger.debug("%s epoch %d: %s", desc, epoch, postfix)
         if ckpt is not None:
-            _save_checkpoint(ckpt, model, opt, scaler, state | {"hparams": hparams}, best_weights)
+            _save_checkpoint(
+                ckpt, model, opt, scaler, state | {"hparams": hparams, "fingerprint": fingerprint}, best_weights
+            )
     if hasattr(bar, "close"):
         bar.close()
     if patience is not None and val_ds is not None and state["bad_epochs"] >= patience and state["epoch"] + 1 < epochs:

@@ -1,6 +1,7 @@
-"""Readers and converters: legacy ST, Visium / Visium HD, SpatialData."""
+"""Readers and converters: legacy ST, Visium / Visium HD, SpatialData; atomic h5ad writing."""
 
+from .._fs import write_h5ad
 from ._read import read_st, read_visium
 from ._spatialdata import from_spatialdata, to_spatialdata
 
-__all__ = ["from_spatialdata", "read_st", "read_visium", "to_spatialdata"]
+__all__ = ["from_spatialdata", "read_st", "read_visium", "to_spatialdata", "write_h5ad"]

@@ -1,12 +1,16 @@
 """Generic model folder I/O: safetensors weights plus a JSON config (no pickle anywhere).
 
-A model folder holds ``config.json`` (JSON-able config, always with ``'method'``, ``'format_version'``
-and the ``'versions'`` of histoexp/torch/python that wrote it) and one or more ``<name>.safetensors``
-files (``model.safetensors`` for the weights; methods may add others, e.g. a reference bank).
+A model folder holds ``config.json`` (JSON-able config, always with ``'method'``, ``'format_version'``,
+the ``'versions'`` of histoexp/torch/python that wrote it, the ``'files'`` and their ``'sha256'``),
+one or more ``<name>.safetensors`` files (``model.safetensors`` for the weights; methods may add
+others, e.g. a reference bank) and histoexp's marker ``.histoexp.json`` (which also records the
+sha256 of ``config.json``). Reading verifies the hashes, so a folder whose files were edited or
+mixed with another model's fails loudly instead of loading a different model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -14,8 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .._fs import MARKER, atomic_dir, mark_created, sha256_file
+from .._settings import logger
+
 FORMAT_VERSION = 1
 CONFIG = "config.json"
+KIND = "model"
 
 
 def versions() -> dict:
@@ -29,51 +37,94 @@ def versions() -> dict:
     return {"histoexp": hx_version, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _load_json(file: Path) -> dict:
+    try:
+        rec = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"{str(file)!r} is not readable JSON ({err}); the model folder is damaged: save the model again."
+        ) from err
+    if not isinstance(rec, dict):
+        raise ValueError(f"{str(file)!r} holds {type(rec).__name__}, not a JSON object; save the model again.")
+    return rec
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Tell whether ``path`` is a model folder histoexp wrote, holding nothing else (safe to replace)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        config = _load_json(path / CONFIG)
+    except ValueError:
+        return False
+    if "method" not in config or "format_version" not in config:
+        return False
+    # folders written before the marker existed are recognised by their config's file list
+    allowed = {CONFIG, MARKER, *config.get("files", [])}
+    return all(e.name in allowed for e in path.iterdir())
+
+
 def save_folder(
     path: str | os.PathLike,
     *,
     config: dict,
     tensors: dict[str, dict[str, torch.Tensor]],
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``config.json`` and ``<name>.safetensors`` for each entry of ``tensors``.
+    """Write ``config.json`` and ``<name>.safetensors`` for each entry of ``tensors``, atomically.
+
+    The folder is built under a hidden name next to ``path`` and renamed into place when complete;
+    an interrupted save leaves the previous folder (or none), never a mixed one.
 
     Parameters
     ----------
     path
-        Folder (created if needed).
+        Folder to create. An existing empty folder is filled.
     config
         JSON-able dict; must contain ``'method'``.
     tensors
         ``{file name without extension: {tensor name: tensor}}``.
     overwrite
-        Replace files of an existing model folder; ``False`` raises if ``config.json`` exists.
+        Replace an existing model folder. Only a folder histoexp wrote as a model, holding nothing
+        else, is ever replaced; anything else at ``path`` raises :class:`FileExistsError`.
     """
     from safetensors.torch import save_file
 
     if "method" not in config:
         raise ValueError("A model config must name its 'method'.")
-    path = Path(path)
-    if (path / CONFIG).exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds a model; pass overwrite=True to replace it.")
-    path.mkdir(parents=True, exist_ok=True)
-    for name, tdict in tensors.items():
-        clean = {k: v.detach().to("cpu").contiguous() for k, v in tdict.items()}
-        save_file(clean, str(path / f"{name}.safetensors"))
-    full = dict(config)
-    full["format_version"] = FORMAT_VERSION
-    full["versions"] = versions()
-    full["files"] = sorted(f"{name}.safetensors" for name in tensors)
-    (path / CONFIG).write_text(json.dumps(full, indent=1))
-    return path
+    with atomic_dir(path, overwrite=overwrite, kind=KIND, arg="path", owned=is_model_folder) as tmp:
+        sha = {}
+        for name, tdict in tensors.items():
+            clean = {k: v.detach().to("cpu").contiguous() for k, v in tdict.items()}
+            file = f"{name}.safetensors"
+            save_file(clean, str(tmp / file))
+            sha[file] = sha256_file(tmp / file)
+        full = dict(config)
+        full["format_version"] = FORMAT_VERSION
+        full["versions"] = versions()
+        full["files"] = sorted(sha)
+        full["sha256"] = dict(sorted(sha.items()))
+        (tmp / CONFIG).write_text(json.dumps(full, indent=1))
+        mark_created(tmp, KIND, sha256={CONFIG: sha256_file(tmp / CONFIG)})
+    return Path(path)
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """Read ``config.json`` of a model folder (clear error when it is not one)."""
+    """Read ``config.json`` of a model folder (clear error when it is not one, or was edited)."""
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path} is not a histoexp model folder: no {CONFIG} in it.")
-    config = json.loads((path / CONFIG).read_text())
+    raw = (path / CONFIG).read_bytes()
+    marker = path / MARKER
+    if marker.is_file():
+        expected = _load_json(marker).get("sha256", {}).get(CONFIG)
+        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+            raise ValueError(
+                f"{str(path / CONFIG)!r} differs from the one histoexp saved (sha256 recorded in {MARKER}): "
+                "the model folder was edited or mixed with another model's files; save the model again."
+            )
+    config = _load_json(path / CONFIG)
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer histoexp (format {config.get('format_version')}, "
@@ -82,11 +133,48 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def read_tensors(path: str | os.PathLike, name: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read ``<name>.safetensors`` of a model folder."""
-    from safetensors.torch import load_file
+def _checked_bytes(path: Path, file: str, config: dict) -> bytes:
+    target = path / file
+    if not target.is_file():
+        raise FileNotFoundError(f"{target} is missing from the model folder.")
+    data = target.read_bytes()
+    expected = (config.get("sha256") or {}).get(file)
+    if expected is None:
+        logger.warning("%s: no sha256 recorded for %s (saved by an older histoexp); not verified.", path, file)
+    elif hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(
+            f"{str(target)!r} does not match the sha256 recorded in {CONFIG}: the weights were edited, "
+            "damaged or mixed with another model's files; save the model again."
+        )
+    return data
 
-    file = Path(path) / f"{name}.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing from the model folder.")
-    return load_file(str(file), device=device)
+
+def verify_folder(path: str | os.PathLike) -> dict:
+    """Check a model folder: its config and every file it lists match the recorded sha256.
+
+    Returns
+    -------
+    The config.
+
+    Raises
+    ------
+    FileNotFoundError
+        Not a model folder, or a listed file is missing.
+    ValueError
+        A file or the config differs from what histoexp saved.
+    """
+    path = Path(path)
+    config = read_config(path)
+    for file in config.get("files", []):
+        _checked_bytes(path, file, config)
+    return config
+
+
+def read_tensors(path: str | os.PathLike, name: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read ``<name>.safetensors`` of a model folder, verified against the sha256 in ``config.json``."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    data = _checked_bytes(path, f"{name}.safetensors", read_config(path))
+    tensors = load(data)  # the verified bytes themselves: no second read of the file
+    return tensors if str(device) == "cpu" else {k: v.to(device) for k, v in tensors.items()}

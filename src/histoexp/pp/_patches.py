@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._fs import atomic_dir, check_output
 from .._settings import logger
 from .._utils import check_key_free, jsonable, library_ids, progress
 from ..image._slide import SlideImage, _fraction_outside, slide_for_library
@@ -22,13 +23,67 @@ __all__ = ["PatchSource", "extract_patches", "get_patches"]
 _STORES = ("auto", "memory", "zarr", "none")
 #: ``store='auto'`` keeps patches in memory below this many bytes, else writes them to zarr
 AUTO_MEMORY_LIMIT = 1_000_000_000
+#: largest patch side in pixels: beyond it a request is a unit mistake (e.g. ``mpp`` in m, not µm)
+MAX_PATCH_PX = 16384
 _BATCH = 128
+#: marker kind of the zarr stores extract_patches creates (only those are ever replaced)
+_ZARR_KIND = "patches"
 
 
 def _default_zarr_path(key_added: str) -> Path:
     root = Path(tempfile.gettempdir()) / "histoexp"
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{key_added}-{uuid.uuid4().hex[:12]}.zarr"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``None`` when unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _free_disk(path: Path) -> int | None:
+    """Free bytes on the file system that would hold ``path`` (its closest existing ancestor)."""
+    p = path.expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _check_store_path(adata: AnnData, zp: Path, *, key_added: str, copy: bool) -> None:
+    """Refuse a zarr ``path`` that ``adata`` (the caller's object) reads patches from.
+
+    Under another key, or under any key with ``copy=True``, replacing that store would change the
+    patches of an object the call must leave alone.
+    """
+    target = zp.expanduser().absolute()
+    for key, rec in (adata.uns.get("histoexp", {}) or {}).items():
+        if not (isinstance(rec, dict) and rec.get("store") == "zarr" and rec.get("path")):
+            continue
+        if Path(rec["path"]).expanduser().absolute() != target and not (
+            target.exists() and Path(rec["path"]).exists() and Path(rec["path"]).samefile(target)
+        ):
+            continue
+        if copy or key != key_added:
+            who = "the original object (copy=True returns a new one)" if copy else f"key {key!r}"
+            raise ValueError(
+                f"`path={str(zp)!r}` is the zarr store that {who} reads its patches from "
+                f"(adata.uns['histoexp'][{key!r}]['path']); replacing it would change those patches. "
+                "Pass another `path` (or none, for a new temporary store)."
+            )
 
 
 def _image_for(image: Any, lib: str, multi: bool) -> Any:
@@ -154,9 +209,13 @@ def extract_patches(
     path
         Zarr store for ``store='zarr'``; default a new ``<tempdir>/histoexp/<key_added>-<random>.zarr``
         (its path is recorded in ``uns['histoexp'][key_added]['path']``; move it somewhere
-        permanent for long-lived data). An existing ``path`` is replaced only with ``overwrite=True``.
+        permanent for long-lived data). An existing ``path`` is replaced only with ``overwrite=True``
+        and only when it is a store ``extract_patches`` created (it writes a ``.histoexp.json`` marker
+        into each store): a folder or file histoexp did not make is never removed. The store is built
+        under a hidden name next to ``path`` and renamed into place when complete, so an interrupted
+        extraction leaves the previous store (or none), never a partial one.
     overwrite
-        Replace existing keys (and the zarr store at ``path``).
+        Replace existing keys (and a zarr store at ``path`` that histoexp created).
     copy
         Return a new AnnData instead of writing into ``adata``.
 
@@ -173,8 +232,13 @@ def extract_patches(
     ------
     KeyError
         A key already exists and ``overwrite=False``; unknown ``library_id``/``library_key``.
+    FileExistsError
+        ``path`` exists and ``overwrite=False``, or it exists and histoexp did not create it.
     ValueError
-        Spots entirely outside their image, bad arguments, no image or no µm/px information.
+        Spots entirely outside their image, bad arguments, no image or no µm/px information; patches
+        larger than ``MAX_PATCH_PX`` (16384) px per side or larger in total than the available
+        memory (``store='memory'``) or disk (``store='zarr'``); ``path`` is the store that ``adata``
+        itself reads (``copy=True``, or under another key).
     """
     if store not in _STORES:
         raise ValueError(f"`store` must be one of {_STORES}, got {store!r}.")
@@ -186,6 +250,7 @@ def extract_patches(
     check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
     for col in (f"{key_added}_outside", f"{key_added}_row"):
         check_key_free(adata.obs, col, where="adata.obs", overwrite=overwrite)
+    orig = adata
     if copy:
         adata = adata.copy()
 
@@ -218,12 +283,21 @@ def extract_patches(
         raise ValueError(f"`size_um` must be positive, got {size_um!r}.")
     fov_um = size_um * context
     if patch_px is None:
-        if mpp is None or not mpp > 0:
+        if mpp is None or not (np.isfinite(mpp) and mpp > 0):
             raise ValueError(f"Pass a positive `mpp` (output µm/px) or `patch_px`; got mpp={mpp!r}.")
-        patch_px = max(1, round(fov_um / mpp))
+        side = fov_um / mpp
+        if not side <= MAX_PATCH_PX:
+            raise ValueError(
+                f"`mpp={mpp!r}` gives patches of {side:.4g} px per side ({fov_um:.4g} µm at {mpp!r} µm/px); at most "
+                f"{MAX_PATCH_PX} px are supported. `mpp` is micrometres per output pixel (HEST: 0.5): pass a "
+                "larger `mpp`, or `patch_px`."
+            )
+        patch_px = max(1, round(side))
     patch_px = int(patch_px)
     if patch_px < 1:
         raise ValueError(f"`patch_px` must be >= 1, got {patch_px}.")
+    if patch_px > MAX_PATCH_PX:
+        raise ValueError(f"`patch_px={patch_px}` is larger than {MAX_PATCH_PX} px per side; pass a smaller `patch_px`.")
     eff_mpp = fov_um / patch_px
 
     centres = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
@@ -248,6 +322,21 @@ def extract_patches(
     if store == "auto":
         store = "memory" if nbytes < AUTO_MEMORY_LIMIT else "zarr"
         logger.info("store='auto' -> %r (%.2f GB of patches).", store, nbytes / 1e9)
+    zp = None
+    if store == "zarr":
+        zp = Path(path).expanduser() if path is not None else _default_zarr_path(key_added)
+        _check_store_path(orig, zp, key_added=key_added, copy=copy)
+        check_output(zp, overwrite=overwrite, arg="path", kind=_ZARR_KIND, empty_ok=False)
+    # refuse absurd totals before allocating anything (np.empty would "succeed" lazily, then swap or die)
+    limit, where = (_available_memory(), "memory") if store == "memory" else (None, "")
+    if store == "zarr":
+        limit, where = _free_disk(zp), f"free disk space at {str(zp.parent)!r}"
+    if limit is not None and nbytes > limit:
+        raise ValueError(
+            f"{n} patches of {patch_px} x {patch_px} px (`mpp`={eff_mpp:.4g} µm/px, `patch_px`={patch_px}) take "
+            f"{nbytes / 1e9:.3g} GB but only {limit / 1e9:.3g} GB of {where} are available: pass a larger `mpp` or "
+            "a smaller `patch_px`, or store='none' (patches read from the slide on demand)."
+        )
     if store == "none":
         for lib, rec in img_records.items():
             if rec is None:
@@ -259,24 +348,8 @@ def extract_patches(
     order = np.concatenate([groups[lib] for lib in groups]) if groups else np.arange(0)
     rows = np.empty(n, dtype=np.int64)
     rows[order] = np.arange(order.size)
-    zpath = ""
-    arr = None
-    if store in ("memory", "zarr"):
-        if store == "memory":
-            arr = np.empty((n, patch_px, patch_px, 3), dtype=np.uint8)
-        else:
-            import zarr
 
-            zp = Path(path).expanduser() if path is not None else _default_zarr_path(key_added)
-            if zp.exists():
-                if not overwrite:
-                    raise FileExistsError(f"`path` {str(zp)!r} already exists; pass `overwrite=True` to replace it.")
-                shutil.rmtree(zp) if zp.is_dir() else zp.unlink()
-            arr = zarr.create_array(
-                store=str(zp), shape=(n, patch_px, patch_px, 3), chunks=(1, patch_px, patch_px, 3), dtype="uint8"
-            )
-            zpath = str(zp.resolve())
-            logger.info("Writing %d patches to %s", n, zpath)
+    def fill(arr) -> None:
         with progress(total=n, desc="extracting patches", unit="spot") as bar:
             for lib, idx in groups.items():
                 slide = slides[lib]
@@ -291,6 +364,24 @@ def extract_patches(
                         r0 = int(rows[chunk[0]])
                         arr[r0 : r0 + chunk.size] = buf
                     bar.update(chunk.size)
+
+    zpath = ""
+    arr = None
+    if store == "memory":
+        arr = np.empty((n, patch_px, patch_px, 3), dtype=np.uint8)
+        fill(arr)
+    elif store == "zarr":
+        import zarr
+
+        logger.info("Writing %d patches to %s", n, zp)
+        # built next to `path` and renamed into place when complete; replaces only a store of ours
+        with atomic_dir(zp, overwrite=overwrite, kind=_ZARR_KIND, arg="path", empty_ok=False) as tmp:
+            fill(
+                zarr.create_array(
+                    store=str(tmp), shape=(n, patch_px, patch_px, 3), chunks=(1, patch_px, patch_px, 3), dtype="uint8"
+                )
+            )
+        zpath = str(zp.resolve())
 
     # --- write keys (only after everything succeeded) ---
     if key_added in adata.obsm and store != "memory":

@@ -11,7 +11,6 @@ only what is specific to it: its network, its loss and its settings.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,16 +26,6 @@ from .._utils import check_key_free, jsonable, resolve_library_key
 def _embedding_record(adata: AnnData, rep: str) -> dict | None:
     rec = adata.uns.get("histoexp", {}).get("embeddings", {}).get(rep)
     return dict(rec) if rec is not None else None
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """Short sha256 of arrays (shape, dtype and bytes): identifies the training data of a model."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 _HP_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -156,7 +145,7 @@ def prepare_fit(
     method reads frozen features only); ``hparams`` the user's values (``None`` = default).
     """
     from ..pp import expression_matrix, select_genes
-    from ..train import split_by_library
+    from ..train import data_fingerprint, split_by_library
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
@@ -224,7 +213,7 @@ def prepare_fit(
         embedding = _embedding_record(adata, rep)
         config.update(mode="frozen", use_rep=rep, feature_dim=int(feats.shape[1]), embedding=embedding)
         config["encoder"] = {"name": (embedding or {}).get("encoder", encoder if use_rep is None else None)}
-        config["data_fingerprint"] = fingerprint(feats, expr)
+        config["data_fingerprint"] = data_fingerprint(feats, expr, train_idx, val_idx)
     else:
         from ..pp import get_patches
 
@@ -233,7 +222,7 @@ def prepare_fit(
         geometry = dict(adata.uns.get("histoexp", {}).get(patches_key, {}))
         geometry.pop("libraries", None)
         config.update(mode="finetune", use_rep=None, embedding=None, patches={"key": patches_key, **geometry})
-        config["data_fingerprint"] = fingerprint(expr, np.asarray(adata.obs_names.to_numpy(), dtype=str))
+        config["data_fingerprint"] = data_fingerprint(expr, np.asarray(adata.obs_names, dtype=str), train_idx, val_idx)
     data.params = {
         **hp,
         "finetune_encoder": bool(finetune_encoder),
@@ -269,7 +258,8 @@ def train_members(
 
     Member ``i`` is initialised, shuffled and dropped out from seed ``random_state + i`` (member 0 is
     exactly the single model of the same seed), on the same data and split. Checkpoints of an ensemble go
-    to ``checkpoint_dir/member{i}``. On CPU, frozen-feature training runs with one torch thread (small
+    to ``checkpoint_dir/member{i}``; they record the data fingerprint, so a resume on other data is refused.
+    On CPU, frozen-feature training runs with one torch thread (small
     heads gain nothing from a second, and it stalls when another process is busy).
 
     Returns the trained networks and the history (member 0's, with every member's under ``'members'``
@@ -306,6 +296,7 @@ def train_members(
                 random_state=seed,
                 checkpoint_dir=ckpt,
                 resume=resume,
+                fingerprint=data.config.get("data_fingerprint"),
                 desc=desc if n == 1 else f"{desc} {member + 1}/{n}",
                 **fit_kwargs,
             )
