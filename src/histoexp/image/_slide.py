@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from .._constants import HIRES_MAX_SIDE, ST_SPOT_DIAMETER_UM, TIFF_SUFFIXES, VISIUM_SPOT_DIAMETER_UM
+from .._constants import (
+    HIRES_MAX_SIDE,
+    IMAGE_SUFFIXES,
+    ST_SPOT_DIAMETER_UM,
+    TIFF_SUFFIXES,
+    VISIUM_SPOT_DIAMETER_UM,
+)
 from .._settings import logger
 
 __all__ = ["SlideImage", "slide_for_library"]
@@ -631,9 +637,10 @@ class SlideImage:
 
 
 def _suffix(path: Path) -> str:
+    """Lower-case suffix of ``path``, double ones included (``'.ome.tif'``), as listed in IMAGE_SUFFIXES."""
     name = path.name.lower()
-    for s in (".ome.tiff", ".ome.tif"):
-        if name.endswith(s):
+    for s in IMAGE_SUFFIXES:
+        if s.count(".") > 1 and name.endswith(s):
             return s
     return path.suffix.lower()
 

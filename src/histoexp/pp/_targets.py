@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger
 
 Normalize = Literal["log1p", "none"]
@@ -36,7 +37,7 @@ def expression_matrix(
     *,
     layer: str | None = None,
     normalize: Normalize = "log1p",
-    target_sum: float = 1e4,
+    target_sum: float = DEFAULT_TARGET_SUM,
 ) -> np.ndarray:
     """Dense float32 expression of ``genes``, normalised as the models expect.
 
