@@ -83,7 +83,7 @@ def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
                     raise _not_rgb(f"PIL mode {im.mode!r}", path, arg)
                 try:
                     yield im
-                except (OSError, SyntaxError) as e:  # raised by load() for truncated / corrupt data
+                except (OSError, SyntaxError, ValueError) as e:  # PIL's load() on truncated / corrupt data
                     raise ValueError(
                         f"`{arg}`: cannot decode {str(path)!r} ({type(e).__name__}: {e}); the file looks corrupted "
                         "or truncated. Expected an RGB uint8 JPEG, PNG or TIFF."
@@ -309,13 +309,16 @@ def read_downscaled(
     """
     from PIL import Image
 
+    def target_size(h: int, w: int) -> tuple[float, tuple[int, int]]:
+        scalef = min(1.0, max_side / max(h, w))
+        return scalef, (max(1, round(w * scalef)), max(1, round(h * scalef)))  # PIL (w, h)
+
     path = Path(path)
-    H, W = image_file_shape(path, arg=arg)
-    scalef = min(1.0, max_side / max(H, W))
-    target = (max(1, round(W * scalef)), max(1, round(H * scalef)))  # PIL (w, h)
     if _file_kind(path) == "tiff":
         levels, _, tf = _open_tiff(path, arg)
         try:
+            H, W = levels[0].height, levels[0].width
+            scalef, target = target_size(H, W)
             im = Image.fromarray(_downscale_levels(levels, max_side))
         except Exception as e:
             raise ValueError(f"`{arg}`: cannot decode {str(path)!r} ({type(e).__name__}: {e}).") from e
@@ -323,6 +326,8 @@ def read_downscaled(
             tf.close()
     else:
         with _open_pil(path, arg) as src:
+            W, H = src.size  # the header's full-resolution size, before draft()
+            scalef, target = target_size(H, W)
             if src.format == "JPEG":
                 src.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale directly
             src.load()
