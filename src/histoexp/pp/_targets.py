@@ -129,7 +129,9 @@ def select_genes(
         785-gene panel of :func:`histoexp.datasets.her2st_gene_panel` (intersected with ``adata``), ``'all'``,
         an integer ``n`` for the ``n`` most highly variable genes, or ``None`` for the ``n_top`` most highly
         variable genes. Highly variable genes come from :func:`scanpy.pp.highly_variable_genes` with
-        ``flavor='seurat_v3'`` on the counts (see :func:`highly_variable`).
+        ``flavor='seurat_v3'`` on the counts, computed without copying or modifying ``adata`` (a sparse matrix
+        stays sparse); values that are not counts (already log-normalised) are ranked with ``flavor='seurat'``
+        instead, with a warning.
     layer
         Layer with counts instead of ``X``.
     n_top
