@@ -125,6 +125,14 @@ def test_hvg_of_log_normalised_values_uses_seurat(synth, caplog, no_densify):
     assert genes == _scanpy_hvg(a, 10, flavor="seurat")
 
 
+def test_hvg_of_a_view(synth):
+    """A view (a subset of spots or genes) is ranked like its copy, and stays a view."""
+    view = synth[synth.obs["library_id"] == "S1", 5:]
+    assert view.is_view
+    assert hx.pp.select_genes(view, 8) == _scanpy_hvg(view.copy(), 8)
+    assert view.is_view
+
+
 def test_gene_lists_and_keywords(synth):
     assert hx.pp.select_genes(synth, ["gene003", "gene001", "gene003"]) == ["gene003", "gene001"]
     assert hx.pp.select_genes(synth, "gene002") == ["gene002"]
