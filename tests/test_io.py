@@ -162,6 +162,28 @@ def test_read_st_tiff_matches_png(tmp_path):
         assert np.corrcoef(hires.ravel(), ref.ravel())[0, 1] > 0.98, path.name
 
 
+def test_read_st_planar_tiff_and_one_image_stack(tmp_path, monkeypatch):
+    """read_st reads images through histoexp.image: a planar TIFF works as in SlideImage, a JPEG is never cached."""
+    import tifffile
+
+    from histoexp.image import _slide
+
+    cpath, spath, ipath, _, _ = _write_st(tmp_path, image="png")
+    img = np.asarray(Image.open(ipath))
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(hx.image.SlideImage.open(planar).read_region(0, 0, W, H), img)
+    a = hx.io.read_st(cpath, spath, planar)
+    np.testing.assert_array_equal(a.uns["spatial"]["S1"]["images"]["hires"], img)
+    # the hires copy of a JPEG comes from a reduced-scale decode, not from the full-resolution decode cache
+    (tmp_path / "jpg").mkdir()
+    _, _, jpg, _, _ = _write_st(tmp_path / "jpg", size=(2600, 900))
+    _slide.clear_cache()
+    monkeypatch.setattr(_slide, "_decode_pil", lambda *a, **k: pytest.fail("full decode"))
+    hx.io.read_st(cpath, spath, jpg)
+    assert not _slide._CACHE
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from pathlib import Path
 
@@ -24,7 +25,8 @@ class Settings:
     progress
         Show ``tqdm`` progress bars on long loops.
     num_workers
-        Default number of DataLoader workers for patch streaming.
+        Default number of DataLoader worker processes reading patches (``hx.tl.embed_patches``); ``0`` (default)
+        reads them in the main process. A non-negative integer.
     data_dir
         Where datasets are looked up and downloaded; defaults to ``$HISTOEXP_DATA_DIR`` or the
         user cache (``pooch.os_cache('histoexp')``).
@@ -34,7 +36,7 @@ class Settings:
         self._device = "auto"
         self.amp = True
         self.progress = True
-        self.num_workers = 0
+        self._num_workers = 0
         self._data_dir: Path | None = None
 
     @property
@@ -46,6 +48,20 @@ class Settings:
         if not isinstance(value, str) or value.split(":")[0] not in _DEVICES:
             raise ValueError(f"`device` must be one of {_DEVICES} (optionally 'cuda:N'), got {value!r}.")
         self._device = value
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:
+        # bool is an Integral: True would silently mean one worker
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(
+                f"`num_workers` must be a non-negative integer (DataLoader worker processes; 0 reads in the main "
+                f"process), got {value!r}."
+            )
+        self._num_workers = int(value)
 
     @property
     def data_dir(self) -> Path | None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from anndata import AnnData
 
+from .._constants import ST_PITCH_UM, ST_SPOT_DIAMETER_UM
 from .._settings import logger, settings
 from . import _registry
 
@@ -118,7 +119,9 @@ def _load_one(section: str, roots: list[Path]) -> AnnData:
     image = _fetch(img_key, roots) if img_key is not None else None
     if image is None:
         logger.info("her2st(%s): no H&E image is published for this section; counts and coordinates only.", section)
-    adata = read_st(counts, spots, image, library_id=section, spot_diameter_um=100.0, pitch_um=200.0)
+    adata = read_st(
+        counts, spots, image, library_id=section, spot_diameter_um=ST_SPOT_DIAMETER_UM, pitch_um=ST_PITCH_UM
+    )
     adata.uns["spatial"][section]["metadata"]["dataset"] = "her2st"
     return adata
 

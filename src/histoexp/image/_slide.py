@@ -23,22 +23,74 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._constants import (
+    HIRES_MAX_SIDE,
+    IMAGE_SUFFIXES,
+    ST_SPOT_DIAMETER_UM,
+    TIFF_SUFFIXES,
+    VISIUM_SPOT_DIAMETER_UM,
+)
 from .._settings import logger
 
 __all__ = ["SlideImage", "slide_for_library"]
 
-_PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff", ".btf"}
 _RGB_MSG = "RGB uint8 expected"
 
 #: platform spot diameters in µm used to derive µm/px from ``spot_diameter_fullres``
-SPOT_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
+SPOT_DIAMETER_UM = {"visium": VISIUM_SPOT_DIAMETER_UM, "st": ST_SPOT_DIAMETER_UM}
+
+
+def _not_rgb(found: str, path: Path, arg: str) -> ValueError:
+    """Build the one error for an image file that is not RGB uint8 (``arg``: the argument that named the file)."""
+    return ValueError(
+        f"`{arg}`: expected an RGB uint8 image (H x W x 3, 8 bits per channel), found {found} in {str(path)!r}. "
+        f"Grayscale, RGBA and 16-bit images are rejected, not converted ({_RGB_MSG}): convert the file first, e.g. "
+        "`PIL.Image.open(path).convert('RGB').save(...)`."
+    )
+
+
+@contextmanager
+def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
+    """Open a JPEG/PNG with PIL (header only until ``load()``), checked to be RGB; PIL errors become ValueErrors.
+
+    Histology images are legitimately larger than PIL's decompression-bomb limit (~89 Mpx), so the check is off
+    while the file is open.
+    """
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(path)
+            except (OSError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+                raise ValueError(
+                    f"`{arg}`: cannot read {str(path)!r} as an image ({type(e).__name__}: {e}); "
+                    "expected an RGB uint8 JPEG, PNG or TIFF."
+                ) from e
+            with im:
+                if im.mode != "RGB":
+                    raise _not_rgb(f"PIL mode {im.mode!r}", path, arg)
+                try:
+                    yield im
+                except (OSError, SyntaxError, ValueError) as e:  # PIL's load() on truncated / corrupt data
+                    raise ValueError(
+                        f"`{arg}`: cannot decode {str(path)!r} ({type(e).__name__}: {e}); the file looks corrupted "
+                        "or truncated. Expected an RGB uint8 JPEG, PNG or TIFF."
+                    ) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
 
 # ----------------------------------------------------------------------------------------------
 # decoded-image cache (JPEG/PNG)
@@ -67,27 +119,11 @@ def _decode_pil(path: Path) -> np.ndarray:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    try:
-        # whole-slide JPEGs exceed PIL's decompression-bomb limit (~89 Mpx); they are what we want to read
-        Image.MAX_IMAGE_PIXELS = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.mode != "RGB":
-                    raise ValueError(f"Image {str(path)!r} has PIL mode {im.mode!r}: {_RGB_MSG} (mode 'RGB').")
-                im.load()
-                arr = np.asarray(im)
-    except ValueError:
-        raise
-    except (OSError, SyntaxError) as e:  # PIL raises OSError/UnidentifiedImageError for truncated/corrupt files
-        raise ValueError(f"Could not decode image {str(path)!r} (corrupted or not an image?): {e}") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    with _open_pil(path) as im:
+        im.load()
+        arr = np.asarray(im)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"Image {str(path)!r} decoded to {arr.dtype} {arr.shape}: {_RGB_MSG}.")
+        raise _not_rgb(f"pixels decoded to {arr.dtype} {arr.shape}", path, "source")
     arr.setflags(write=False)  # shared by every SlideImage of this file
     with _CACHE_LOCK:
         _CACHE[key] = arr
@@ -171,14 +207,15 @@ def _tiff_mpp(tf: Any) -> float | None:
     return None
 
 
-def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
+def _open_tiff(path: Path, arg: str = "source") -> tuple[list[_Level], float | None, Any]:
+    """Levels (lazy zarr views, nothing decoded), µm/px from the metadata and the open ``TiffFile`` of ``path``."""
     import tifffile
     import zarr
 
     try:
         tf = tifffile.TiffFile(path)
     except Exception as e:
-        raise ValueError(f"Could not read TIFF {str(path)!r} (corrupted or not a TIFF?): {e}") from e
+        raise ValueError(f"`{arg}`: cannot read {str(path)!r} as a TIFF ({type(e).__name__}: {e}).") from e
     try:
         series = tf.series[0]
         axes = series.axes
@@ -187,10 +224,10 @@ def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
         shape = tuple(series.shape)
         squeezed = "".join(a for a, n in zip(axes, shape, strict=True) if not (n == 1 and a not in "YX"))
         if squeezed not in ("YXS", "SYX", "CYX") or dtype != np.uint8:
-            raise ValueError(f"TIFF {str(path)!r} has axes {axes!r}, shape {shape}, dtype {dtype}: {_RGB_MSG}.")
+            raise _not_rgb(f"axes {axes!r}, shape {shape}, dtype {dtype}", path, arg)
         n_ch = dict(zip(axes, shape, strict=True)).get("S", dict(zip(axes, shape, strict=True)).get("C", 1))
         if n_ch != 3:
-            raise ValueError(f"TIFF {str(path)!r} has {n_ch} channels: {_RGB_MSG} (3 channels).")
+            raise _not_rgb(f"{n_ch} channels (axes {axes!r}, shape {shape})", path, arg)
         store = tf.series[0].aszarr()
         root = zarr.open(store, mode="r")
         if hasattr(root, "array_keys"):
@@ -198,7 +235,7 @@ def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
             arrays = [root[k] for k in keys]
         else:
             arrays = [root]
-    except ValueError:
+    except Exception:  # do not leak the file handle
         tf.close()
         raise
     layout = "YXS" if squeezed == "YXS" else "SYX"
@@ -212,6 +249,94 @@ def _open_tiff(path: Path) -> tuple[list[_Level], float | None, Any]:
         base_w = base_w or w
         levels.append(_Level(int(h), int(w), base_w / w, a, layout))
     return levels, mpp, tf
+
+
+def _downscale_levels(levels: list[_Level], max_side: int) -> np.ndarray:
+    """Box-averaged copy of an image from its levels, about ``max_side`` px on the longer side (not resized exactly).
+
+    Reads the coarsest level whose longer side is still >= ``max_side`` (else level 0) one strip of rows at a time
+    and averages ``step`` x ``step`` blocks (``step = side // max_side``): memory is one strip plus the output,
+    never the decoded level.
+    """
+    from PIL import Image
+
+    level = levels[0]
+    for lv in levels:  # levels go from fine to coarse
+        if max(lv.height, lv.width) >= max_side:
+            level = lv
+    h, w = level.height, level.width
+    step = max(1, int(max(h, w) // max_side))
+    strip = step * max(1, 256 // step)
+    parts = []
+    for r0 in range(0, h, strip):
+        block = level.read(r0, min(h, r0 + strip), 0, w)
+        parts.append(np.asarray(Image.fromarray(block).reduce(step)) if step > 1 else block)
+    return np.ascontiguousarray(np.concatenate(parts, axis=0))
+
+
+def _file_kind(path: Path) -> str:
+    return "tiff" if _suffix(path) in TIFF_SUFFIXES else "pil"
+
+
+def image_file_shape(path: str | os.PathLike, *, arg: str = "source") -> tuple[int, int]:
+    """``(H, W)`` of an image file at full resolution, from its header; checks that it is RGB uint8.
+
+    Nothing is decoded: a JPEG/PNG header is read with PIL, a TIFF's first series with tifffile.
+    Errors name ``arg`` (the argument that gave the path).
+    """
+    path = Path(path)
+    if _file_kind(path) == "tiff":
+        levels, _, tf = _open_tiff(path, arg)
+        tf.close()
+        return levels[0].height, levels[0].width
+    with _open_pil(path, arg) as im:
+        return int(im.size[1]), int(im.size[0])
+
+
+def read_downscaled(
+    path: str | os.PathLike, max_side: int = HIRES_MAX_SIDE, *, arg: str = "source"
+) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Downscaled RGB uint8 copy of an image file, longest side ``<= max_side`` (the ``'hires'`` image).
+
+    A JPEG is decoded once at a reduced DCT scale (PIL ``draft``), a PNG once in full; a TIFF (flat, pyramidal,
+    OME) is read by region from the coarsest sufficient pyramid level, never decoded whole
+    (:func:`_downscale_levels`). The copy is then resized (Lanczos) to exactly ``round((H, W) * scalef)``.
+
+    Returns
+    -------
+    ``(image, scalef, (H, W))``: the copy, its pixels per full-resolution pixel (``<= 1``), and the full-resolution
+    size.
+    """
+    from PIL import Image
+
+    def target_size(h: int, w: int) -> tuple[float, tuple[int, int]]:
+        scalef = min(1.0, max_side / max(h, w))
+        return scalef, (max(1, round(w * scalef)), max(1, round(h * scalef)))  # PIL (w, h)
+
+    path = Path(path)
+    if _file_kind(path) == "tiff":
+        levels, _, tf = _open_tiff(path, arg)
+        try:
+            H, W = levels[0].height, levels[0].width
+            scalef, target = target_size(H, W)
+            im = Image.fromarray(_downscale_levels(levels, max_side))
+        except Exception as e:
+            raise ValueError(f"`{arg}`: cannot decode {str(path)!r} ({type(e).__name__}: {e}).") from e
+        finally:
+            tf.close()
+    else:
+        with _open_pil(path, arg) as src:
+            W, H = src.size  # the header's full-resolution size, before draft()
+            scalef, target = target_size(H, W)
+            if src.format == "JPEG":
+                src.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale directly
+            src.load()
+            im = src.copy()
+        if im.mode != "RGB":
+            raise _not_rgb(f"PIL mode {im.mode!r} after decoding", path, arg)
+    if im.size != target:
+        im = im.resize(target, Image.Resampling.LANCZOS)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8)), float(scalef), (int(H), int(W))
 
 
 class _Squeeze:
@@ -313,7 +438,7 @@ class SlideImage:
                 raise FileNotFoundError(f"`source`: image file {str(path)!r} does not exist.")
             if path.is_dir():
                 raise ValueError(f"`source`: {str(path)!r} is a directory; expected an image file.")
-            kind = "tiff" if _suffix(path) in _TIFF_SUFFIXES else "pil"
+            kind = _file_kind(path)
             return cls(kind=kind, path=str(path), mpp=src_mpp[1], mpp_source=src_mpp[0])
         if isinstance(source, np.ndarray):
             _check_rgb_array(source, "`source` array")
@@ -501,7 +626,7 @@ class SlideImage:
         frac = _fraction_outside(np.array([[cx, cy]], float), size_px_fullres, self.shape)[0]
         return np.asarray(im), float(frac)
 
-    def thumbnail(self, max_px: int = 2000) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_px: int = HIRES_MAX_SIDE) -> tuple[np.ndarray, float]:
         """Return a downscaled copy (longer side <= ``max_px``) and its scale (thumbnail px per level-0 px)."""
         from PIL import Image
 
@@ -517,9 +642,10 @@ class SlideImage:
 
 
 def _suffix(path: Path) -> str:
+    """Lower-case suffix of ``path``, double ones included (``'.ome.tif'``), as listed in IMAGE_SUFFIXES."""
     name = path.name.lower()
-    for s in (".ome.tiff", ".ome.tif"):
-        if name.endswith(s):
+    for s in IMAGE_SUFFIXES:
+        if s.count(".") > 1 and name.endswith(s):
             return s
     return path.suffix.lower()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +11,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._constants import HIRES_MAX_SIDE, IMAGE_SUFFIXES, ST_PITCH_UM, ST_SPOT_DIAMETER_UM, VISIUM_SPOT_DIAMETER_UM
 from .._settings import logger
-
-#: longest side (px) of the downscaled ``'hires'`` copy stored in ``uns['spatial'][lib]['images']``
-HIRES_MAX_SIDE = 2000
-#: diameter of a Visium spot in µm (used to derive µm/px from ``spot_diameter_fullres``)
-VISIUM_SPOT_DIAMETER_UM = 55.0
-
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *_TIFF_SUFFIXES)
+from ..image._slide import _suffix, image_file_shape, read_downscaled
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# small helpers
+# small helpers (images are opened and read by histoexp.image only)
 # --------------------------------------------------------------------------------------------------------------------
 def _existing_path(path: str | os.PathLike, arg: str) -> Path:
     p = Path(path).expanduser()
@@ -39,152 +31,6 @@ def _strip_suffixes(name: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name
-
-
-@contextmanager
-def _no_pil_bomb_check():
-    """Histology images are legitimately larger than PIL's decompression-bomb limit (~89 Mpx)."""
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def _check_rgb_uint8(found: str, path: Path) -> None:
-    raise ValueError(
-        f"`image`: expected an RGB uint8 image (H x W x 3, 8 bits per channel), found {found} in {str(path)!r}. "
-        "Convert it first, e.g. `PIL.Image.open(path).convert('RGB').save(...)`."
-    )
-
-
-def _tiff_hires(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Read a TIFF (optionally pyramidal / OME) by region at reduced resolution; never decodes the full image."""
-    import tifffile
-    import zarr
-    from PIL import Image
-
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as e:
-        raise ValueError(f"`image`: cannot read {str(path)!r} as a TIFF ({type(e).__name__}: {e}).") from e
-    with tif:
-        series = tif.series[0]
-        axes = series.axes.upper()
-        shape = tuple(series.shape)
-        if series.dtype != np.uint8:
-            _check_rgb_uint8(f"dtype {series.dtype} (axes {axes!r}, shape {shape})", path)
-        if axes.endswith("YXS") and shape[-1] == 3 and all(s == 1 for s in shape[:-3]):
-            layout, (H, W) = "yxs", shape[-3:-1]
-        elif axes.endswith("CYX") and shape[-3] == 3 and all(s == 1 for s in shape[:-3]):
-            layout, (H, W) = "cyx", shape[-2:]
-        else:
-            _check_rgb_uint8(f"axes {axes!r} with shape {shape}", path)
-        levels = series.levels
-        # smallest pyramid level whose longest side is still >= max_side (or level 0)
-        level = 0
-        for i, lev in enumerate(levels):
-            h, w = lev.shape[-3:-1] if layout == "yxs" else lev.shape[-2:]
-            if max(h, w) >= max_side:
-                level = i
-        lev = levels[level]
-        h, w = lev.shape[-3:-1] if layout == "yxs" else lev.shape[-2:]
-        step = max(1, int(max(h, w) // max_side))
-        try:
-            store = tif.aszarr(series=0, level=level)
-            z = zarr.open(store, mode="r")
-            if isinstance(z, zarr.Group):  # pragma: no cover - depends on tifffile/zarr versions
-                z = z[str(level)]
-            idx = (0,) * (z.ndim - 3)
-            # box-average `step` x `step` blocks, one strip of rows at a time (memory: one strip, not the image)
-            strip = step * max(1, 256 // step)
-            parts = []
-            for r0 in range(0, h, strip):
-                r1 = min(h, r0 + strip)
-                if layout == "yxs":
-                    block = np.asarray(z[(*idx, slice(r0, r1), slice(None), slice(None))])
-                else:
-                    block = np.moveaxis(np.asarray(z[(*idx, slice(None), slice(r0, r1), slice(None))]), 0, -1)
-                block = np.ascontiguousarray(block, dtype=np.uint8)
-                parts.append(np.asarray(Image.fromarray(block).reduce(step)) if step > 1 else block)
-            arr = np.concatenate(parts, axis=0)
-        except Exception as e:
-            raise ValueError(f"`image`: cannot decode {str(path)!r} ({type(e).__name__}: {e}).") from e
-    return np.ascontiguousarray(arr), (int(H), int(W))
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the full-resolution image, validating that it is an RGB uint8 image (header only)."""
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                axes, shape, dtype = series.axes.upper(), tuple(series.shape), series.dtype
-        except Exception as e:
-            raise ValueError(f"`image`: cannot read {str(path)!r} as a TIFF ({type(e).__name__}: {e}).") from e
-        if dtype != np.uint8:
-            _check_rgb_uint8(f"dtype {dtype} (axes {axes!r}, shape {shape})", path)
-        if axes.endswith("YXS") and shape[-1] == 3:
-            return int(shape[-3]), int(shape[-2])
-        if axes.endswith("CYX") and shape[-3] == 3:
-            return int(shape[-2]), int(shape[-1])
-        _check_rgb_uint8(f"axes {axes!r} with shape {shape}", path)
-    from PIL import Image, UnidentifiedImageError
-
-    with _no_pil_bomb_check():
-        try:
-            with Image.open(path) as im:
-                mode, (W, H) = im.mode, im.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(
-                f"`image`: cannot read {str(path)!r} as an image ({type(e).__name__}: {e}); "
-                "expected an RGB uint8 JPEG, PNG or TIFF."
-            ) from e
-    if mode != "RGB":
-        _check_rgb_uint8(f"PIL mode {mode!r}", path)
-    return int(H), int(W)
-
-
-def _read_hires(path: Path, max_side: int = HIRES_MAX_SIDE) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Downscaled RGB uint8 copy of the image at ``path`` (longest side ``<= max_side``).
-
-    Returns ``(hires, scalef, (H, W))`` with ``hires.shape[:2] == round((H, W) * scalef)``.
-    A JPEG is decoded once at a reduced DCT scale (PIL ``draft``); a TIFF is read by region/pyramid level.
-    """
-    from PIL import Image
-
-    H, W = _image_size(path)
-    scalef = min(1.0, max_side / max(H, W))
-    target = (max(1, round(W * scalef)), max(1, round(H * scalef)))  # PIL (w, h)
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        arr, _ = _tiff_hires(path, max_side)
-        im = Image.fromarray(arr)
-    else:
-        with _no_pil_bomb_check():
-            try:
-                with Image.open(path) as src:
-                    if src.format == "JPEG":
-                        src.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale directly
-                    src.load()
-                    im = src.copy()
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ValueError(
-                    f"`image`: cannot decode {str(path)!r} ({type(e).__name__}: {e}); the file looks corrupted "
-                    "or truncated. Expected an RGB uint8 JPEG, PNG or TIFF."
-                ) from e
-    if im.mode != "RGB":
-        _check_rgb_uint8(f"PIL mode {im.mode!r}", path)
-    if im.size != target:
-        im = im.resize(target, Image.Resampling.LANCZOS if hasattr(Image, "Resampling") else Image.LANCZOS)
-    hires = np.asarray(im, dtype=np.uint8)
-    return np.ascontiguousarray(hires), float(scalef), (H, W)
 
 
 def _read_table(obj: str | os.PathLike | pd.DataFrame, arg: str, **kwargs: Any) -> pd.DataFrame:
@@ -223,8 +69,8 @@ def read_st(
     *,
     mpp: float | None = None,
     library_id: str | None = None,
-    spot_diameter_um: float = 100.0,
-    pitch_um: float = 200.0,
+    spot_diameter_um: float = ST_SPOT_DIAMETER_UM,
+    pitch_um: float = ST_PITCH_UM,
 ) -> AnnData:
     """Read a legacy Spatial Transcriptomics section (counts table + spot selection file + optional H&E).
 
@@ -398,7 +244,7 @@ def read_st(
     lib: dict[str, Any] = {"scalefactors": scalefactors, "metadata": metadata}
 
     if image_path is not None:
-        H, W = _image_size(image_path)
+        H, W = image_file_shape(image_path, arg="image")
         outside = (xy[:, 0] < 0) | (xy[:, 0] > W - 1) | (xy[:, 1] < 0) | (xy[:, 1] > H - 1)
         if outside.any():
             bad = adata.obs_names[outside][:5].tolist()
@@ -407,7 +253,7 @@ def read_st(
                 f"(pixel_x in [{xy[:, 0].min():.1f}, {xy[:, 0].max():.1f}], pixel_y in [{xy[:, 1].min():.1f}, "
                 f"{xy[:, 1].max():.1f}]); expected full-resolution pixel coordinates of this image."
             )
-        hires, scalef, _ = _read_hires(image_path)
+        hires, scalef, _ = read_downscaled(image_path, HIRES_MAX_SIDE, arg="image")
         lib["images"] = {"hires": hires}
         scalefactors["tissue_hires_scalef"] = scalef
         metadata["source_image_path"] = str(image_path)
@@ -425,7 +271,7 @@ def read_st(
 # --------------------------------------------------------------------------------------------------------------------
 def _find_source_image(path: Path) -> str:
     """Return the single image file directly in a Space Ranger output folder, else ''."""
-    cands = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    cands = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in IMAGE_SUFFIXES)
     return str(cands[0].resolve()) if len(cands) == 1 else ""
 
 
@@ -442,7 +288,7 @@ def read_visium(
     ``scalefactors`` come from squidpy unchanged. histoexp then adds:
 
     - ``metadata['source_image_path']``: the absolute `source_image_path` if given, else the single image file
-      (``.tif``/``.tiff``/``.btf``/``.jpg``/``.png``) found directly in `path`, else ``''``;
+      (``.tif``/``.tiff``/``.ome.tif``/``.btf``/``.svs``/``.jpg``/``.png``) found directly in `path`, else ``''``;
     - ``scalefactors['microns_per_pixel']``, ``metadata['microns_per_pixel']`` = ``55 / spot_diameter_fullres``
       and ``metadata['mpp_source']`` = ``'spot diameter (Visium 55 µm)'``.
 
@@ -493,8 +339,10 @@ def read_visium(
             mpp = VISIUM_SPOT_DIAMETER_UM / float(d)
             scalefactors["microns_per_pixel"] = mpp
             metadata["microns_per_pixel"] = mpp
-            metadata["mpp_source"] = "spot diameter (Visium 55 µm)"
-            logger.info("read_visium(%s): %.4f µm/px (source: spot diameter, Visium 55 µm).", lib, mpp)
+            metadata["mpp_source"] = f"spot diameter (Visium {VISIUM_SPOT_DIAMETER_UM:g} µm)"
+            logger.info(
+                "read_visium(%s): %.4f µm/px (source: spot diameter, Visium %g µm).", lib, mpp, VISIUM_SPOT_DIAMETER_UM
+            )
         else:
             logger.warning("read_visium(%s): no spot_diameter_fullres; µm/px unknown.", lib)
     return adata

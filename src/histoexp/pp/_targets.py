@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger
 
 Normalize = Literal["log1p", "none"]
@@ -21,6 +22,16 @@ def _matrix(adata: AnnData, layer: str | None):
     if layer not in adata.layers:
         raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}).")
     return adata.layers[layer]
+
+
+def _check_unique_var_names(adata: AnnData) -> None:
+    """Genes are selected by name: duplicated var_names would make that ambiguous (pandas InvalidIndexError)."""
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique().tolist()
+        raise ValueError(
+            f"`adata`: found {len(dup)} duplicated var_names (e.g. {dup[:5]}); expected unique gene names. "
+            "Call `adata.var_names_make_unique()` first."
+        )
 
 
 def _looks_like_counts(X) -> bool:
@@ -36,7 +47,7 @@ def expression_matrix(
     *,
     layer: str | None = None,
     normalize: Normalize = "log1p",
-    target_sum: float = 1e4,
+    target_sum: float = DEFAULT_TARGET_SUM,
 ) -> np.ndarray:
     """Dense float32 expression of ``genes``, normalised as the models expect.
 
@@ -61,9 +72,17 @@ def expression_matrix(
     Returns
     -------
     Array of shape ``(n_obs, n_genes)``.
+
+    Raises
+    ------
+    ValueError
+        ``adata.var_names`` has duplicates (call ``adata.var_names_make_unique()``), or ``normalize`` is unknown.
+    KeyError
+        A gene of ``genes`` or ``layer`` is not in ``adata``.
     """
     if normalize not in ("log1p", "none"):
         raise ValueError(f"`normalize` must be 'log1p' or 'none', got {normalize!r}.")
+    _check_unique_var_names(adata)
     X = _matrix(adata, layer)
     if genes is None:
         idx = np.arange(adata.n_vars)
@@ -104,18 +123,33 @@ def select_genes(
     Parameters
     ----------
     adata
-        Annotated data with counts.
+        Annotated data with counts (never modified).
     genes
-        A list of gene names (kept in order; missing genes raise), ``'her2st'`` for the 785-gene
-        panel of :func:`histoexp.datasets.her2st_gene_panel` (intersected with ``adata``), an
-        integer ``n`` for the ``n`` most highly variable genes, ``'all'``, or ``None`` for the
-        ``n_top`` most highly variable genes (``scanpy.pp.highly_variable_genes``, flavour
-        ``'seurat_v3'`` on counts).
+        A list of gene names (kept in order, duplicates dropped; missing genes raise), ``'her2st'`` for the
+        785-gene panel of :func:`histoexp.datasets.her2st_gene_panel` (intersected with ``adata``), ``'all'``,
+        an integer ``n`` for the ``n`` most highly variable genes, or ``None`` for the ``n_top`` most highly
+        variable genes. Highly variable genes come from :func:`scanpy.pp.highly_variable_genes` with
+        ``flavor='seurat_v3'`` on the counts, computed without copying or modifying ``adata`` (a sparse matrix
+        stays sparse); values that are not counts (already log-normalised) are ranked with ``flavor='seurat'``
+        instead, with a warning.
     layer
         Layer with counts instead of ``X``.
     n_top
         Number of highly variable genes when ``genes`` is ``None``.
+
+    Returns
+    -------
+    Gene names; highly variable genes are ordered from the most variable.
+
+    Raises
+    ------
+    ValueError
+        ``genes`` is an empty list or a number ``<= 0``, ``n_top <= 0`` (with ``genes=None``), or
+        ``adata.var_names`` has duplicates (call ``adata.var_names_make_unique()``).
+    KeyError
+        Genes of the list, or every gene of the her2st panel, are missing from ``adata``.
     """
+    _check_unique_var_names(adata)
     if isinstance(genes, str) and genes == "all":
         return list(adata.var_names)
     if isinstance(genes, str) and genes == "her2st":
@@ -129,13 +163,22 @@ def select_genes(
             logger.info("her2st panel: %d of %d genes present in the data.", len(present), len(panel))
         return present
     if genes is None or isinstance(genes, (int, np.integer)):
-        n = n_top if genes is None else int(genes)
-        if n <= 0:
-            raise ValueError(f"`genes` as a number must be positive, got {n}.")
-        return highly_variable(adata, n, layer=layer)
+        arg, n = ("n_top", n_top) if genes is None else ("genes", genes)
+        # bool is an int: genes=True would silently mean "1 gene"
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(
+                f"`{arg}`{' (used as `genes=None`)' if genes is None else ''} must be a positive number of highly "
+                f"variable genes, got {n!r}."
+            )
+        return highly_variable(adata, int(n), layer=layer)
     if isinstance(genes, str):
         genes = [genes]
     genes = list(dict.fromkeys(genes))
+    if not genes:
+        raise ValueError(
+            "`genes`: got an empty list; expected gene names, 'her2st', 'all', a positive number of highly "
+            "variable genes, or None."
+        )
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names (e.g. {missing[:5]}).")
@@ -143,15 +186,45 @@ def select_genes(
 
 
 def highly_variable(adata: AnnData, n: int, *, layer: str | None = None) -> list[str]:
-    """Return the ``n`` most variable genes of log-normalised expression (dispersion ranking, no side effects)."""
+    """Return the ``n`` most highly variable genes, most variable first, without modifying ``adata``.
+
+    Raw counts (non-negative integers, the usual case) are ranked by :func:`scanpy.pp.highly_variable_genes` with
+    ``flavor='seurat_v3'`` (variance of the counts standardised by a loess fit of variance on mean), run on a new
+    AnnData that shares ``adata``'s matrix: a sparse matrix stays sparse and nothing of ``adata`` is copied or
+    written. Values that are not counts (e.g. already log-normalised) cannot be used by ``seurat_v3``; they are
+    ranked with ``flavor='seurat'`` (normalised dispersion, which expects log-normalised values), and a warning
+    says so.
+
+    Parameters
+    ----------
+    adata
+        Annotated data.
+    n
+        Number of genes (at most ``adata.n_vars``).
+    layer
+        Layer to use instead of ``X``.
+
+    Returns
+    -------
+    Gene names.
+    """
     import scanpy as sc
 
-    X = expression_matrix(
-        adata, layer=layer, normalize="log1p" if _looks_like_counts(_matrix(adata, layer)) else "none"
-    )
-    tmp = AnnData(X=X, var=pd.DataFrame(index=adata.var_names.copy()))
-    n = min(n, adata.n_vars)
-    sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat")
-    hv = tmp.var["highly_variable"].to_numpy()
-    order = np.argsort(-tmp.var["dispersions_norm"].fillna(-np.inf).to_numpy())
+    _check_unique_var_names(adata)
+    X = _matrix(adata, layer)
+    n = min(int(n), adata.n_vars)
+    # a shallow AnnData over the same matrix: scanpy only reads it, and any key it writes lands on this object
+    tmp = AnnData(X=X, obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=adata.var_names.copy()))
+    if _looks_like_counts(X):
+        df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat_v3", inplace=False)
+        score = -df["highly_variable_rank"].to_numpy(dtype=float)  # rank 0 = most variable
+    else:
+        logger.warning(
+            "select_genes: the matrix does not look like raw counts, so highly variable genes are ranked with "
+            "scanpy's flavor='seurat' (for log-normalised values) instead of 'seurat_v3' (for counts)."
+        )
+        df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat", inplace=False)
+        score = df["dispersions_norm"].to_numpy(dtype=float)
+    hv = df["highly_variable"].to_numpy(dtype=bool)
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
     return [adata.var_names[i] for i in order if hv[i]][:n]

@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._constants import HIRES_MAX_SIDE, ST_SPOT_DIAMETER_UM
 from .._settings import logger
 from .._utils import jsonable
 from ..image._slide import SlideImage
 
 __all__ = ["tile_tissue", "tissue_mask"]
 
-#: longest side of the thumbnail on which tissue is detected (and stored as ``'hires'``)
-THUMBNAIL_PX = 2000
+#: longest side of the thumbnail on which tissue is detected (and stored as ``'hires'``, the same size as read_st's)
+THUMBNAIL_PX = HIRES_MAX_SIDE
 #: minimum saturation threshold: below it nothing counts as tissue, even if Otsu says so (blank glass)
 MIN_SATURATION = 0.05
 #: mean saturation above which the lower Otsu class is not glass (it holds pale tissue): split it again
@@ -67,7 +68,7 @@ def tissue_mask(
 def tile_tissue(
     image: Any,
     *,
-    tile_um: float = 100.0,
+    tile_um: float = ST_SPOT_DIAMETER_UM,
     mpp: float | None = None,
     min_tissue: float = 0.5,
     library_id: str = "tiles",

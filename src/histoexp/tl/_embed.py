@@ -68,7 +68,7 @@ def embed_patches(
     patches_key: str = "patches",
     batch_size: int = 64,
     device: str | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     amp: bool | None = None,
     key_added: str | None = None,
     overwrite: bool = False,
@@ -100,7 +100,8 @@ def embed_patches(
     device
         ``'cpu'``, ``'cuda'``, ``'mps'``, ... (default: ``hx.settings.device``: cuda > mps > cpu).
     num_workers
-        DataLoader workers reading patches (useful when patches are read from the slide on the fly).
+        DataLoader workers reading patches (useful when patches are read from the slide on the fly); default
+        ``hx.settings.num_workers`` (``0``: read in the main process).
     amp
         Mixed-precision autocast on CUDA (default: ``hx.settings.amp``). Ignored on CPU.
     key_added
@@ -125,6 +126,7 @@ def embed_patches(
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    num_workers = settings.num_workers if num_workers is None else num_workers
     if num_workers < 0:
         raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
     geometry = adata.uns.get("histoexp", {}).get(patches_key)
