@@ -308,3 +308,23 @@ def test_every_key_round_trips(real_pipeline, tmp_path, fmt):
         assert _keys(back) == _keys(obj), name
         if name == "train":  # the default ensemble's per-member histories survive
             assert back.uns["bleep"]["history"]["members"]["4"]["epochs_run"] >= 1
+
+
+def test_bad_counts_are_refused_not_learned(split):
+    train, test = split
+    for value, match in ((np.nan, "NaN or infinite"), (-3.0, "negative")):
+        bad = train.copy()
+        X = np.asarray(bad.X.toarray() if hasattr(bad.X, "toarray") else bad.X, dtype=np.float32)
+        X[5, 3] = value
+        bad.X = X
+        with pytest.raises(ValueError, match=match):
+            hx.tl.fit_bleep(bad, genes="all", use_rep="X_feat", epochs=1)
+        with pytest.raises(ValueError, match=match):
+            hx.tl.fit_ridge(bad, genes="all", use_rep="X_feat")
+        assert "bleep" not in bad.uns and "ridge" not in bad.uns
+    model = hx.tl.fit_ridge(train, genes="all", use_rep="X_feat")
+    q = test.copy()
+    q.obsm["X_feat"] = q.obsm["X_feat"].copy()
+    q.obsm["X_feat"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        hx.tl.impute(q, model)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._constants import ST_SPOT_DIAMETER_UM
+
 DEMO_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 DEMO_GENES = ("ERBB2", "GNAS")
 #: patch side per encoder: the handcrafted encoder works at 112 px, torchvision CNNs at 224 px.
@@ -573,7 +575,7 @@ def cmd_impute(args) -> int:
     if qpath.suffix == ".h5ad":
         query = _read_h5ad(qpath)
     else:
-        tile_um = args.tile_um or emb.get("size_um") or 100.0
+        tile_um = args.tile_um or emb.get("size_um") or ST_SPOT_DIAMETER_UM
         try:
             query = hx.pp.tile_tissue(str(qpath), tile_um=tile_um, mpp=args.mpp)
         except ValueError as err:

@@ -328,7 +328,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     drop_last: bool | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     collate_fn: Callable | None = None,
     batch_sampler: Callable[[Any, int], Any] | None = None,
     progress: bool = True,
@@ -383,7 +383,7 @@ def fit(
         Drop the last incomplete training batch (``None``: when there are more training samples than
         ``batch_size``, as BLEEP does: in-batch contrastive losses degrade on tiny batches).
     num_workers
-        DataLoader workers.
+        DataLoader workers (``None``: ``hx.settings.num_workers``).
     collate_fn
         DataLoader collate function (``None``: the dataset's ``collate_fn`` attribute if it has one, as
         :class:`SpotDataset`, else torch's default).
@@ -418,6 +418,7 @@ def fit(
         raise ValueError("`train_data` is empty.")
     if collate_fn is None:
         collate_fn = getattr(train_ds, "collate_fn", None)
+    num_workers = settings.num_workers if num_workers is None else int(num_workers)
     use_amp = (settings.amp if amp is None else amp) and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     model.to(device)
@@ -750,7 +751,7 @@ def infer(
     ds = data if isinstance(data, SpotDataset) else SpotDataset(images=data)
     dev = settings.resolve_device(device) if not isinstance(device, torch.device) else device
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
-    workers = int(getattr(settings, "num_workers", 0) if num_workers is None else num_workers)
+    workers = settings.num_workers if num_workers is None else int(num_workers)
     n = len(ds)
     sampler = BatchSampler(SequentialSampler(range(n)), batch_size=int(batch_size), drop_last=False)
     loader = DataLoader(

@@ -41,6 +41,23 @@ def _looks_like_counts(X) -> bool:
     return sample.size == 0 or (sample.min() >= 0 and np.allclose(sample, np.round(sample)))
 
 
+def _check_values(X, layer: str | None, *, counts: bool) -> None:
+    """Refuse NaN/inf anywhere and, for counts, negative values: they would become plausible-looking targets."""
+    data = np.asarray(X.data if sp.issparse(X) else X)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ValueError(
+            f"{where} holds {int(bad.sum())} NaN or infinite values; expression must be finite (fix or drop those "
+            "spots/genes first)."
+        )
+    if counts and data.size and data.min() < 0:
+        raise ValueError(
+            f"{where} holds {int((data < 0).sum())} negative values, which counts cannot be; pass normalize='none' "
+            "if the matrix is already log-normalised, or `layer=` with the raw counts."
+        )
+
+
 def expression_matrix(
     adata: AnnData,
     genes: Sequence[str] | None = None,
@@ -76,7 +93,8 @@ def expression_matrix(
     Raises
     ------
     ValueError
-        ``adata.var_names`` has duplicates (call ``adata.var_names_make_unique()``), or ``normalize`` is unknown.
+        ``adata.var_names`` has duplicates (call ``adata.var_names_make_unique()``), ``normalize`` is unknown, the
+        matrix holds NaN or infinite values, or (``'log1p'``) negative counts.
     KeyError
         A gene of ``genes`` or ``layer`` is not in ``adata``.
     """
@@ -94,6 +112,7 @@ def expression_matrix(
                 f"{len(missing)} of {len(genes)} requested genes are not in adata.var_names (e.g. {missing[:5]})."
             )
         idx = adata.var_names.get_indexer(genes)
+    _check_values(X, layer, counts=normalize == "log1p")
     if normalize == "none":
         out = X[:, idx]
         out = out.toarray() if sp.issparse(out) else np.asarray(out)

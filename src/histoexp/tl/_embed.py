@@ -23,7 +23,7 @@ def run_encoder(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     amp: bool | None = None,
     desc: str | None = None,
 ) -> np.ndarray:

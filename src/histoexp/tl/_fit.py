@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
+from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger, settings
 from .._utils import check_key_free, jsonable, resolve_library_key
 
@@ -175,7 +176,7 @@ def prepare_fit(
         "genes": gene_list,
         "layer": layer,
         "normalize": normalize,
-        "target_sum": 1e4,
+        "target_sum": DEFAULT_TARGET_SUM,
         # training mean of the model genes (target of impute(center_reference=...))
         "expression_mean": expr.mean(0).astype(float).round(6).tolist(),
     }

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger, settings
 from .._utils import jsonable, resolve_library_key
 from ._evaluate import MEASURED
@@ -142,7 +143,7 @@ def _reference_bank(model, reference, genes, layer, center=None):
         miss = [g for g in out if g not in common]
         if miss:
             raise KeyError(f"{len(miss)} of {len(out)} requested genes are not in every reference (e.g. {miss[:5]}).")
-    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", 1e4)
+    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", DEFAULT_TARGET_SUM)
     bank = np.concatenate([expression_matrix(r, mgenes, layer=layer, normalize=norm, target_sum=ts) for r in refs])
     same = list(out) == list(mgenes)
     if same:
@@ -202,7 +203,7 @@ def _measurement(query: AnnData, genes: list[str], layer: str | None, model) -> 
     )
     if not measured.any() or not has_counts:
         return None, np.zeros(len(genes), dtype=bool)
-    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", 1e4)
+    norm, ts = model.config.get("normalize", "log1p"), model.config.get("target_sum", DEFAULT_TARGET_SUM)
     present = [g for g, m in zip(genes, measured, strict=True) if m]
     sub = expression_matrix(query, present, layer=layer, normalize=norm, target_sum=ts)
     full = np.full((query.n_obs, len(genes)), np.nan, dtype=np.float32)
