@@ -318,11 +318,11 @@ def test_bad_counts_are_refused_not_learned(split):
         X[5, 3] = value
         bad.X = X
         with pytest.raises(ValueError, match=match):
-            hx.tl.fit_bleep(bad, genes="all", use_rep="X_feat", epochs=1)
+            hx.tl.fit_bleep(bad, genes="all", use_rep="X_feat", epochs=1, key_added="bad_bleep")
         with pytest.raises(ValueError, match=match):
-            hx.tl.fit_ridge(bad, genes="all", use_rep="X_feat")
-        assert "bleep" not in bad.uns and "ridge" not in bad.uns
-    model = hx.tl.fit_ridge(train, genes="all", use_rep="X_feat")
+            hx.tl.fit_ridge(bad, genes="all", use_rep="X_feat", key_added="bad_ridge")
+        assert "bad_bleep" not in bad.uns and "bad_ridge" not in bad.uns
+    model = hx.tl.fit_ridge(train.copy(), genes="all", use_rep="X_feat", key_added="clean")
     q = test.copy()
     q.obsm["X_feat"] = q.obsm["X_feat"].copy()
     q.obsm["X_feat"][0, 0] = np.nan
