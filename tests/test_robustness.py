@@ -589,3 +589,87 @@ def test_cli_demo_test_section_c2(her2st_dir, tmp_path):
     written = snapshot(out)
     assert main([*args, "--out", str(out), "--epochs", "1", "--n-maps", "0", "-q"]) == 1  # no --overwrite
     assert snapshot(out) == written
+
+
+# ---------------------------------------------------------------------------------------------- silent wrong answers
+@pytest.fixture(scope="module")
+def split():
+    """Two training sections and a held-out one, with features that carry the expression."""
+    adata = hx.datasets.synthetic(n_sections=3, random_state=0)
+    proj = np.random.default_rng(0).normal(size=(adata.n_vars, 12))
+    adata.obsm["X_feat"] = (hx.pp.expression_matrix(adata) @ proj).astype(np.float32)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    return adata[lib != "S2"].copy(), adata[lib == "S2"].copy()
+
+
+def test_fit_bleep_hyperparameter_errors(split):
+    train, _ = split
+    kw = {"genes": "all", "use_rep": "X_feat", "key_added": "x"}
+    for bad, match in (
+        ({"temperature": 0}, "temperature"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1e-3}, "lr"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"epochs": 0}, "epochs"),
+        ({"dropout": 1.0}, "dropout"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            hx.tl.fit_bleep(train, **kw, **bad)
+    assert "x" not in train.uns and "X_x_image" not in train.obsm
+
+
+def test_bad_counts_are_refused_not_learned(split):
+    train, test = split
+    for value, match in ((np.nan, "NaN or infinite"), (-3.0, "negative")):
+        bad = train.copy()
+        X = np.asarray(bad.X.toarray() if hasattr(bad.X, "toarray") else bad.X, dtype=np.float32)
+        X[5, 3] = value
+        bad.X = X
+        with pytest.raises(ValueError, match=match):
+            hx.tl.fit_bleep(bad, genes="all", use_rep="X_feat", epochs=1, key_added="bad_bleep")
+        with pytest.raises(ValueError, match=match):
+            hx.tl.fit_ridge(bad, genes="all", use_rep="X_feat", key_added="bad_ridge")
+        assert "bad_bleep" not in bad.uns and "bad_ridge" not in bad.uns
+    model = hx.tl.fit_ridge(train.copy(), genes="all", use_rep="X_feat", key_added="clean")
+    q = test.copy()
+    q.obsm["X_feat"] = q.obsm["X_feat"].copy()
+    q.obsm["X_feat"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        hx.tl.impute(q, model)
+
+
+def test_non_finite_positions_refused_for_the_spatial_split():
+    ad1 = hx.datasets.synthetic(n_sections=1, random_state=0)
+    ad1.obsm["spatial"] = ad1.obsm["spatial"].astype(float)
+    ad1.obsm["spatial"][3, 0] = np.nan
+    ad1.obsm["X_f"] = np.random.default_rng(0).normal(size=(ad1.n_obs, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="NaN or infinite for spots"):
+        hx.tl.fit_bleep(ad1, genes="all", use_rep="X_f", epochs=1)
+
+
+def test_unclear_inputs_get_clear_errors(split, tmp_path):
+    from histoexp.tl._retrieval import retrieve
+
+    train, test = split
+    model = hx.tl.fit_ridge(train.copy(), genes="all", use_rep="X_feat")
+    pred = hx.tl.impute(test, model)
+    for n_top in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="n_top"):
+            hx.tl.evaluate(pred, layer="ridge", n_top=n_top)
+    with pytest.raises(ValueError, match="prediction layer itself"):
+        hx.tl.evaluate(pred, layer="ridge", truth="ridge")
+    with pytest.raises(ValueError, match="reserved"):
+        hx.tl.impute(test, model, key_added="measured")
+    # a NaN similarity would rank first in top-k: refused, not retrieved
+    emb = np.ones((4, 3), np.float32)
+    bank = emb.copy()
+    bank[1, 0] = np.nan
+    with pytest.raises(ValueError, match="reference embeddings contain NaN"):
+        retrieve(emb, bank, np.ones((4, 2), np.float32), k=2)
+    # a model folder missing what a model needs: a clear error, not a KeyError deep inside
+    model.save(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["genes"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError):
+        hx.tl.load_model(tmp_path / "m")
