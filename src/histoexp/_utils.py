@@ -13,10 +13,15 @@ from ._settings import settings
 
 
 def progress(iterable: Iterable | None = None, **kwargs):
-    """``tqdm.auto`` progress bar that honours ``hx.settings.progress``."""
+    """``tqdm.auto`` progress bar that honours ``hx.settings.progress``.
+
+    A bar appears only once its loop has run for a second (``delay``), so the many short loops of a run
+    (one retrieval, one ensemble member's embeddings) print nothing.
+    """
     from tqdm.auto import tqdm
 
     kwargs.setdefault("disable", not settings.progress)
+    kwargs.setdefault("delay", 1.0)
     return tqdm(iterable, **kwargs)
 
 
