@@ -42,6 +42,7 @@ always_document_param_types = False
 nitpicky = False
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
+myst_heading_anchors = 3
 nb_execution_mode = "off"  # tutorials are stored with their outputs
 nb_merge_streams = True
 

@@ -135,7 +135,7 @@ def split_by_library(
         raise ValueError(f"`coords` must have shape ({n}, 2), got {coords.shape}.")
     if not np.isfinite(coords).all():
         bad = list(obs.index[~np.isfinite(coords).all(1)][:5])
-        raise ValueError(f"`coords` (spot positions) are NaN or infinite for spots {bad}: the spatial split needs them.")
+        raise ValueError(f"`coords` (spot positions) are NaN or infinite for spots {bad}: the split needs them.")
     axis = int(np.argmax(np.ptp(coords, axis=0)))
     n_blocks = max(2, round(1 / val_fraction))
     order = np.argsort(coords[:, axis], kind="stable")

@@ -244,20 +244,20 @@ def impute(
     The output is the same for every model and every query (see the table in the docs): a **new**
     AnnData over the query's spots whose ``var`` are the predicted genes only,
 
-    ==========================  ===================================================================
-    ``layers[key_added]``       predictions, float32, log1p(normalize_total 1e4) scale, no NaN
-    ``layers['measured']``      the query's own measurement of those genes on the same scale (library
-                                size over all the query's genes), when the query measured any of them;
-                                columns of unmeasured genes are NaN and ``var['measured']`` is False
-    ``var['measured']``         the query measured the gene
-    ``var['seen_in_training']`` the gene is one of the model's training genes
-    ``X``                       ``None``; the predictions with ``to_X=True`` (then
-                                ``uns['histoexp']['X'] == 'prediction:<key_added>'``)
-    ``obs``, ``obsm``, ``obsp``  the query's, copied; ``obs[f'{key_added}_confidence']`` for retrieval
-                                models (mean cosine similarity of the neighbours used, in [-1, 1])
-    ``uns``                     the query's (images, scalefactors), copied; ``uns[key_added]['params']``
-                                the prediction's parameters and the model's description
-    ==========================  ===================================================================
+    =============================  ===================================================================
+    ``layers[key_added]``          predictions, float32, log1p(normalize_total 1e4) scale, no NaN
+    ``layers['measured']``         the query's own measurement of those genes on the same scale (library
+                                   size over all the query's genes), when the query measured any of them;
+                                   columns of unmeasured genes are NaN and ``var['measured']`` is False
+    ``var['measured']``            the query measured the gene
+    ``var['seen_in_training']``    the gene is one of the model's training genes
+    ``X``                          ``None``; the predictions with ``to_X=True`` (then
+                                   ``uns['histoexp']['X'] == 'prediction:<key_added>'``)
+    ``obs``, ``obsm``, ``obsp``    the query's, copied; ``obs[f'{key_added}_confidence']`` for retrieval
+                                   models (mean cosine similarity of the neighbours used, in [-1, 1])
+    ``uns``                        the query's (images, scalefactors), copied; ``uns[key_added]['params']``
+                                   the prediction's parameters and the model's description
+    =============================  ===================================================================
 
     The query is never modified. :func:`histoexp.tl.evaluate` scores ``layers[key_added]`` against
     ``layers['measured']`` and refuses when there is no measurement.
