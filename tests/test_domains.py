@@ -82,3 +82,21 @@ def test_domains_clear_errors_on_too_few_spots_and_bad_settings(synth):
     with pytest.raises(ValueError, match="resolution"):
         hx.tl.spatial_domains(synth, layer=None, resolution=0)
     assert "measured_domains" not in synth.obs
+
+
+def test_domains_do_not_depend_on_gene_order(her2st_c2):
+    import anndata as ad
+
+    panel = [g for g in hx.datasets.her2st_gene_panel() if g in her2st_c2.var_names]
+    truth = hx.pp.expression_matrix(her2st_c2, panel)
+    pred = truth + np.random.default_rng(0).normal(scale=0.3, size=truth.shape).astype(np.float32)
+    aris = []
+    for seed in (None, 1):
+        perm = np.arange(len(panel)) if seed is None else np.random.default_rng(seed).permutation(len(panel))
+        a = ad.AnnData(obs=her2st_c2.obs.copy(), var=pd.DataFrame(index=[panel[i] for i in perm]))
+        a.obsm["spatial"] = her2st_c2.obsm["spatial"]
+        a.layers["measured"], a.layers["pred"] = truth[:, perm], pred[:, perm]
+        hx.tl.spatial_domains(a, layer="measured")
+        hx.tl.spatial_domains(a, layer="pred", compare="measured_domains")
+        aris.append(a.uns["pred_domains"]["ari"])
+    assert aris[0] == aris[1]

@@ -660,6 +660,10 @@ def test_unclear_inputs_get_clear_errors(split, tmp_path):
         hx.tl.evaluate(pred, layer="ridge", truth="ridge")
     with pytest.raises(ValueError, match="reserved"):
         hx.tl.impute(test, model, key_added="measured")
+    with pytest.raises(ValueError, match="empty list"):
+        hx.tl.impute(test, model, genes=[])
+    with pytest.raises(ValueError, match="batch_size"):
+        hx.tl.impute(test, model, batch_size=0)
     # a NaN similarity would rank first in top-k: refused, not retrieved
     emb = np.ones((4, 3), np.float32)
     bank = emb.copy()

@@ -131,6 +131,9 @@ def spatial_domains(
     if compare is not None and compare not in adata.obs:
         raise KeyError(f"`compare={compare!r}` is not a column of adata.obs (run spatial_domains for it first).")
     M, used = _expression(adata, layer, genes, normalize)
+    # a canonical gene order: PCA + leiden otherwise give other domains for the same genes in another order
+    order = np.argsort(np.asarray(used, dtype=str), kind="stable")
+    M, used = M[:, order], [used[i] for i in order]
     tmp = AnnData(X=M, obs=pd.DataFrame(index=adata.obs_names.copy()))
     n_comps = int(max(1, min(n_pcs, M.shape[1] - 1, M.shape[0] - 1)))
     if M.shape[1] < 2:

@@ -316,6 +316,8 @@ def impute(
     if not isinstance(query, AnnData):
         raise TypeError(f"`query` must be an AnnData, got {type(query).__name__}.")
     model = _as_model(model)
+    if genes is not None and not isinstance(genes, str) and len(list(genes)) == 0:
+        raise ValueError("`genes` is an empty list: name at least one gene, or pass None for the model genes.")
     key = key_added or model.method
     if key == MEASURED:
         raise ValueError(f"`key_added={key!r}` is reserved for the query's measurement.")
