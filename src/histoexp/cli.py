@@ -228,28 +228,6 @@ def prepare_features(
     return rep
 
 
-def _embedding_params(model) -> dict:
-    cfg = model.config
-    emb = dict(cfg.get("embedding") or {})
-    enc = emb.get("encoder") or (cfg.get("encoder") or {}).get("name")
-    geo = dict(cfg.get("patches") or {})
-    # the embedding record stores 'none' (no weights, handcrafted), 'random_init' (weights=None), a file
-    # path, or a description of the default weights: map it back to an embed_patches argument.
-    rec = emb.get("weights", "default")
-    if rec in (None, "none", "random_init"):
-        weights = None
-    elif isinstance(rec, str) and Path(rec).exists():
-        weights = rec
-    else:
-        weights = "default"
-    return {
-        "encoder": enc,
-        "weights": weights,
-        "patch_px": emb.get("patch_px", geo.get("patch_px")),
-        "size_um": emb.get("size_um", geo.get("size_um")),
-    }
-
-
 def _mean_baseline(train_expr: np.ndarray, n_spots: int) -> np.ndarray:
     return np.repeat(train_expr.mean(axis=0, keepdims=True), n_spots, axis=0)
 
@@ -568,7 +546,7 @@ def cmd_impute(args) -> int:
     step = _Steps(4, quiet=args.quiet)
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
-    emb = _embedding_params(model)
+    emb = model.image_spec()
     if model.mode != "frozen":
         raise CLIError("the CLI imputes with frozen-feature models only; use hx.tl.impute from Python for others.")
     step(f"preparing query {qpath.name}")

@@ -200,6 +200,29 @@ class ExpressionModel:
     def _repr_extra(self) -> str:
         return ""
 
+    def image_spec(self) -> dict:
+        """How a query's images must be prepared for this model: ``encoder``, ``weights``, ``patch_px``, ``size_um``.
+
+        ``weights`` is an argument of :func:`histoexp.tl.embed_patches` (``None`` for random initialisation or
+        weight-free encoders, a file path, or ``'default'``), read back from the training embedding record.
+        """
+        cfg = self.config
+        emb = dict(cfg.get("embedding") or {})
+        geo = dict(cfg.get("patches") or {})
+        rec = emb.get("weights", "default")
+        if rec in (None, "none", "random_init"):
+            weights = None
+        elif isinstance(rec, str) and Path(rec).exists():
+            weights = rec
+        else:
+            weights = "default"
+        return {
+            "encoder": emb.get("encoder") or (cfg.get("encoder") or {}).get("name"),
+            "weights": weights,
+            "patch_px": emb.get("patch_px", geo.get("patch_px")),
+            "size_um": emb.get("size_um", geo.get("size_um")),
+        }
+
     # -- running the networks ----------------------------------------------------------------------
     def _members(self, member: int | None) -> list[nn.Module]:
         if member is None:
