@@ -17,6 +17,7 @@ from .encoders import (
 )
 from .handcrafted import FEATURE_NAMES as HANDCRAFTED_FEATURES
 from .handcrafted import handcrafted_features
+from .mclstexp import MclstexpModel
 from .ridge import RidgeModel
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Encoder",
     "EncoderSpec",
     "ExpressionModel",
+    "MclstexpModel",
     "ReferenceSpots",
     "RegressionModel",
     "RetrievalModel",

@@ -5,6 +5,7 @@ from ._domains import spatial_domains
 from ._embed import embed_patches
 from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
+from ._mclstexp import fit_mclstexp
 from ._predict import impute, load_model
 from ._ridge import fit_ridge
 
@@ -12,6 +13,7 @@ __all__ = [
     "embed_patches",
     "evaluate",
     "fit_bleep",
+    "fit_mclstexp",
     "fit_ridge",
     "gene_metrics",
     "impute",
