@@ -582,7 +582,14 @@ def fit(
     if patience is not None and val_ds is not None and state["bad_epochs"] >= patience and state["epoch"] + 1 < epochs:
         state["stopped_early"] = True
     if state["stopped_early"]:
-        logger.info("%s: stopped early at epoch %d/%d (best %s).", desc, state["epoch"] + 1, epochs, state["best_epoch"])
+        best = state["best_epoch"]
+        logger.info(
+            "%s: stopped early after epoch %d/%d (best %s).",
+            desc,
+            state["epoch"] + 1,
+            epochs,
+            "-" if best is None else best + 1,
+        )
     if hasattr(bar, "close"):
         bar.close()
     if best_weights is not None:
