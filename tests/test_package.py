@@ -87,3 +87,24 @@ def test_synthetic_expression_follows_image(synth):
     g = int(np.argmax(np.abs(coef).sum(1)))
     r = np.corrcoef(drivers @ coef[g], X[:, g])[0, 1]
     assert r > 0.5
+
+
+def test_lazy_submodules_reachable():
+    # in a subprocess: other tests' imports of torch would hide an eager import here
+    code = (
+        "import sys; import histoexp as hx; "
+        "assert 'torch' not in sys.modules, 'torch imported at import histoexp'; "
+        "assert 'histoexp.models' not in sys.modules; "
+        "assert {'models', 'train', 'image'} <= set(dir(hx)); "
+        "m = hx.models; t = hx.train; "
+        "assert 'torch' in sys.modules and m.BleepModel and m.register_model and t.fit and hx.image.SlideImage; "
+        "assert hx.models is sys.modules['histoexp.models']; "
+        "from histoexp import models; assert models is m; "
+        "print('ok')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    import histoexp as hx
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hx.nope  # noqa: B018
