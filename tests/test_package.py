@@ -108,3 +108,46 @@ def test_lazy_submodules_reachable():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         hx.nope  # noqa: B018
+
+
+def test_retrieval_weightings_public_and_registrable(monkeypatch):
+    import numpy as np
+
+    import histoexp as hx
+    from histoexp.tl import _retrieval
+
+    listed = hx.tl.retrieval_weightings()
+    assert {"average", "simple", "weighted", "inverse_distance", "inverse_distance_l2"} <= set(listed)
+    assert all(listed.values()), listed  # each has a description
+    monkeypatch.setattr(_retrieval, "WEIGHTINGS", dict(_retrieval.WEIGHTINGS))
+
+    @hx.tl.register_weighting("nearest_only")
+    def nearest_only(t):
+        """Only the most similar spot."""
+        w = t.cos * 0
+        w[:, 0] = 1
+        return w
+
+    assert hx.tl.retrieval_weightings()["nearest_only"] == "Only the most similar spot."
+    rng = np.random.default_rng(0)
+    q, bank, vals = rng.normal(size=(5, 4)), rng.normal(size=(12, 4)), rng.normal(size=(12, 3))
+    pred, _ = _retrieval.retrieve(q, bank, vals, k=4, method="nearest_only")
+    simple, _ = _retrieval.retrieve(q, bank, vals, k=4, method="simple")
+    np.testing.assert_allclose(pred, simple, rtol=1e-5)
+    with pytest.raises(ValueError, match="already a registered weighting"):
+        hx.tl.register_weighting("average")(nearest_only)
+
+
+def test_api_page_names_are_public():
+    import re
+    from pathlib import Path
+
+    import histoexp as hx
+
+    api = Path(__file__).parents[1] / "docs" / "api.md"
+    names = re.findall(r"^   ((?:pp|tl|pl|io|datasets|image|models|train)\.\w+)$", api.read_text(), flags=re.M)
+    assert len(names) > 30
+    for name in names:
+        mod, attr = name.split(".")
+        assert not attr.startswith("_") and hasattr(getattr(hx, mod), attr), name
+    assert "._" not in hx.tl.impute.__doc__  # no links to private modules

@@ -6,6 +6,7 @@ from ._embed import embed_patches
 from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
 from ._predict import impute, load_model
+from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "gene_metrics",
     "impute",
     "load_model",
+    "register_weighting",
+    "retrieval_weightings",
     "spatial_domains",
     "summarize_metrics",
 ]
