@@ -151,3 +151,15 @@ def test_api_page_names_are_public():
         mod, attr = name.split(".")
         assert not attr.startswith("_") and hasattr(getattr(hx, mod), attr), name
     assert "._" not in hx.tl.impute.__doc__  # no links to private modules
+
+
+def test_progress_without_ipywidgets_is_plain_tqdm(monkeypatch):
+    import tqdm.auto
+    import tqdm.std
+
+    from histoexp import _utils
+
+    monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: False)
+    assert type(_utils.progress(range(3), disable=True)) is tqdm.std.tqdm
+    monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: True)
+    assert isinstance(_utils.progress(range(3), disable=True), tqdm.auto.tqdm)
