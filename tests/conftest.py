@@ -11,8 +11,11 @@ import pytest
 matplotlib.use("Agg")
 
 _REPO = Path(__file__).resolve().parents[1]
+_DATA_DIR = os.environ.get("HISTOEXP_DATA_DIR")  # as histoexp reads it: a folder holding her2st/ or data/
 _HER2ST_CANDIDATES = [
     os.environ.get("HISTOEXP_HER2ST_DIR"),
+    Path(_DATA_DIR) / "her2st" if _DATA_DIR else None,
+    _DATA_DIR,
     _REPO.parent / "shared" / "data" / "her2st",
     _REPO / "shared" / "data" / "her2st",
 ]
@@ -29,24 +32,26 @@ def _find_her2st() -> Path | None:
 def _quiet_settings():
     import histoexp as hx
 
-    old = (hx.settings.progress, hx.settings.device)
+    old = (hx.settings.progress, hx.settings.device, hx.settings.verbosity)
     hx.settings.progress = False
     hx.settings.device = "cpu"
     yield
-    hx.settings.progress, hx.settings.device = old
+    hx.settings.progress, hx.settings.device, hx.settings.verbosity = old
 
 
 @pytest.fixture(scope="session")
 def her2st_dir() -> Path:
-    """Root of the real her2st copy (``../shared/data/her2st`` or ``$HISTOEXP_HER2ST_DIR``).
+    """Root of the real her2st copy: ``$HISTOEXP_HER2ST_DIR``, ``$HISTOEXP_DATA_DIR`` (holding ``her2st/data`` or
+    ``data/``), or ``../shared/data/her2st``.
 
     The data is part of the test contract: CI must find it, so its absence fails instead of skipping.
     """
     path = _find_her2st()
     if path is None:
         pytest.fail(
-            "Real her2st data not found: expected ../shared/data/her2st next to the repository "
-            "or HISTOEXP_HER2ST_DIR pointing to a copy."
+            "Real her2st data not found: expected ../shared/data/her2st next to the repository, "
+            "HISTOEXP_HER2ST_DIR pointing to a copy (the folder holding data/ST-cnts), or HISTOEXP_DATA_DIR "
+            "holding her2st/data/ST-cnts or data/ST-cnts."
         )
     return path
 

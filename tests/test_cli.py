@@ -121,3 +121,22 @@ def test_impute_image_query(synth_files, tmp_path, capsys):
     assert pred.n_vars == 10 and pred.n_obs > 20
     assert np.isfinite(np.asarray(pred.layers["bleep"])).all()
     assert len(list(out.glob("gene_map_*.png"))) == 1
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(["-q"], 0), ([], 1), (["-v"], 2)])
+def test_quiet_and_verbose_set_verbosity(monkeypatch, flags, expected):
+    import histoexp.cli as cli
+
+    seen = {}
+
+    def fake_fit(args):
+        seen.update(verbosity=hx.settings.verbosity, progress=hx.settings.progress)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_fit", fake_fit)
+    hx.settings.verbosity, hx.settings.progress = 3, True
+    verbose = ["-v"] if "-v" in flags else []
+    quiet = ["-q"] if "-q" in flags else []
+    assert main([*verbose, "fit", "ref.h5ad", "-o", "model", *quiet]) == 0
+    assert seen == {"verbosity": expected, "progress": expected != 0}
+    assert hx.settings.verbosity == 3 and hx.settings.progress  # restored after the command

@@ -226,3 +226,45 @@ def test_download_rejects_a_wrong_hash(offline_cache, monkeypatch):
         hx.datasets.her2st("A1")
     assert not (cache / rel).exists()
     assert f"/{rel}" in requests
+
+
+@pytest.mark.parametrize("kind", ["requests", "urllib", "refused"])
+def test_offline_first_run_says_what_to_do(tmp_path, monkeypatch, kind):
+    import urllib.error
+
+    import pooch
+    import requests
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("HISTOEXP_DATA_DIR", str(empty))  # no local copy, an empty download cache
+    monkeypatch.setattr(hx.settings, "_data_dir", None)
+    if kind == "refused":  # a real failed connection, without the network: nothing listens on this port
+        monkeypatch.setattr(_her2st, "_fetcher", functools.partial(_no_retry_fetcher, "http://127.0.0.1:9/"))
+    else:
+        err = (
+            requests.exceptions.ConnectionError("Max retries exceeded with url (NameResolutionError)")
+            if kind == "requests"
+            else urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        )
+
+        def fail(self, *args, **kwargs):
+            raise err
+
+        monkeypatch.setattr(pooch.Pooch, "fetch", fail)
+    with pytest.raises(ConnectionError) as info:
+        hx.datasets.her2st("C2")
+    msg = str(info.value)
+    assert "data/ST-cnts/C2.tsv.gz" in msg and "could not download" in msg
+    for hint in ("data_dir=", "HISTOEXP_DATA_DIR", "--data-dir", str(empty / "her2st")):
+        assert hint in msg, hint
+    base = "http://127.0.0.1:9/" if kind == "refused" else _registry.BASE_URL
+    assert base + "data/ST-cnts/C2.tsv.gz" in msg  # where it tried
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # one error, not the chain
+    assert len(msg.splitlines()) == 1
+
+
+def _no_retry_fetcher(base_url, path):
+    import pooch
+
+    return pooch.create(path=path, base_url=base_url, registry=dict(_registry.REGISTRY))

@@ -100,3 +100,38 @@ def test_domains_do_not_depend_on_gene_order(her2st_c2):
         hx.tl.spatial_domains(a, layer="pred", compare="measured_domains")
         aris.append(a.uns["pred_domains"]["ari"])
     assert aris[0] == aris[1]
+
+
+def test_domains_silent_at_verbosity_0(synth, capfd):
+    import logging
+
+    from histoexp._utils import import_squidpy
+
+    import_squidpy()  # imported first, so its loggers exist with their own levels
+
+    sq_logger = logging.getLogger("spatialdata._logging")
+    before = sq_logger.level
+    old = hx.settings.verbosity
+    hx.settings.verbosity = 0
+    try:
+        capfd.readouterr()
+        hx.tl.spatial_domains(synth, layer=None, key_added="quiet_domains")
+        out, err = capfd.readouterr()
+    finally:
+        hx.settings.verbosity = old
+    assert "quiet_domains" in synth.obs
+    assert out == "" and err == "", f"stdout={out!r} stderr={err!r}"
+    assert sq_logger.level == before  # the library's own level is restored
+
+
+def test_domains_fresh_process_prints_nothing():
+    # squidpy's import (docrep SyntaxWarnings) and its INFO lines: in a fresh interpreter, where they happen
+    import subprocess
+    import sys
+
+    code = (
+        "import histoexp as hx; hx.settings.verbosity = 0; a = hx.datasets.synthetic(); "
+        "hx.tl.spatial_domains(a, layer=None)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout == "" and res.stderr == "", f"stdout={res.stdout!r} stderr={res.stderr!r}"

@@ -87,3 +87,79 @@ def test_synthetic_expression_follows_image(synth):
     g = int(np.argmax(np.abs(coef).sum(1)))
     r = np.corrcoef(drivers @ coef[g], X[:, g])[0, 1]
     assert r > 0.5
+
+
+def test_lazy_submodules_reachable():
+    # in a subprocess: other tests' imports of torch would hide an eager import here
+    code = (
+        "import sys; import histoexp as hx; "
+        "assert 'torch' not in sys.modules, 'torch imported at import histoexp'; "
+        "assert 'histoexp.models' not in sys.modules; "
+        "assert {'models', 'train', 'image'} <= set(dir(hx)); "
+        "m = hx.models; t = hx.train; "
+        "assert 'torch' in sys.modules and m.BleepModel and m.register_model and t.fit and hx.image.SlideImage; "
+        "assert hx.models is sys.modules['histoexp.models']; "
+        "from histoexp import models; assert models is m; "
+        "print('ok')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    import histoexp as hx
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hx.nope  # noqa: B018
+
+
+def test_retrieval_weightings_public_and_registrable(monkeypatch):
+    import numpy as np
+
+    import histoexp as hx
+    from histoexp.tl import _retrieval
+
+    listed = hx.tl.retrieval_weightings()
+    assert {"average", "simple", "weighted", "inverse_distance", "inverse_distance_l2"} <= set(listed)
+    assert all(listed.values()), listed  # each has a description
+    monkeypatch.setattr(_retrieval, "WEIGHTINGS", dict(_retrieval.WEIGHTINGS))
+
+    @hx.tl.register_weighting("nearest_only")
+    def nearest_only(t):
+        """Only the most similar spot."""
+        w = t.cos * 0
+        w[:, 0] = 1
+        return w
+
+    assert hx.tl.retrieval_weightings()["nearest_only"] == "Only the most similar spot."
+    rng = np.random.default_rng(0)
+    q, bank, vals = rng.normal(size=(5, 4)), rng.normal(size=(12, 4)), rng.normal(size=(12, 3))
+    pred, _ = _retrieval.retrieve(q, bank, vals, k=4, method="nearest_only")
+    simple, _ = _retrieval.retrieve(q, bank, vals, k=4, method="simple")
+    np.testing.assert_allclose(pred, simple, rtol=1e-5)
+    with pytest.raises(ValueError, match="already a registered weighting"):
+        hx.tl.register_weighting("average")(nearest_only)
+
+
+def test_api_page_names_are_public():
+    import re
+    from pathlib import Path
+
+    import histoexp as hx
+
+    api = Path(__file__).parents[1] / "docs" / "api.md"
+    names = re.findall(r"^   ((?:pp|tl|pl|io|datasets|image|models|train)\.\w+)$", api.read_text(), flags=re.M)
+    assert len(names) > 30
+    for name in names:
+        mod, attr = name.split(".")
+        assert not attr.startswith("_") and hasattr(getattr(hx, mod), attr), name
+    assert "._" not in hx.tl.impute.__doc__  # no links to private modules
+
+
+def test_progress_without_ipywidgets_is_plain_tqdm(monkeypatch):
+    import tqdm.auto
+    import tqdm.std
+
+    from histoexp import _utils
+
+    monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: False)
+    assert type(_utils.progress(range(3), disable=True)) is tqdm.std.tqdm
+    monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: True)
+    assert isinstance(_utils.progress(range(3), disable=True), tqdm.auto.tqdm)

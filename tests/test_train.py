@@ -165,3 +165,40 @@ def test_torch_threads_restores_the_setting():
     with pytest.raises(RuntimeError), torch_threads(1):
         raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_early_stopped_progress_bar_reports_the_stop(monkeypatch):
+    import io
+
+    from tqdm.std import tqdm
+
+    import histoexp.train as train_mod
+
+    out, bars = io.StringIO(), []
+
+    def recording_progress(iterable=None, **kw):
+        kw.update(file=out, delay=0, disable=False, mininterval=0)
+        bars.append(tqdm(iterable, **kw))
+        return bars[-1]
+
+    monkeypatch.setattr(train_mod, "_progress", recording_progress)
+    x, y = _data()
+    hist = fit(
+        _model(),
+        (x[:90], y[:90]),
+        (x[90:], -y[90:] * 3),  # validation gets worse as training improves: stops early
+        loss_fn=_mse,
+        epochs=40,
+        batch_size=32,
+        lr=1e-2,
+        patience=2,
+        device="cpu",
+        desc="toy",
+    )
+    assert hist["stopped_early"] and hist["epochs_run"] < 40
+    (bar,) = bars
+    n = hist["epochs_run"]
+    assert bar.n == bar.total == n  # ends full at the epochs run, not frozen at n/40
+    final = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert f"toy: stopped early at epoch {n}/40 (best {hist['best_epoch'] + 1})" in final
+    assert f"{n}/{n}" in final

@@ -2,13 +2,15 @@
 
 ``import histoexp as hx`` gives :mod:`hx.pp <histoexp.pp>` (preprocessing), :mod:`hx.tl <histoexp.tl>`
 (tools), :mod:`hx.pl <histoexp.pl>` (plotting), :mod:`hx.io <histoexp.io>`, :mod:`hx.datasets
-<histoexp.datasets>` and :data:`hx.settings <histoexp.settings>`. Torch is imported only when a tool
-that needs it runs, so importing the package stays fast.
+<histoexp.datasets>`, :mod:`hx.image <histoexp.image>` and :data:`hx.settings <histoexp.settings>`;
+:mod:`hx.models <histoexp.models>` and :mod:`hx.train <histoexp.train>` are imported on first use. Torch is
+imported only when a tool that needs it runs, so importing the package stays fast.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, pl, pp, tl
+from . import datasets, image, io, pl, pp, tl
 from ._settings import settings
 
 try:
@@ -16,4 +18,18 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
-__all__ = ["datasets", "io", "pl", "pp", "settings", "tl", "__version__"]
+# submodules that import torch: loaded on first attribute access (``hx.models``), not at ``import histoexp``
+_LAZY_SUBMODULES = ("models", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
+__all__ = ["datasets", "image", "io", "models", "pl", "pp", "settings", "tl", "train", "__version__"]

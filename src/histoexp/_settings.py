@@ -10,6 +10,9 @@ from pathlib import Path
 logger = logging.getLogger("histoexp")
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
+#: ``hx.settings.verbosity`` -> logging level (the index is the verbosity)
+_VERBOSITY_LEVELS = (logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
+_VERBOSITY_NAMES = ("error", "warning", "info", "debug")
 
 
 class Settings:
@@ -24,6 +27,12 @@ class Settings:
         Use automatic mixed precision (bfloat16/float16 autocast) on GPU for encoders and training.
     progress
         Show ``tqdm`` progress bars on long loops.
+    verbosity
+        How much histoexp and the libraries it calls (scanpy, squidpy, anndata) report: ``0`` errors only,
+        ``1`` warnings (default), ``2`` info (e.g. which µm/px source was used), ``3`` debug (per-epoch
+        losses). Also accepts ``'error'``, ``'warning'``, ``'info'``, ``'debug'``. It sets the level of the
+        ``'histoexp'`` logger; scanpy's ``sc.settings.verbosity`` and the squidpy and anndata loggers take the
+        same level for the duration of each histoexp call into them (their own settings are restored after).
     num_workers
         Default number of DataLoader worker processes reading patches (``hx.tl.embed_patches``); ``0`` (default)
         reads them in the main process. A non-negative integer.
@@ -38,6 +47,8 @@ class Settings:
         self.progress = True
         self._num_workers = 0
         self._data_dir: Path | None = None
+        self._verbosity = 1
+        logger.setLevel(_VERBOSITY_LEVELS[self._verbosity])
 
     @property
     def device(self) -> str:
@@ -76,12 +87,25 @@ class Settings:
 
     @property
     def verbosity(self) -> int:
-        """Logging level of the ``'histoexp'`` logger."""
-        return logger.getEffectiveLevel()
+        """0 errors, 1 warnings (default), 2 info, 3 debug: histoexp's logger and the libraries it calls."""
+        return self._verbosity
 
     @verbosity.setter
-    def verbosity(self, level: int | str) -> None:
-        logger.setLevel(level)
+    def verbosity(self, value: int | str) -> None:
+        if isinstance(value, str) and value.lower() in _VERBOSITY_NAMES:
+            value = _VERBOSITY_NAMES.index(value.lower())
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 3:
+            raise ValueError(
+                f"`verbosity` must be 0 (errors), 1 (warnings), 2 (info) or 3 (debug), or one of {_VERBOSITY_NAMES}, "
+                f"got {value!r}."
+            )
+        self._verbosity = int(value)
+        logger.setLevel(self.log_level)
+
+    @property
+    def log_level(self) -> int:
+        """The :mod:`logging` level that :attr:`verbosity` stands for."""
+        return _VERBOSITY_LEVELS[self._verbosity]
 
     def resolve_device(self, device: str | None = None):
         """Return a :class:`torch.device` for ``device`` (``None``: the setting; ``'auto'``: best available)."""
@@ -103,7 +127,7 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"histoexp settings: device={self.device!r}, amp={self.amp}, progress={self.progress}, "
-            f"num_workers={self.num_workers}, data_dir={self.data_dir}"
+            f"num_workers={self.num_workers}, verbosity={self.verbosity}, data_dir={self.data_dir}"
         )
 
 

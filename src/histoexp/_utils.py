@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import importlib.util
+import logging
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,13 +21,61 @@ def progress(iterable: Iterable | None = None, **kwargs):
     """``tqdm.auto`` progress bar that honours ``hx.settings.progress``.
 
     A bar appears only once its loop has run for a second (``delay``), so the many short loops of a run
-    (one retrieval, one ensemble member's embeddings) print nothing.
+    (one retrieval, one ensemble member's embeddings) print nothing. Without ipywidgets (where ``tqdm.auto``
+    would warn ``IProgress not found`` in Jupyter) it is tqdm's plain text bar.
     """
-    from tqdm.auto import tqdm
+    if _has_ipywidgets():
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
 
     kwargs.setdefault("disable", not settings.progress)
     kwargs.setdefault("delay", 1.0)
     return tqdm(iterable, **kwargs)
+
+
+def _has_ipywidgets() -> bool:
+    return "ipywidgets" in sys.modules or importlib.util.find_spec("ipywidgets") is not None
+
+
+# loggers of the libraries histoexp calls; squidpy logs through spatialdata's logger and scanpy's logging
+_LIBRARY_LOGGERS = ("squidpy", "spatialdata._logging", "anndata")
+
+
+@contextlib.contextmanager
+def library_verbosity() -> Iterator[None]:
+    """Give scanpy, squidpy and anndata the level of ``hx.settings.verbosity`` for the duration of a call.
+
+    Import scanpy before entering (its ``settings.verbosity`` is set only when it is imported).
+
+    Their own levels (and ``sc.settings.verbosity``) are restored afterwards, so a user's settings for
+    direct calls to those libraries are left alone.
+    """
+    level = settings.log_level
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    old_levels = [lg.level for lg in loggers]
+    sc_settings = getattr(sys.modules.get("scanpy"), "settings", None)
+    old_sc = sc_settings.verbosity if sc_settings is not None else None
+    try:
+        for lg in loggers:
+            lg.setLevel(level)
+        if sc_settings is not None:  # scanpy's scale: 0 error, 1 warning, 2 info, 3 hint, 4 debug
+            sc_settings.verbosity = (0, 1, 2, 4)[settings.verbosity]
+        yield
+    finally:
+        for lg, old in zip(loggers, old_levels, strict=True):
+            lg.setLevel(old)
+        if sc_settings is not None:
+            sc_settings.verbosity = old_sc
+
+
+def import_squidpy():
+    """``import squidpy`` without docrep's ``SyntaxWarning: '...' is not a valid key!`` from squidpy's docstrings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is not a valid key!", category=SyntaxWarning)
+        import squidpy
+
+    return squidpy
 
 
 def check_key_free(mapping: Mapping, key: str, *, where: str, overwrite: bool, arg: str = "key_added") -> None:

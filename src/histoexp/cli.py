@@ -642,7 +642,7 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps (default: hx.settings.device, auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output; errors only (verbosity 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -746,10 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("    %(message)s"))
     hx_logger = logging.getLogger("histoexp")
-    old_level, old_progress = hx_logger.level, hx.settings.progress
+    old_verbosity, old_progress = hx.settings.verbosity, hx.settings.progress
     hx_logger.addHandler(handler)
-    hx_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if getattr(args, "quiet", False):
+    # -q: errors only (histoexp and the libraries it calls); -v: info
+    quiet = getattr(args, "quiet", False)
+    hx.settings.verbosity = 0 if quiet else 2 if args.verbose else 1
+    if quiet:
         hx.settings.progress = False
     try:
         return int(args.func(args) or 0)
@@ -765,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         hx_logger.removeHandler(handler)
-        hx_logger.setLevel(old_level)
+        hx.settings.verbosity = old_verbosity
         hx.settings.progress = old_progress
 
 

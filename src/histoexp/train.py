@@ -523,6 +523,12 @@ def fit(
     for epoch in bar:
         if patience is not None and val_ds is not None and state["bad_epochs"] >= patience:
             state["stopped_early"] = True
+            if hasattr(bar, "set_description"):
+                # breaking closes the bar: end it at the epochs run (not frozen at N/epochs), saying why
+                bar.total = epoch
+                best = state["best_epoch"]
+                best_txt = f" (best {best + 1})" if best is not None else ""
+                bar.set_description(f"{desc}: stopped early at epoch {epoch}/{epochs}{best_txt}", refresh=False)
             break
         seed = _epoch_seed(random_state, epoch)
         with torch.random.fork_rng(devices=fork_devices):
@@ -573,10 +579,19 @@ def fit(
             _save_checkpoint(
                 ckpt, model, opt, scaler, state | {"hparams": hparams, "fingerprint": fingerprint}, best_weights
             )
-    if hasattr(bar, "close"):
-        bar.close()
     if patience is not None and val_ds is not None and state["bad_epochs"] >= patience and state["epoch"] + 1 < epochs:
         state["stopped_early"] = True
+    if state["stopped_early"]:
+        best = state["best_epoch"]
+        logger.info(
+            "%s: stopped early after epoch %d/%d (best %s).",
+            desc,
+            state["epoch"] + 1,
+            epochs,
+            "-" if best is None else best + 1,
+        )
+    if hasattr(bar, "close"):
+        bar.close()
     if best_weights is not None:
         model.load_state_dict({k: v.to(device) for k, v in best_weights.items()})
     model.eval()

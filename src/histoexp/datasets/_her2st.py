@@ -85,7 +85,36 @@ def _fetch(rel: str, roots: list[Path]) -> Path:
             return p
     cache = _cache_dir()
     logger.info("her2st: %s not found locally; fetching it into %s (sha256 checked).", rel, cache)
-    return Path(_fetcher(cache).fetch(rel, progressbar=settings.progress))
+    fetcher = _fetcher(cache)
+    try:
+        return Path(fetcher.fetch(rel, progressbar=settings.progress))
+    except _network_errors() as err:
+        # one actionable message instead of the requests/urllib3 traceback chain
+        cause = str(err).splitlines()[0] if str(err) else ""
+        cause = cause if len(cause) <= 160 else cause[:157] + "..."
+        searched = ", ".join(str(r) for r in roots) or "no local folder given"
+        raise ConnectionError(
+            f"her2st: could not download {rel!r} from {fetcher.get_url(rel)} ({type(err).__name__}: {cause}). "
+            f"No local copy was found (searched: {searched}; download cache: {cache}). Without internet, point "
+            "histoexp at a local copy of https://github.com/almaan/her2st (the folder holding data/ST-cnts): pass "
+            "`data_dir=` to hx.datasets.her2st, set hx.settings.data_dir or the environment variable "
+            "HISTOEXP_DATA_DIR, or use `--data-dir` on the command line."
+        ) from None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions pooch lets through when a download fails (no network, DNS, timeouts, HTTP errors)."""
+    import socket
+    import urllib.error
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
+    try:
+        import requests
+
+        errors.append(requests.exceptions.RequestException)
+    except ImportError:  # pragma: no cover - pooch depends on requests
+        pass
+    return tuple(errors)
 
 
 def _expand(section: str | Sequence[str]) -> list[str]:
@@ -177,6 +206,12 @@ def her2st(
         image), ``'microns_per_pixel'``, ``'mpp_source'`` (``'spot grid'``: fitted from the 200 µm array
         pitch), ``'px_per_array_step'``, ``'platform'`` (``'legacy ST'``), ``'spot_diameter_um'``,
         ``'pitch_um'``, ``'dataset'`` (``'her2st'``) and, with an image, ``'fullres_shape'`` (``[h, w]``).
+
+    Raises
+    ------
+    ConnectionError
+        A file is neither local nor downloadable (e.g. offline on a first run); the message says where it
+        looked, the URL it tried, and how to point histoexp at a local copy.
 
     Examples
     --------

@@ -13,6 +13,7 @@ from anndata import AnnData
 
 from .._constants import HIRES_MAX_SIDE, IMAGE_SUFFIXES, ST_PITCH_UM, ST_SPOT_DIAMETER_UM, VISIUM_SPOT_DIAMETER_UM
 from .._settings import logger
+from .._utils import import_squidpy, library_verbosity
 from ..image._slide import _suffix, image_file_shape, read_downscaled
 
 
@@ -310,7 +311,7 @@ def read_visium(
     -------
     AnnData as returned by :func:`squidpy.read.visium`, with the keys above added.
     """
-    import squidpy as sq
+    sq = import_squidpy()
 
     path = _existing_path(path, "path")
     if not path.is_dir():
@@ -321,7 +322,8 @@ def read_visium(
             f"`path`: {str(path)!r} looks like a Visium HD output (binned_outputs/). Read it with "
             "`spatialdata_io.visium_hd(path)` and convert a table with `histoexp.io.from_spatialdata`."
         )
-    adata = sq.read.visium(path, library_id=library_id, **kwargs)
+    with library_verbosity():
+        adata = sq.read.visium(path, library_id=library_id, **kwargs)
     if "spatial" not in adata.uns or not adata.uns["spatial"]:
         return adata
     if not src:

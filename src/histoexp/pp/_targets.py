@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger
+from .._utils import library_verbosity
 
 Normalize = Literal["log1p", "none"]
 
@@ -235,14 +236,16 @@ def highly_variable(adata: AnnData, n: int, *, layer: str | None = None) -> list
     # a shallow AnnData over the same matrix: scanpy only reads it, and any key it writes lands on this object
     tmp = AnnData(X=X, obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=adata.var_names.copy()))
     if _looks_like_counts(X):
-        df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat_v3", inplace=False)
+        with library_verbosity():
+            df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat_v3", inplace=False)
         score = -df["highly_variable_rank"].to_numpy(dtype=float)  # rank 0 = most variable
     else:
         logger.warning(
             "select_genes: the matrix does not look like raw counts, so highly variable genes are ranked with "
             "scanpy's flavor='seurat' (for log-normalised values) instead of 'seurat_v3' (for counts)."
         )
-        df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat", inplace=False)
+        with library_verbosity():
+            df = sc.pp.highly_variable_genes(tmp, n_top_genes=n, flavor="seurat", inplace=False)
         score = df["dispersions_norm"].to_numpy(dtype=float)
     hv = df["highly_variable"].to_numpy(dtype=bool)
     order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")

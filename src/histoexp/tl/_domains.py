@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import check_key_free, jsonable, resolve_library_key
+from .._utils import check_key_free, import_squidpy, jsonable, library_verbosity, resolve_library_key
 
 
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
@@ -136,42 +136,46 @@ def spatial_domains(
     M, used = M[:, order], [used[i] for i in order]
     tmp = AnnData(X=M, obs=pd.DataFrame(index=adata.obs_names.copy()))
     n_comps = int(max(1, min(n_pcs, M.shape[1] - 1, M.shape[0] - 1)))
-    if M.shape[1] < 2:
-        tmp.obsm["X_pca"] = M.astype(np.float32)
-    else:
-        sc.pp.pca(tmp, n_comps=n_comps, random_state=random_state)
-    sc.pp.neighbors(tmp, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X_pca", random_state=random_state)
-    W = tmp.obsp["connectivities"].tocsr().astype(np.float64)
-    if use_spatial:
-        import squidpy as sq
-
-        if "spatial" not in adata.obsm:
-            raise KeyError("adata.obsm['spatial'] is missing; pass use_spatial=False for expression-only domains.")
-        library_key = resolve_library_key(adata, library_key)
-        tmp.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        if library_key is not None:
-            tmp.obs[library_key] = pd.Categorical(adata.obs[library_key].astype(str))
-        knn = getattr(sq.gr, "spatial_neighbors_knn", None)  # squidpy >= 1.8; spatial_neighbors before
-        if knn is not None:
-            knn(tmp, n_neighs=n_spatial_neighbors, library_key=library_key, key_added="spatial")
-        else:  # pragma: no cover - older squidpy
-            sq.gr.spatial_neighbors(
-                tmp, coord_type="generic", n_neighs=n_spatial_neighbors, library_key=library_key, key_added="spatial"
-            )
-        A = tmp.obsp["spatial_connectivities"].tocsr().astype(np.float64)
-        A = ((A + A.T) > 0).astype(np.float64)
-        W = W + spatial_weight * A
-    W = sp.csr_matrix((W + W.T) / 2)
-    sc.tl.leiden(
-        tmp,
-        resolution=resolution,
-        adjacency=W,
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-        random_state=random_state,
-        key_added="domains",
-    )
+    sq = import_squidpy() if use_spatial else None  # before library_verbosity: importing sets its loggers' levels
+    with library_verbosity():  # squidpy/scanpy log at hx.settings.verbosity
+        if M.shape[1] < 2:
+            tmp.obsm["X_pca"] = M.astype(np.float32)
+        else:
+            sc.pp.pca(tmp, n_comps=n_comps, random_state=random_state)
+        sc.pp.neighbors(tmp, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X_pca", random_state=random_state)
+        W = tmp.obsp["connectivities"].tocsr().astype(np.float64)
+        if use_spatial:
+            if "spatial" not in adata.obsm:
+                raise KeyError("adata.obsm['spatial'] is missing; pass use_spatial=False for expression-only domains.")
+            library_key = resolve_library_key(adata, library_key)
+            tmp.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+            if library_key is not None:
+                tmp.obs[library_key] = pd.Categorical(adata.obs[library_key].astype(str))
+            knn = getattr(sq.gr, "spatial_neighbors_knn", None)  # squidpy >= 1.8; spatial_neighbors before
+            if knn is not None:
+                knn(tmp, n_neighs=n_spatial_neighbors, library_key=library_key, key_added="spatial")
+            else:  # pragma: no cover - older squidpy
+                sq.gr.spatial_neighbors(
+                    tmp,
+                    coord_type="generic",
+                    n_neighs=n_spatial_neighbors,
+                    library_key=library_key,
+                    key_added="spatial",
+                )
+            A = tmp.obsp["spatial_connectivities"].tocsr().astype(np.float64)
+            A = ((A + A.T) > 0).astype(np.float64)
+            W = W + spatial_weight * A
+        W = sp.csr_matrix((W + W.T) / 2)
+        sc.tl.leiden(
+            tmp,
+            resolution=resolution,
+            adjacency=W,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            random_state=random_state,
+            key_added="domains",
+        )
     labels = tmp.obs["domains"].astype(str)
     cats = sorted(labels.unique(), key=int)
     adata.obs[key] = pd.Categorical(labels.to_numpy(), categories=cats)

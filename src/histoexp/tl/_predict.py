@@ -236,8 +236,7 @@ def impute(
       similarity) against the embeddings of the reference spots; the prediction aggregates the
       expression of the ``k`` best matches with the weighting ``method`` (an ensemble retrieves with
       each member and averages). The reference needs no image: count-only sections can extend it.
-      Retrieval is chunked (:func:`histoexp.tl._retrieval.retrieve`): memory per chunk is bounded, so a
-      million query spots fit in RAM.
+      Retrieval is chunked: memory per block of query spots is bounded, so a million query spots fit in RAM.
     - **regression** models (ridge, NH2ST, zero-shot): the model maps the image to expression directly;
       ``reference``, ``k``, ``method`` and ``center_reference`` do not apply (an error says so).
 
@@ -280,9 +279,12 @@ def impute(
     k
         Retrieval neighbours (``None``: the method's default, BLEEP 50).
     method
-        Retrieval weighting (``None``: the method's default, BLEEP ``'average'``); see
-        :func:`histoexp.tl._retrieval.retrieve` for ``'simple'``, ``'average'``, ``'weighted'``,
-        ``'inverse_distance'``, ``'inverse_distance_l2'``.
+        Retrieval weighting of the ``k`` neighbours (``None``: the method's default, BLEEP ``'average'``):
+        ``'average'`` (their mean), ``'simple'`` (the nearest spot only), ``'weighted'`` (BLEEP's
+        ``weighted_average``, ``exp(-(d² - min d²))`` with ``d`` the Euclidean distance of the raw embeddings),
+        ``'inverse_distance'`` (mclSTExp: ``1/d²``, ``d`` the L1 distance of the normalised embeddings),
+        ``'inverse_distance_l2'`` (the same with the Euclidean distance), or one added with
+        :func:`histoexp.tl.register_weighting`; :func:`histoexp.tl.retrieval_weightings` lists them.
     key_added
         Layer / ``uns`` key of the predictions (``None``: the model's method name, e.g. ``'bleep'``).
     layer

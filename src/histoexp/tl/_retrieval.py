@@ -46,19 +46,70 @@ class TopK:
 WEIGHTINGS: dict[str, Callable[[TopK], object]] = {}
 
 
-def register_weighting(name: str):
-    """Register a retrieval weighting under ``name`` (usable as ``impute(method=name)``)."""
+def register_weighting(name: str, *, overwrite: bool = False):
+    """Register a retrieval weighting under ``name``, usable as ``hx.tl.impute(..., method=name)``.
+
+    A decorator. The function receives the ``k`` nearest reference spots of a block of query spots as an
+    object with the torch tensors ``cos`` ``(B, k)`` (cosine similarities, descending), ``idx`` ``(B, k)``
+    (reference rows), ``query`` ``(B, d)`` and ``bank`` ``(n_reference, d)`` (the raw embeddings),
+    ``query_norm`` ``(B,)`` and ``bank_norm`` ``(n_reference,)`` (their Euclidean norms); it returns
+    ``(B, k)`` non-negative weights, which are normalised to sum to one per query spot. Its docstring's first
+    line is what :func:`retrieval_weightings` lists.
+
+    Parameters
+    ----------
+    name
+        The ``method`` name.
+    overwrite
+        Replace a weighting already registered under ``name``.
+
+    Examples
+    --------
+    >>> import histoexp as hx
+    >>> @hx.tl.register_weighting("softmax_cos")  # doctest: +SKIP
+    ... def softmax_cos(t):
+    ...     '''Softmax of the cosine similarities (temperature 0.1).'''
+    ...     return (t.cos / 0.1).softmax(1)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string, got {name!r}.")
+    if name in WEIGHTINGS and not overwrite:
+        raise ValueError(
+            f"`name={name!r}` is already a registered weighting; pass `overwrite=True` to replace it, or choose "
+            "another name."
+        )
 
     def deco(fn):
+        if not callable(fn):
+            raise TypeError(f"register_weighting({name!r}) decorates a function, got {type(fn).__name__}.")
         WEIGHTINGS[name] = fn
         return fn
 
     return deco
 
 
+def retrieval_weightings() -> dict[str, str]:
+    """List the retrieval weightings ``hx.tl.impute(method=...)`` accepts, with a one-line description of each.
+
+    Built in: ``'average'`` (BLEEP's default, the mean of the top ``k``), ``'simple'`` (the nearest reference
+    spot), ``'weighted'`` (BLEEP's ``weighted_average``), ``'inverse_distance'`` (mclSTExp) and
+    ``'inverse_distance_l2'``; add one with :func:`register_weighting`.
+
+    Returns
+    -------
+    dict
+        ``{name: description}`` in registration order.
+    """
+    out = {}
+    for name, fn in WEIGHTINGS.items():
+        doc = (fn.__doc__ or "").strip()
+        out[name] = doc.splitlines()[0] if doc else ""
+    return out
+
+
 @register_weighting("average")
 def _average(t: TopK):
-    """BLEEP's default: the plain mean of the top k."""
+    """BLEEP's default: the plain mean of the top k reference spots."""
     import torch
 
     return torch.ones_like(t.cos)
@@ -66,7 +117,7 @@ def _average(t: TopK):
 
 @register_weighting("simple")
 def _simple(t: TopK):
-    """BLEEP's 'simple': the nearest reference spot (k is set to 1)."""
+    """BLEEP's 'simple': the expression of the nearest reference spot (k is set to 1)."""
     return _average(t)
 
 
@@ -93,7 +144,7 @@ def _neighbour_distances(t: TopK, *, p: int, normalise: bool):
 
 @register_weighting("weighted")
 def _bleep_weighted(t: TopK):
-    """BLEEP's ``weighted_average``: ``exp(-(d_i² - min_j d_j²))``, d Euclidean on the raw embeddings."""
+    """BLEEP's weighted_average: weights exp(-(d_i² - min_j d_j²)), d Euclidean on the raw embeddings."""
     import torch
 
     d2 = _neighbour_distances(t, p=2, normalise=False)
@@ -108,13 +159,13 @@ def _inverse_square(d):
 
 @register_weighting("inverse_distance")
 def _inverse_l1(t: TopK):
-    """Weight as mclSTExp: ``1 / d²`` with ``d`` the L1 distance of the L2-normalised embeddings."""
+    """As mclSTExp: 1/d², d the L1 distance of the L2-normalised embeddings."""
     return _inverse_square(_neighbour_distances(t, p=1, normalise=True))
 
 
 @register_weighting("inverse_distance_l2")
 def _inverse_l2(t: TopK):
-    """``1 / d²`` with ``d`` the Euclidean distance of the L2-normalised embeddings."""
+    """1/d², d the Euclidean distance of the L2-normalised embeddings."""
     import torch
 
     return 1.0 / torch.clamp(_neighbour_distances(t, p=2, normalise=True), min=1e-12)
