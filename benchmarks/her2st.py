@@ -17,10 +17,14 @@ Methods:
 - ``bleep+bank[<features>]``: the same model, reference bank extended with the 30 count-only her2st sections;
 - ``bleep+bank-centred[<features>]``: the same, each reference section centred on the training mean
   (``impute(center_reference='library_id')``: the count-only sections are shallower and from other patients);
+- ``mclstexp-spatial[<features>]``, ``mclstexp-batch[<features>]``: ``hx.tl.fit_mclstexp`` defaults on the same
+  frozen features with spatial-window or shuffled-minibatch sentences + ``hx.tl.impute`` (its defaults: top-200,
+  1/L1-distance² weights; reference = the training spots);
 - ``bleep-e2e[resnet18]`` (``--e2e``): BLEEP trained end to end on CPU (ResNet-18 random init, 64 px patches;
   about 4 min per fold on 2 cores, so off by default: the default run takes about 5 min).
 
-Features: ``handcrafted`` and ``resnet50`` with ``weights=None`` (random init; ImageNet weights need internet).
+Features: ``handcrafted``, and ``resnet50`` and ``densenet121`` with ``weights=None`` (random init; ImageNet weights
+need internet).
 The feature extraction and ridge recipe are imported from ``benchmarks/her2st_bleep.py`` (the BLEEP benchmark),
 so both scripts measure the same thing.
 
@@ -54,6 +58,7 @@ from her2st_bleep import (  # noqa: E402
     prepare,
     run_bleep_e2e,
     run_bleep_frozen,
+    run_mclstexp,
     run_ridge,
 )
 
@@ -107,6 +112,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
     p.add_argument("--e2e", action="store_true", help="also train BLEEP end to end (slow on CPU)")
+    p.add_argument("--no-mclstexp", action="store_true", help="skip the mclSTExp rows")
     p.add_argument("--out", default=str(HERE / "results" / "her2st"))
     args = p.parse_args()
     n_pcs = {k: int(v) for k, v in (item.split("=") for item in args.n_pcs)}
@@ -155,6 +161,8 @@ def main() -> None:
                 method=args.method,
                 seed=args.seed,
             )
+            if not args.no_mclstexp:
+                run_mclstexp(train, query, panel, name, record, seed=args.seed)
         if args.e2e:
             run_bleep_e2e(
                 train,
@@ -185,6 +193,7 @@ def main() -> None:
             "features": {
                 "handcrafted": "handcrafted encoder on 112 um patches at 112 px",
                 "resnet50": "resnet50 weights=None (random init, seed 0) on 112 um patches at 224 px",
+                "densenet121": "densenet121 weights=None (random init, seed 0) on 112 um patches at 224 px",
             },
             "bleep": {
                 "epochs": args.epochs or "fit_bleep default",

@@ -139,6 +139,16 @@ def run_bleep_frozen(
     return model
 
 
+def run_mclstexp(train, query, panel, name, record, *, sentences=("spatial", "batch"), seed=0) -> None:
+    """``mclstexp-<sentence>[name]``: ``hx.tl.fit_mclstexp`` defaults on frozen features, reference = training spots."""
+    for sentence in sentences:
+        t = time.time()
+        model = hx.tl.fit_mclstexp(
+            train, genes=panel, use_rep=f"X_{name}", sentence=sentence, random_state=seed, overwrite=True
+        )
+        record(f"mclstexp-{sentence}[{name}]", hx.tl.impute(query, model).layers["mclstexp"], time.time() - t)
+
+
 def run_bleep_e2e(train, query, panel, record, *, px=64, epochs=8, k=50, method="average", seed=0) -> None:
     """``bleep-e2e[resnet18]``: ResNet-18 (random init) trained with the heads on ``px`` patches, on CPU."""
     t = time.time()
@@ -174,15 +184,16 @@ def metrics(pred, truth, genes) -> dict:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Options both her2st benchmarks take."""
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
-    p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50"])
+    p.add_argument("--features", nargs="+", default=["handcrafted", "resnet50", "densenet121"])
     p.add_argument("--epochs", type=int, default=None, help="BLEEP epochs (default: fit_bleep's, early stopping)")
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--method", default="average")
     p.add_argument(
         "--n-pcs",
         nargs="+",
-        default=["resnet50=8"],
-        help="FEATURE=N: fit_bleep(n_pcs=N) for those features (chosen by inner LOSO on C3..C6)",
+        default=["resnet50=8", "densenet121=8"],
+        help="FEATURE=N: fit_bleep(n_pcs=N) for those features (resnet50: chosen by inner LOSO on C3..C6; "
+        "densenet121: the same value, not tuned)",
     )
     p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
     p.add_argument("--e2e-epochs", type=int, default=8)
