@@ -162,7 +162,7 @@ def main() -> None:
                 seed=args.seed,
             )
             if not args.no_mclstexp:
-                run_mclstexp(train, query, panel, name, record, seed=args.seed)
+                run_mclstexp(train, query, panel, name, record, n_pcs=n_pcs.get(name), seed=args.seed)
         if args.e2e:
             run_bleep_e2e(
                 train,

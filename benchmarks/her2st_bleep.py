@@ -139,12 +139,12 @@ def run_bleep_frozen(
     return model
 
 
-def run_mclstexp(train, query, panel, name, record, *, sentences=("spatial", "batch"), seed=0) -> None:
+def run_mclstexp(train, query, panel, name, record, *, sentences=("spatial", "batch"), n_pcs=None, seed=0) -> None:
     """``mclstexp-<sentence>[name]``: ``hx.tl.fit_mclstexp`` defaults on frozen features, reference = training spots."""
     for sentence in sentences:
         t = time.time()
         model = hx.tl.fit_mclstexp(
-            train, genes=panel, use_rep=f"X_{name}", sentence=sentence, random_state=seed, overwrite=True
+            train, genes=panel, use_rep=f"X_{name}", sentence=sentence, n_pcs=n_pcs, random_state=seed, overwrite=True
         )
         record(f"mclstexp-{sentence}[{name}]", hx.tl.impute(query, model).layers["mclstexp"], time.time() - t)
 
@@ -192,8 +192,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         "--n-pcs",
         nargs="+",
         default=["resnet50=8", "densenet121=8"],
-        help="FEATURE=N: fit_bleep(n_pcs=N) for those features (resnet50: chosen by inner LOSO on C3..C6; "
-        "densenet121: the same value, not tuned)",
+        help="FEATURE=N: n_pcs=N of fit_bleep and fit_mclstexp for those features (resnet50: chosen for BLEEP by "
+        "inner LOSO on C3..C6; densenet121 and mclSTExp: the same value, not tuned)",
     )
     p.add_argument("--no-bank", action="store_true", help="skip the extended-reference runs")
     p.add_argument("--e2e-epochs", type=int, default=8)

@@ -173,3 +173,18 @@ def test_real_her2st_smoke(her2st_dir):
     hx.tl.evaluate(pred, layer="mclstexp")
     metrics = pred.uns["mclstexp"]["metrics"]
     assert np.isfinite(metrics["pcc_mean"]) and metrics["pcc_mean"] > 0, metrics
+
+
+def test_n_pcs_reduces_wide_frozen_features(tmp_path):
+    ad = hx.datasets.synthetic(n_sections=2, random_state=0)
+    rng = np.random.default_rng(0)
+    ad.obsm["X_wide"] = np.c_[hx.pp.expression_matrix(ad)[:, :4], rng.normal(size=(ad.n_obs, 40))].astype(np.float32)
+    model = hx.tl.fit_mclstexp(ad, genes="all", use_rep="X_wide", n_pcs=6, epochs=2, batch_size=32)
+    assert model.net.image_projection.projection.in_features == 6 and model.config["n_pcs"] == 6
+    assert ad.uns["mclstexp"]["params"]["n_pcs"] == 6
+    model.save(tmp_path / "m")
+    loaded = hx.tl.load_model(tmp_path / "m")
+    again = hx.tl.impute(ad, loaded).layers["mclstexp"]
+    np.testing.assert_array_equal(again, hx.tl.impute(ad, model).layers["mclstexp"])
+    with pytest.raises(ValueError, match="n_pcs"):
+        hx.tl.fit_mclstexp(ad, genes="all", use_rep="X_wide", n_pcs=0, overwrite=True)

@@ -166,11 +166,15 @@ class MclstexpNet(nn.Module):
         head_dim: int = 64,
         grid_size: int = 128,
         encoder: nn.Module | None = None,
+        n_pcs: int | None = None,
     ) -> None:
         super().__init__()
+        if n_pcs is not None and encoder is not None:
+            raise ValueError("`n_pcs` applies to frozen features only.")
         self.encoder = encoder
-        self.features = None if encoder is not None else FeatureInput(feature_dim)
-        self.image_projection = ProjectionHead(feature_dim, projection_dim, dropout=0.0)
+        self.features = None if encoder is not None else FeatureInput(feature_dim, n_pcs, whiten=True)
+        in_dim = feature_dim if self.features is None else self.features.out_dim
+        self.image_projection = ProjectionHead(in_dim, projection_dim, dropout=0.0)
         self.x_embed = nn.Embedding(grid_size, n_genes)
         self.y_embed = nn.Embedding(grid_size, n_genes)
         self.blocks = nn.Sequential(*[_Block(n_genes, n_heads, head_dim, n_genes) for _ in range(n_layers)])
@@ -223,6 +227,7 @@ class MclstexpModel(RetrievalModel):
             head_dim=config["head_dim"],
             grid_size=config["grid_size"],
             encoder=encoder,
+            n_pcs=config.get("n_pcs"),
         )
 
     @property

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from anndata import AnnData
 
-from ._fit import check_positive, prepare_fit, train_members, write_fit_keys
+from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.bleep import BleepModel
@@ -206,14 +206,8 @@ def fit_bleep(
         hparams=hp,
     )
     frozen = data.mode == "frozen"
-    if n_pcs is not None:
-        if not frozen:
-            raise ValueError("`n_pcs` applies to frozen features only (finetune_encoder=False).")
-        max_pcs = min(data.images.shape[1], len(data.train_idx))
-        if not isinstance(n_pcs, int) or not 1 <= n_pcs <= max_pcs:
-            raise ValueError(f"`n_pcs` must be an integer in [1, {max_pcs}] (features, training spots), got {n_pcs}.")
+    set_n_pcs(data, n_pcs)
     data.config.update(projection_dim=int(projection_dim), dropout=float(dropout), temperature=float(temperature))
-    data.config["n_pcs"] = None if n_pcs is None else int(n_pcs)
 
     def make_net():
         net = BleepModel.build_net(data.config, None if frozen else data.new_encoder())

@@ -47,6 +47,17 @@ def check_positive(**values) -> None:
             raise ValueError(f"`{name}` must be a positive number, got {v!r}.")
 
 
+def set_n_pcs(data: FitData, n_pcs: int | None) -> None:
+    """Validate ``n_pcs`` (frozen features only, at most the feature and training-spot counts) into the config."""
+    if n_pcs is not None:
+        if data.mode != "frozen":
+            raise ValueError("`n_pcs` applies to frozen features only (finetune_encoder=False).")
+        max_pcs = min(data.images.shape[1], len(data.train_idx))
+        if isinstance(n_pcs, bool) or not isinstance(n_pcs, (int, np.integer)) or not 1 <= n_pcs <= max_pcs:
+            raise ValueError(f"`n_pcs` must be an integer in [1, {max_pcs}] (features, training spots), got {n_pcs}.")
+    data.config["n_pcs"] = None if n_pcs is None else int(n_pcs)
+
+
 def resolve_hparams(defaults: dict, overrides: dict) -> dict:
     """Return the method defaults updated with the user's non-``None`` values, each validated (clear errors)."""
     hp = dict(defaults)

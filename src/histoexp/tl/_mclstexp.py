@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._fit import check_positive, prepare_fit, train_members, write_fit_keys
+from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.mclstexp import MclstexpModel
@@ -84,6 +84,7 @@ def fit_mclstexp(
     image_weight: float = 0.5,
     projection_dim: int = 256,
     grid_size: int = 128,
+    n_pcs: int | None = None,
     n_ensemble: int | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -187,6 +188,11 @@ def fit_mclstexp(
         Embedding dimension (paper: 256).
     grid_size
         Rows of each positional embedding table; grid indices beyond are clipped.
+    n_pcs
+        Frozen features only (not in the paper): project the standardised features onto their first ``n_pcs``
+        principal components (whitened, fitted on the training spots) before the image head, as
+        ``fit_bleep(n_pcs=)``: wide features (1024-2048-d CNN features) on a few hundred spots overfit the head.
+        ``None``: the standardised features as they are.
     n_ensemble
         Independently trained members (seeds ``random_state + i``) whose retrieval predictions
         :func:`impute` averages; ``None``: 1.
@@ -290,11 +296,12 @@ def fit_mclstexp(
         "coords_key": coords_key,
     }
     data.config.update(settings)
+    set_n_pcs(data, n_pcs)
 
     def make_net():
         net = MclstexpModel.build_net(data.config, None if frozen else data.new_encoder())
         if frozen:
-            net.features.fit(data.images[data.train_idx])
+            net.features.fit(data.images[data.train_idx], random_state=random_state)
         return net
 
     def loss_fn(net, batch):
@@ -334,5 +341,6 @@ def fit_mclstexp(
         expr_key: model.encode_reference(ReferenceSpots(data.expr, positions, codes.astype(str))),
     }
     params["mode"] = data.mode
+    params["n_pcs"] = data.config["n_pcs"]
     write_fit_keys(data, key_added, params=params, history=history, obsm=obsm)
     return model
