@@ -644,6 +644,9 @@ class SpotDataset:
         ``(n, m)`` positions of each spot's neighbours (``-1``: none), e.g. NH2ST's surrounding windows;
         each batch then also holds the neighbours' ``neighbour_image``/``neighbour_expression`` and a
         boolean ``neighbour_mask``.
+    neighbour_images
+        With ``neighbours``: also gather the neighbours' images (``False``: expression only, for methods
+        that read the surroundings' images from another input).
 
     Batches are dicts of tensors: ``index`` (positions), and ``image``, ``expression``, ``coords``,
     ``neighbour_*`` where given.
@@ -651,7 +654,9 @@ class SpotDataset:
 
     collate_fn = staticmethod(_identity)
 
-    def __init__(self, images=None, expression=None, coords=None, *, rows=None, neighbours=None) -> None:
+    def __init__(
+        self, images=None, expression=None, coords=None, *, rows=None, neighbours=None, neighbour_images=True
+    ) -> None:
         import torch
 
         given = {"images": images, "expression": expression, "coords": coords, "neighbours": neighbours}
@@ -669,6 +674,7 @@ class SpotDataset:
         self.coords = None if coords is None else torch.as_tensor(np.asarray(coords, dtype=np.float32))
         self.neighbours = None if neighbours is None else np.asarray(neighbours, dtype=np.int64)
         self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.neighbour_images = bool(neighbour_images)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -697,7 +703,7 @@ class SpotDataset:
             flat = np.where(mask, nb, pos[:, None]).ravel()  # missing neighbours read the spot itself, masked
             out["neighbour_index"] = torch.from_numpy(nb)
             out["neighbour_mask"] = torch.from_numpy(mask)
-            if self.images is not None:
+            if self.images is not None and self.neighbour_images:
                 img = self._images(flat)
                 out["neighbour_image"] = img.reshape(*nb.shape, *img.shape[1:])
             if self.expression is not None:

@@ -18,6 +18,7 @@ from .encoders import (
 from .handcrafted import FEATURE_NAMES as HANDCRAFTED_FEATURES
 from .handcrafted import handcrafted_features
 from .mclstexp import MclstexpModel
+from .nh2st import NH2STModel
 from .ridge import RidgeModel
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "EncoderSpec",
     "ExpressionModel",
     "MclstexpModel",
+    "NH2STModel",
     "ReferenceSpots",
     "RegressionModel",
     "RetrievalModel",

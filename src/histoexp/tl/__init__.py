@@ -2,19 +2,22 @@
 
 from ._bleep import fit_bleep
 from ._domains import spatial_domains
-from ._embed import embed_patches
+from ._embed import embed_neighbourhood, embed_patches
 from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
 from ._mclstexp import fit_mclstexp
+from ._nh2st import fit_nh2st
 from ._predict import impute, load_model
 from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 
 __all__ = [
+    "embed_neighbourhood",
     "embed_patches",
     "evaluate",
     "fit_bleep",
     "fit_mclstexp",
+    "fit_nh2st",
     "fit_ridge",
     "gene_metrics",
     "impute",

@@ -188,3 +188,195 @@ def embed_patches(
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
     return adata if copy else None
+
+
+class _GridWindows:
+    """Patch source of the ``grid`` x ``grid`` patch-sized windows around every spot (torch-free, picklable).
+
+    Item ``i`` is window ``i % grid**2`` (row-major, top-left first) of spot ``i // grid**2``. A batch reads
+    each spot's whole context patch once from ``context`` (a :class:`~histoexp.pp.PatchSource` of side
+    ``grid * patch_px``) and cuts it, so memory holds one batch of context patches at a time.
+    """
+
+    def __init__(self, context, grid: int, patch_px: int) -> None:
+        self.context, self.grid, self.patch_px = context, int(grid), int(patch_px)
+        self.mpp, self.size_um = context.mpp, context.size_um
+
+    def __len__(self) -> int:
+        return len(self.context) * self.grid**2
+
+    def batch(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        g, px = self.grid, self.patch_px
+        spots, win = np.divmod(idx, g * g)
+        uniq, inv = np.unique(spots, return_inverse=True)
+        ctx = np.asarray(self.context.batch(uniq))  # (U, g*px, g*px, 3)
+        windows = ctx.reshape(len(uniq), g, px, g, px, 3).transpose(0, 1, 3, 2, 4, 5)
+        windows = windows.reshape(len(uniq), g * g, px, px, 3)
+        return np.ascontiguousarray(windows[inv.ravel(), win])
+
+
+def _context_source(adata: AnnData, patches_key: str, grid: int):
+    """On-demand source of the ``grid``-times wider patches around each spot, with the geometry of ``patches_key``."""
+    import pandas as pd
+
+    from ..image._slide import slide_for_library
+    from ..pp._patches import PatchSource
+
+    rec = adata.uns.get("histoexp", {}).get(patches_key)
+    if rec is None:
+        raise KeyError(
+            f"No patches under uns['histoexp'][{patches_key!r}] (`patches_key={patches_key!r}`): run "
+            f"hx.pp.extract_patches(adata, key_added={patches_key!r}) first; its geometry defines the windows."
+        )
+    libs = dict(rec["libraries"])
+    names = list(libs)
+    lib_key = rec.get("library_key") or None
+    if lib_key:
+        codes = pd.Categorical(adata.obs[lib_key].astype(str), categories=names).codes
+        if (codes < 0).any():
+            raise ValueError(f"obs[{lib_key!r}] holds sections not recorded in uns['histoexp'][{patches_key!r}].")
+    else:
+        codes = np.zeros(adata.n_obs, dtype=np.int64)
+    slides = [
+        slide_for_library(adata, lib, image=libs[lib].get("image") or None, mpp=float(libs[lib]["mpp"]))
+        for lib in names
+    ]
+    px, fov = int(rec["patch_px"]), float(rec.get("fov_um", rec["size_um"]))
+    src = PatchSource(
+        store="none",
+        patch_px=grid * px,
+        mpp=float(rec["mpp"]),
+        size_um=grid * fov,
+        fov_um=grid * fov,
+        obs_names=adata.obs_names.tolist(),
+        centres=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2],
+        lib_codes=np.asarray(codes),
+        slides=slides,
+        size_px=[grid * float(libs[lib]["size_px_fullres"]) for lib in names],
+    )
+    window_px = {lib: float(libs[lib]["size_px_fullres"]) for lib in names}
+    return src, rec, lib_key, window_px
+
+
+def embed_neighbourhood(
+    adata: AnnData,
+    encoder: Any = "resnet50",
+    *,
+    grid: int = 5,
+    weights: str | os.PathLike | None = "default",
+    patches_key: str = "patches",
+    batch_size: int = 64,
+    device: str | None = None,
+    num_workers: int | None = None,
+    amp: bool | None = None,
+    key_added: str | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed the ``grid`` x ``grid`` patch-sized windows around every spot (NH2ST's neighbourhood).
+
+    The windows have the geometry of the spot patches under ``patches_key`` (same side in µm, same µm/px,
+    same ``patch_px``); the centre window is the spot's own patch. Each spot's context patch (``grid`` times
+    wider) is read once from the slide, on demand, and cut into the windows, which stream in batches through
+    the encoder (:func:`histoexp.train.infer`): memory holds one batch of context patches, whatever the slide
+    or the number of spots. Parts beyond the image are white, as in :func:`histoexp.pp.extract_patches`.
+    It costs ``grid**2`` times the encoder work of :func:`embed_patches`.
+
+    Works for any spot layout (legacy ST, Visium, tiles from :func:`histoexp.pp.tile_tissue`): windows are
+    read from the image, not from neighbouring spots, so a spot at the tissue edge or in a sparse layout
+    still has all its windows.
+
+    Parameters
+    ----------
+    adata
+        Annotated data with spot patches under ``uns['histoexp'][patches_key]`` (any store).
+    encoder
+        As in :func:`embed_patches` (use the encoder of the spot features ``obsm['X_<encoder>']``).
+    grid
+        Windows per side (NH2ST: 5); odd, so that the spot is the centre window.
+    weights
+        As in :func:`embed_patches`.
+    patches_key
+        Key of the spot patches whose geometry the windows take.
+    batch_size
+        Windows per forward pass (rounded up to a multiple of ``grid**2``).
+    device, num_workers, amp
+        As in :func:`embed_patches`.
+    key_added
+        ``obsm`` key (default ``'X_<encoder name>_grid'``).
+    overwrite
+        Replace an existing ``obsm[key_added]``.
+    copy
+        Return a modified copy instead of writing in place.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets
+
+    - ``obsm[key_added]``: float32 ``(n_obs, grid**2 * dim)``, window ``w`` (row-major from the top-left
+      window, rows along image y) in columns ``w * dim : (w + 1) * dim``;
+    - ``uns['histoexp']['embeddings'][key_added]``: as :func:`embed_patches`, plus ``grid``,
+      ``layout='row-major windows x dim'``, ``window_dim``, ``window_um`` and ``window_px_fullres`` (per
+      section: the window side in full-resolution pixels).
+    """
+    from ..models.encoders import Encoder, _name_of, get_encoder
+
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1 or grid % 2 == 0:
+        raise ValueError(f"`grid` must be an odd positive integer (the spot is the centre window), got {grid!r}.")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if "spatial" not in adata.obsm:
+        raise KeyError("adata.obsm['spatial'] (spot centres in full-resolution pixels) is missing.")
+    if key_added is None and isinstance(encoder, str):
+        key_added = f"X_{_name_of(encoder)}_grid"
+    if key_added is not None:
+        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+    grid = int(grid)
+    ctx, rec, _, window_px = _context_source(adata, patches_key, grid)
+    windows = _GridWindows(ctx, grid, int(rec["patch_px"]))
+    enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
+    if key_added is None:
+        key_added = f"X_{enc.name}_grid"
+        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+    dev = settings.resolve_device(device)
+    use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
+    g2 = grid * grid
+    per_batch = max(1, -(-int(batch_size) // g2)) * g2  # whole spots per batch: each context read once
+    logger.info("Embedding %d x %d windows around %d spots with %r on %s.", grid, grid, adata.n_obs, enc.name, dev)
+    workers = settings.num_workers if num_workers is None else int(num_workers)
+    feats = run_encoder(
+        enc, windows, batch_size=per_batch, device=dev, num_workers=workers, amp=use_amp, desc="neighbourhood windows"
+    )
+    if not np.isfinite(feats).all():
+        logger.warning("Encoder %r produced %d non-finite values.", enc.name, int((~np.isfinite(feats)).sum()))
+    dim = feats.shape[1]
+    if copy:
+        adata = adata.copy()
+    adata.obsm[key_added] = feats.reshape(adata.n_obs, g2 * dim)
+    cfg = dict(enc.config)
+    params = {
+        "encoder": cfg.get("encoder", enc.name),
+        "weights": cfg.get("weights") or ("random_init" if enc.random_init else "none"),
+        "dim": int(g2 * dim),
+        "window_dim": int(dim),
+        "grid": grid,
+        "layout": "row-major windows x dim",
+        "patches_key": patches_key,
+        "patch_px": int(rec["patch_px"]),
+        "mpp": float(rec["mpp"]),
+        "size_um": float(rec["size_um"]),
+        "window_um": float(rec.get("fov_um", rec["size_um"])),
+        "window_px_fullres": window_px,
+        "random_init": bool(enc.random_init),
+        "input_size": enc.input_size if enc.input_size is not None else "patch size",
+        "batch_size": int(per_batch),
+        "device": str(dev),
+        "amp": use_amp,
+        "config": cfg,
+    }
+    hx_uns = adata.uns.setdefault("histoexp", {})
+    hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    return adata if copy else None

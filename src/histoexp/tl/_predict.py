@@ -42,34 +42,41 @@ def _as_model(model):
     raise TypeError(f"`model` must be a histoexp model or a model folder, got {type(model).__name__}.")
 
 
+def _frozen_input(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: str | None) -> np.ndarray:
+    """``query.obsm[rep]`` as float32, checked against the width and the embedding record of the training data."""
+    if rep not in query.obsm:
+        how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
+        if m_rec and m_rec.get("grid"):
+            how = f"hx.tl.embed_neighbourhood(query, encoder={enc!r}, grid={m_rec['grid']})"
+        raise KeyError(
+            f"The model reads image features from obsm[{rep!r}], which the query lacks "
+            f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
+        )
+    feats = np.asarray(query.obsm[rep], dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[1] != width:
+        raise ValueError(f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {width} features a spot.")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
+    q_rec = _embedding_record(query, rep)
+    if q_rec and m_rec:
+        for field in ("encoder", "weights", "random_init", "grid", "window_um"):
+            if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
+                raise ValueError(
+                    f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
+                    f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
+                )
+    return feats
+
+
 def _query_images(query: AnnData, model, patches_key: str | None):
     """Return what the model's image branch reads from the query (features or patches), with clear errors."""
     cfg = model.config
     if model.mode == "frozen":
-        rep = model.use_rep
         enc = (cfg.get("encoder") or {}).get("name")
-        if rep not in query.obsm:
-            how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
-            raise KeyError(
-                f"The model reads image features from obsm[{rep!r}], which the query lacks "
-                f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
-            )
-        feats = np.asarray(query.obsm[rep], dtype=np.float32)
-        if feats.ndim != 2 or feats.shape[1] != cfg["feature_dim"]:
-            raise ValueError(
-                f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {cfg['feature_dim']} features a spot."
-            )
-        if not np.isfinite(feats).all():
-            raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
-        q_rec, m_rec = _embedding_record(query, rep), cfg.get("embedding")
-        if q_rec and m_rec:
-            for field in ("encoder", "weights", "random_init"):
-                if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
-                    raise ValueError(
-                        f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
-                        f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
-                    )
-        return feats
+        parts = [_frozen_input(query, model.use_rep, int(cfg["feature_dim"]), cfg.get("embedding"), enc)]
+        for extra in model.extra_reps:  # further inputs (e.g. NH2ST's neighbourhood), concatenated after use_rep
+            parts.append(_frozen_input(query, extra["key"], int(extra["dim"]), extra.get("embedding"), enc))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     from ..pp import get_patches
 
     geo = cfg.get("patches") or {}

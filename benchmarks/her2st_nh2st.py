@@ -1,0 +1,243 @@
+"""NH2ST on her2st: leave-one-section-out over C2..C6 next to the other methods, with an ablation, in one run.
+
+Same folds, targets and metrics as ``benchmarks/her2st.py``: train on four of C2..C6, predict the fifth;
+log1p(normalize_total 1e4) of the her2st 785-gene panel; per fold and averaged: mean Pearson over the panel
+(PCC@M), over the 50 most variable (HVG-50) and 50 most expressed (HEG-50) genes of the test section, PCC@H,
+Spearman, MSE, MAE (``hx.tl.gene_metrics`` / ``hx.tl.summarize_metrics``), and the seconds to fit and predict.
+
+Features (all frozen, handcrafted encoder, training-free):
+
+- ``own``: the spot's 112 µm patch at 112 px (as ``benchmarks/her2st.py``);
+- ``ctx3``: one 336 µm patch (3x wider) around the spot at 336 px (same µm/px);
+- ``grid``: the 5 x 5 windows of 112 µm around the spot (``hx.tl.embed_neighbourhood``, 25 x 37 features).
+
+Methods:
+
+- ``mean``: the training mean of each gene;
+- ``ridge[own]``, ``ridge[own+ctx3]``, ``ridge[own+grid]``: ``hx.tl.fit_ridge`` (standardise, PCA-256, ridge with
+  alpha by leave-one-section-out inside the training sections) on those features concatenated;
+- ``bleep[own]``: ``hx.tl.fit_bleep`` defaults (five heads) + ``impute`` (k=50, average);
+- ``mclstexp[own]``: ``hx.tl.fit_mclstexp`` defaults + ``impute`` (its defaults);
+- ``nh2st``: ``hx.tl.fit_nh2st`` on ``own`` + ``grid`` (defaults unless ``--epochs``/``--n-ensemble``);
+- ``nh2st-no-neighbours`` / ``nh2st-no-contrastive`` / ``nh2st-no-cross-attention``: the ablation, the same
+  call with ``neighbours=False`` / ``contrastive=False`` / ``cross_attention=False``.
+
+Usage::
+
+    python benchmarks/her2st_nh2st.py [--data-dir ../shared/data/her2st] [--cache DIR]
+
+Writes ``benchmarks/results/her2st_nh2st.json`` and ``benchmarks/results/her2st_nh2st.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+import histoexp as hx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from her2st import KEYS, LABELS, machine  # noqa: E402
+from her2st_bleep import SECTIONS, load_sections  # noqa: E402
+
+ABLATION = {
+    "nh2st": {},
+    "nh2st-no-neighbours": {"neighbours": False},
+    "nh2st-no-contrastive": {"contrastive": False},
+    "nh2st-no-cross-attention": {"cross_attention": False},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def features(adata, cache: Path | None) -> dict[str, float]:
+    """``obsm['X_own']``, ``obsm['X_own_grid']`` (5 x 5 windows) and ``obsm['X_ctx3']``, cached as npy."""
+    timings = {}
+    hx.pp.extract_patches(adata, size_um=112, patch_px=112, store="none", key_added="p")
+    jobs = {
+        "X_own": lambda: hx.tl.embed_patches(adata, "handcrafted", patches_key="p", key_added="X_own"),
+        "X_own_grid": lambda: hx.tl.embed_neighbourhood(
+            adata, "handcrafted", grid=5, patches_key="p", key_added="X_own_grid"
+        ),
+    }
+    for key, job in jobs.items():
+        t = time.time()
+        path = cache / f"{key}.npy" if cache else None
+        if path is not None and path.is_file():  # the features and their embedding record (grid, window size)
+            adata.obsm[key] = np.load(path)
+            rec = json.loads(path.with_suffix(".json").read_text())
+            adata.uns.setdefault("histoexp", {}).setdefault("embeddings", {})[key] = rec
+        else:
+            job()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, adata.obsm[key])
+                path.with_suffix(".json").write_text(json.dumps(adata.uns["histoexp"]["embeddings"][key]))
+        timings[f"embed_{key}"] = time.time() - t
+        log(f"{key}: {adata.obsm[key].shape} in {timings[f'embed_{key}']:.0f}s")
+    t = time.time()
+    path = cache / "X_ctx3.npy" if cache else None
+    if path is not None and path.is_file():
+        adata.obsm["X_ctx3"] = np.load(path)
+    else:
+        tmp = adata.copy()
+        hx.pp.extract_patches(tmp, size_um=336, patch_px=336, store="none", key_added="c3", overwrite=True)
+        hx.tl.embed_patches(tmp, "handcrafted", patches_key="c3", key_added="X_ctx3")
+        adata.obsm["X_ctx3"] = tmp.obsm["X_ctx3"]
+        if path is not None:
+            np.save(path, adata.obsm["X_ctx3"])
+    timings["embed_X_ctx3"] = time.time() - t
+    log(f"X_ctx3: {adata.obsm['X_ctx3'].shape} in {timings['embed_X_ctx3']:.0f}s")
+    return timings
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="NH2ST epochs (default: fit_nh2st's, early stopping)")
+    p.add_argument("--n-ensemble", type=int, default=None, help="NH2ST members (default: fit_nh2st's)")
+    p.add_argument("--cache", default=None, help="folder where the features are also saved (npy)")
+    p.add_argument("--no-ablation", action="store_true", help="only the full NH2ST")
+    p.add_argument("--out", default=str(HERE / "results" / "her2st_nh2st"))
+    args = p.parse_args()
+    hx.settings.progress = False
+    hx.settings.device = "cpu"
+    t_start = time.time()
+    adata, panel, _ = load_sections(args.data_dir, bank=False)
+    timings = features(adata, Path(args.cache) if args.cache else None)
+    adata.obsm["X_own+ctx3"] = np.hstack([adata.obsm["X_own"], adata.obsm["X_ctx3"]])
+    adata.obsm["X_own+grid"] = np.hstack([adata.obsm["X_own"], adata.obsm["X_own_grid"]])
+    truth_all = hx.pp.expression_matrix(adata, panel)
+    lib = adata.obs["library_id"].astype(str).to_numpy()
+    nh2st_kw = {"epochs": args.epochs, "n_ensemble": args.n_ensemble, "random_state": args.seed}
+    variants = {"nh2st": {}} if args.no_ablation else ABLATION
+    folds: list[dict] = []
+    for test in SECTIONS:
+        tr, te = lib != test, lib == test
+        train, query = adata[tr].copy(), adata[te].copy()
+        y_tr, y_te = truth_all[tr], truth_all[te]
+        fold = {"test": test, "train": [s for s in SECTIONS if s != test], "n_test": int(te.sum()), "methods": {}}
+
+        def record(method, pred, fit_s, predict_s, fold=fold, y_te=y_te, test=test, **extra):
+            s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, y_te, panel), n_top=50)
+            m = {k: s[k] for k in KEYS}
+            m.update({k: s[k] for k in ("n_genes", "n_constant_excluded", "n_constant_prediction")})
+            m.update(fit_s=round(fit_s, 1), predict_s=round(predict_s, 2), **extra)
+            fold["methods"][method] = m
+            log(
+                f"{test} {method:26s} PCC@M={m['pcc_mean']:.3f} HVG={m['pcc_hvg']:.3f} HEG={m['pcc_heg']:.3f} "
+                f"MSE={m['mse_mean']:.4f} (fit {fit_s:.0f}s)"
+            )
+
+        def timed(fit, key, label, train=train, query=query):
+            t = time.time()
+            model = fit(train)
+            fit_s = time.time() - t
+            t = time.time()
+            pred = hx.tl.impute(query, model).layers[key]
+            record(label, pred, fit_s, time.time() - t)
+            return model
+
+        record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), 0.0, 0.0)
+        for rep in ("own", "own+ctx3", "own+grid"):
+            timed(
+                lambda tr, rep=rep: hx.tl.fit_ridge(tr, genes=panel, use_rep=f"X_{rep}", random_state=args.seed),
+                "ridge",
+                f"ridge[{rep}]",
+            )
+            train.uns.pop("ridge", None)
+        timed(
+            lambda tr: hx.tl.fit_bleep(
+                tr, genes=panel, use_rep="X_own", random_state=args.seed, finetune_encoder=False
+            ),
+            "bleep",
+            "bleep[own]",
+        )
+        timed(
+            lambda tr: hx.tl.fit_mclstexp(tr, genes=panel, use_rep="X_own", random_state=args.seed),
+            "mclstexp",
+            "mclstexp[own]",
+        )
+        for label, kw in variants.items():
+            model = timed(
+                lambda tr, kw=kw: hx.tl.fit_nh2st(
+                    tr, genes=panel, use_rep="X_own", context_rep="X_own_grid", overwrite=True, **nh2st_kw, **kw
+                ),
+                "nh2st",
+                label,
+            )
+            h = model.config["history"]
+            fold["methods"][label].update(epochs_run=h["epochs_run"], best_epoch=h["best_epoch"])
+        folds.append(fold)
+
+    methods = list(folds[0]["methods"])
+    cols = (*KEYS, "fit_s")
+    mean = {m: {k: float(np.mean([f["methods"][m][k] for f in folds])) for k in cols} for m in methods}
+    timings["total"] = time.time() - t_start
+    result = {
+        "benchmark": "her2st NH2ST leave-one-section-out (C2..C6)",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "python benchmarks/her2st_nh2st.py " + " ".join(sys.argv[1:]),
+        "settings": {
+            "sections": SECTIONS,
+            "n_panel_genes": len(panel),
+            "targets": "log1p(normalize_total 1e4), her2st 785-gene panel, unsmoothed",
+            "features": {
+                "own": "handcrafted on the spot's 112 um patch at 112 px",
+                "ctx3": "handcrafted on one 336 um patch around the spot at 336 px",
+                "grid": "handcrafted on the 5x5 windows of 112 um (112 px) around the spot (embed_neighbourhood)",
+            },
+            "nh2st": {k: v if v is not None else "fit_nh2st default" for k, v in nh2st_kw.items()},
+            "metrics": "hx.tl.evaluate definitions: PCC@H = mean of the 50 best-predicted genes; HVG/HEG-50 = "
+            "highest variance / mean of the test truth; constant predictions count as r=0",
+        },
+        "folds": folds,
+        "mean": mean,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    mc = result["machine"]
+    labels = {**LABELS, "fit_s": "fit s"}
+    lines = [
+        "# her2st: NH2ST, leave-one-section-out, with the other methods and an ablation",
+        "",
+        f"{result['date']} · {mc['platform']}, {mc['cpu_count']} CPU cores, torch {mc['torch']}, "
+        f"histoexp {mc['histoexp']} · `{result['command'].strip()}` · {timings['total']:.0f} s",
+        "",
+        f"Train on four of C2..C6, predict the fifth; {len(panel)}-gene panel, log1p(normalize_total 1e4), unsmoothed "
+        "targets; frozen handcrafted features. Mean over the five folds:",
+        "",
+        "| method | " + " | ".join(labels[k] for k in cols) + " |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{mean[m][k]:.3f}" for k in cols) + " |")
+    lines += [
+        "",
+        "PCC@M per fold (test section):",
+        "",
+        "| method | " + " | ".join(SECTIONS) + " |",
+        "| --- | " + " | ".join("---:" for _ in SECTIONS) + " |",
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{f['methods'][m]['pcc_mean']:.3f}" for f in folds) + " |")
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""NH2ST (Qu et al., MICCAI 2025): query and neighbourhood branches, hypergraph, cross-attention, contrast + MSE.
+
+What is specific to NH2ST: :func:`info_nce` (its InfoNCE with down-weighted negatives), :class:`HypergraphConv`
+(a small dense hypergraph convolution over the windows of one spot), :class:`CrossFusion` (cross-attention
+between image and gene tokens), :class:`NH2STNet` and :class:`NH2STModel`, a regression model of the platform
+(:mod:`histoexp.models.base`) returned by ``hx.tl.fit_nh2st``.
+
+Frozen input layout: one row per spot holds the spot's own features (``feature_dim``) followed by the
+``grid**2`` window features of its neighbourhood (``grid**2 * feature_dim``, row-major windows, from
+``hx.tl.embed_neighbourhood``); the model's ``extra_reps`` config names that second ``obsm`` key, so
+``hx.tl.impute`` hands the concatenation to :meth:`NH2STNet.predict`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import RegressionModel, register_model
+from .heads import FeatureInput
+
+__all__ = ["CrossFusion", "HypergraphConv", "NH2STModel", "NH2STNet", "info_nce", "knn_hypergraph"]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, negative_weight: float = 0.1):
+    """InfoNCE between matched rows of ``a`` and ``b`` (L2-normalised), NH2ST's variant.
+
+    ``logits = a @ b.T / temperature`` with the off-diagonal (negative) logits multiplied by
+    ``negative_weight`` before the cross-entropy against the diagonal, as NH2ST's public code does.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    eye = torch.eye(len(a), device=a.device, dtype=torch.bool)
+    logits = torch.where(eye, logits, logits * negative_weight)
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+@torch.no_grad()
+def knn_hypergraph(x: torch.Tensor, mask: torch.Tensor | None = None, k: int = 3) -> torch.Tensor:
+    """Incidence matrices ``(B, N, N)`` (node i, hyperedge j): node j and its ``k`` most cosine-similar nodes.
+
+    NH2ST builds one hyperedge per window from the window and its 3 most similar windows (self loops
+    included). Masked nodes (``mask`` False) belong to no hyperedge and have none.
+    """
+    b, n, _ = x.shape
+    xn = F.normalize(x.float(), dim=-1)
+    sim = xn @ xn.transpose(1, 2)
+    eye = torch.eye(n, device=x.device, dtype=torch.bool)
+    sim = sim.masked_fill(eye, float("-inf"))
+    if mask is not None:
+        sim = sim.masked_fill(~mask[:, None, :], float("-inf"))  # invalid nodes are never picked
+    k = min(k, n - 1)
+    edges = torch.zeros(b, n, n, device=x.device)  # (B, hyperedge j, node i)
+    if k > 0:
+        val, idx = sim.topk(k, dim=-1)  # idx[b, j]: the k members of hyperedge j besides j
+        edges.scatter_(2, idx, torch.isfinite(val).float())
+    inc = edges.transpose(1, 2) + eye.float()  # self loop: node j is in hyperedge j
+    if mask is not None:
+        m = mask.float()
+        inc = inc * m[:, :, None] * m[:, None, :]
+    return inc
+
+
+class HypergraphConv(nn.Module):
+    """Dense hypergraph convolution ``D_v^-1 H W D_e^-1 H^T X Θ`` (Feng et al., HGNN; unit hyperedge weights W).
+
+    The few windows of one spot make a dense ``(N, N)`` incidence matrix cheap, so no graph library is needed.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.theta = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.theta(x)
+        d_e = inc.sum(1).clamp_min(1.0)  # (B, E) nodes per hyperedge
+        d_v = inc.sum(2).clamp_min(1.0)  # (B, N) hyperedges per node
+        edge = (inc.transpose(1, 2) @ x) / d_e[..., None]
+        return (inc @ edge) / d_v[..., None]
+
+
+class HGNN(nn.Module):
+    """Two hypergraph convolutions with a GELU between and a residual connection (keeps each window's own token)."""
+
+    def __init__(self, dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = HypergraphConv(dim, dim), HypergraphConv(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.dropout(F.gelu(self.conv1(x, inc))), inc)
+        return self.norm(x + h)
+
+
+class CrossFusion(nn.Module):
+    """Cross-attention of one token set on another (multi-head, residual, LayerNorm, MLP), one layer."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``q`` (B, Nq, D) attends to ``kv`` (B, Nk, D); ``kv_mask`` (B, Nk) True where a token exists."""
+        pad = None if kv_mask is None else ~kv_mask
+        h, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
+        x = self.norm1(q + h)
+        return self.norm2(x + self.mlp(x))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean(1)
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class NH2STNet(nn.Module):
+    """NH2ST's two branches on frozen features.
+
+    - Image encoder (shared by the spot and its windows): :class:`~histoexp.models.heads.FeatureInput`
+      (standardised, optionally whitened PCA) -> Linear -> GELU -> Linear, ``dim`` wide.
+    - Gene encoder (spot and neighbour expression): Linear -> GELU -> Linear (the paper: two linear layers).
+    - Neighbour branch: the ``grid**2`` window tokens -> hypergraph from each window's ``k`` most similar
+      windows plus self loops -> :class:`HGNN`; the neighbours' expression tokens go through the gene encoder
+      and an HGNN over the same hypergraph, restricted to windows holding a spot.
+    - Cross-attention (:class:`CrossFusion`) image->gene and gene->image in both branches, for the
+      contrastive terms only: on the spot's tokens, and on one token per neighbourhood (the mean of the
+      window tokens; the mean of the tokens of the windows holding a spot).
+    - Decoder: MLP on the image features only, before any fusion with genes: the spot token concatenated
+      with the mean of its neighbourhood tokens (``neighbours=True``), or the spot token alone.
+
+    Parameters
+    ----------
+    feature_dim
+        Width of one window's (and the spot's) frozen features.
+    n_genes
+        Number of genes.
+    grid
+        Windows per side of the neighbourhood (``grid**2`` windows).
+    dim, heads, dropout, k
+        Token width, attention heads, dropout, hypergraph neighbours.
+    n_pcs
+        Whitened principal components of the frozen features (``None``: standardised features).
+    neighbours, cross_attention
+        Switches of the ablation: without the neighbour branch the input is the spot's features only.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        n_genes: int,
+        *,
+        grid: int = 5,
+        dim: int = 128,
+        heads: int = 4,
+        dropout: float = 0.1,
+        k: int = 3,
+        n_pcs: int | None = None,
+        neighbours: bool = True,
+        cross_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.feature_dim, self.grid, self.k = int(feature_dim), int(grid), int(k)
+        self.use_neighbours, self.use_cross = bool(neighbours), bool(cross_attention)
+        self.features = FeatureInput(feature_dim, n_pcs, whiten=True)
+        self.image_encoder = nn.Sequential(
+            nn.Linear(self.features.out_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+        )
+        self.gene_encoder = nn.Sequential(nn.Linear(n_genes, dim), nn.GELU(), nn.Linear(dim, dim))
+        if self.use_neighbours:
+            self.image_graph, self.gene_graph = HGNN(dim, dropout), HGNN(dim, dropout)
+        if self.use_cross:
+            self.cross = CrossFusion(dim, heads, dropout)
+        in_dec = 2 * dim if self.use_neighbours else dim
+        self.decoder = nn.Sequential(
+            nn.LayerNorm(in_dec), nn.Linear(in_dec, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, n_genes)
+        )
+
+    @property
+    def input_dim(self) -> int:
+        """Width of a frozen input row (the spot's features, then the windows' when ``neighbours``)."""
+        return self.feature_dim * (1 + self.grid**2 if self.use_neighbours else 1)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = self.feature_dim
+        own = x[:, :d]
+        if not self.use_neighbours:
+            return own, None
+        return own, x[:, d:].reshape(len(x), self.grid**2, d)
+
+    def encode_image(self, x: torch.Tensor):
+        """Spot token ``(B, dim)`` and (with neighbours) window tokens ``(B, grid**2, dim)`` after the HGNN."""
+        own, win = self._split(x.float())
+        q = self.image_encoder(self.features(own))
+        if win is None:
+            return q, None, None
+        b, n, d = win.shape
+        tokens = self.image_encoder(self.features(win.reshape(b * n, d))).reshape(b, n, -1)
+        inc = knn_hypergraph(tokens, k=self.k)
+        return q, self.image_graph(tokens, inc), inc
+
+    def _decode(self, q: torch.Tensor, nb: torch.Tensor | None) -> torch.Tensor:
+        return self.decoder(q if nb is None else torch.cat([q, nb.mean(1)], dim=-1))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted expression from the frozen input rows (image only)."""
+        q, nb, _ = self.encode_image(x)
+        return self._decode(q, nb)
+
+    def losses(
+        self,
+        batch: dict,
+        *,
+        contrastive: bool = True,
+        temperature: float = 0.05,
+        negative_weight: float = 0.1,
+        neighbour_weight: float = 0.5,
+    ) -> dict:
+        """Return the terms of a batch: ``mse``, ``query`` and ``neighbour`` InfoNCE, their weighted ``total``."""
+        x, expr = batch["image"], batch["expression"]
+        q, nb, inc = self.encode_image(x)
+        pred = self._decode(q, nb)
+        out = {"mse": F.mse_loss(pred.float(), expr.float())}
+        total = out["mse"]
+        if contrastive:
+            g = self.gene_encoder(expr)
+            qi, qg = q[:, None], g[:, None]
+            if self.use_cross:
+                qi, qg = self.cross(qi, qg), self.cross(qg, qi)
+            out["query"] = info_nce(qi[:, 0], qg[:, 0], temperature, negative_weight)
+            total = total + out["query"]
+            if nb is not None:
+                mask = batch["neighbour_mask"]
+                # encode only the windows that hold a spot (about a third on a 200 µm legacy ST grid)
+                nexpr = batch["neighbour_expression"]
+                ng = q.new_zeros(*mask.shape, q.shape[-1])
+                ng[mask] = self.gene_encoder(nexpr[mask]).to(ng.dtype)
+                ng = self.gene_graph(ng, inc * mask.float()[:, :, None] * mask.float()[:, None, :])
+                # one token per neighbourhood (as the public code, which flattens the graph output before fusing)
+                ni, ng = nb.mean(1, keepdim=True), _masked_mean(ng, mask)[:, None]
+                if self.use_cross:
+                    ni, ng = self.cross(ni, ng), self.cross(ng, ni)
+                out["neighbour"] = info_nce(ni[:, 0], ng[:, 0], temperature, negative_weight)
+                total = total + neighbour_weight * out["neighbour"]
+        out["total"] = total
+        return out
+
+
+@register_model
+class NH2STModel(RegressionModel):
+    """A trained NH2ST model: returned by :func:`histoexp.tl.fit_nh2st`, used by :func:`histoexp.tl.impute`.
+
+    A :class:`~histoexp.models.base.RegressionModel` whose frozen input is the spot's features
+    (``obsm[use_rep]``) followed by its neighbourhood's window features (``obsm[extra_reps[0]]``, from
+    :func:`histoexp.tl.embed_neighbourhood`) when trained with the neighbour branch.
+    """
+
+    method = "nh2st"
+
+    @classmethod
+    def build_net(cls, config: dict, encoder: nn.Module | None = None) -> NH2STNet:  # noqa: D102
+        if encoder is not None:
+            raise ValueError("NH2ST in histoexp reads frozen features only.")
+        return NH2STNet(
+            config["feature_dim"],
+            len(config["genes"]),
+            grid=config["grid"],
+            dim=config["dim"],
+            heads=config["heads"],
+            dropout=config["dropout"],
+            k=config["k"],
+            n_pcs=config.get("n_pcs"),
+            neighbours=config["neighbours"],
+            cross_attention=config["cross_attention"],
+        )
+
+    def _repr_extra(self) -> str:
+        c = self.config
+        return f", neighbours={c.get('neighbours')}, grid={c.get('grid')}, contrastive={c.get('contrastive')}"
