@@ -128,6 +128,11 @@ def test_grid_neighbours_finds_the_surrounding_spots():
     assert grid[2, 2] == centre and grid[2, 4] == 13 and grid[0, 0] == 6 and grid[4, 2] == 17
     assert (grid[[1, 3]] == -1).all() and (grid[:, [1, 3]] == -1).all()
     assert (nb[0].reshape(5, 5)[:2] == -1).all()  # corner spot: nothing above it
+    # Visium: 100 µm hexagonal pitch, 55 µm windows: an interior spot sees itself and its 6 hexagonal neighbours
+    hexa = np.array([(x * 100 + (y % 2) * 50, y * 86.6) for y in range(5) for x in range(5)], dtype=float)
+    nb = grid_neighbours(hexa, np.full(len(hexa), "V"), {"V": 55.0}, 5)
+    assert (nb[12] >= 0).sum() == 7 and nb[12, 12] == 12
+    assert set(nb[12][nb[12] >= 0]) == {12, 11, 13, 6, 7, 16, 17}
 
 
 def test_nh2st_learns_from_the_neighbourhood(nbhd):

@@ -155,7 +155,7 @@ class NH2STNet(nn.Module):
         n_genes: int,
         *,
         grid: int = 5,
-        dim: int = 128,
+        dim: int = 64,
         heads: int = 4,
         dropout: float = 0.1,
         k: int = 3,

@@ -14,8 +14,8 @@ from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, tra
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.nh2st import NH2STModel
 
-#: Defaults for frozen features (CPU). One model (``n_ensemble=1``); lr / weight decay / batch chosen on the
-#: synthetic neighbourhood data and kept for her2st (see ``benchmarks/her2st_nh2st.py`` for what they give).
+#: Defaults for frozen features (CPU): BLEEP's lr / weight decay with a batch of 128 and early stopping, one model
+#: (``n_ensemble=1``). Not tuned on her2st (``benchmarks/her2st_nh2st.py`` reports what they give there).
 FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-3, "patience": 10, "n_ensemble": 1}
 
 
@@ -67,7 +67,7 @@ def fit_nh2st(
     neighbours: bool = True,
     contrastive: bool = True,
     cross_attention: bool = True,
-    dim: int = 128,
+    dim: int = 64,
     heads: int = 4,
     dropout: float = 0.1,
     k: int = 3,
@@ -122,7 +122,7 @@ def fit_nh2st(
       training and evaluation. Smoothing removes counting noise and adds neighbourhood signal to the target,
       which inflates correlations and favours context models; we train and evaluate on the measured spot
       (log1p(normalize_total 1e4)), as every other histoexp method;
-    - sizes for CPU: ``dim=128`` tokens, ``heads=4``, one cross-attention layer shared by all four fusions
+    - sizes for CPU: ``dim=64`` tokens, ``heads=4``, one cross-attention layer shared by all four fusions
       (the paper: 512, 8); AdamW (``lr`` 1e-3, ``weight_decay`` 1e-3, batch 128, up to 100 epochs with early
       stopping on whole validation sections, ``patience`` 10) instead of Adam 5e-4 / StepLR / batch 8 /
       200 epochs / fp16;
