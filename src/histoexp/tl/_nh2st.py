@@ -14,9 +14,10 @@ from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, tra
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.nh2st import NH2STModel
 
-#: Defaults for frozen features (CPU): BLEEP's lr / weight decay with a batch of 128 and early stopping, one model
-#: (``n_ensemble=1``). Not tuned on her2st (``benchmarks/her2st_nh2st.py`` reports what they give there).
-FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-3, "patience": 10, "n_ensemble": 1}
+#: Defaults for frozen features (CPU): BLEEP's lr / weight decay with a batch of 128 and early stopping; five members
+#: averaged (as ``fit_bleep``: one network trained on a few thousand spots is noisy). Not tuned on her2st
+#: (``benchmarks/her2st_nh2st.py`` reports what they give there).
+FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-3, "patience": 10, "n_ensemble": 5}
 
 
 def grid_neighbours(coords: np.ndarray, sections: np.ndarray, window_px: dict[str, float], grid: int) -> np.ndarray:
@@ -126,6 +127,8 @@ def fit_nh2st(
       (the paper: 512, 8); AdamW (``lr`` 1e-3, ``weight_decay`` 1e-3, batch 128, up to 100 epochs with early
       stopping on whole validation sections, ``patience`` 10) instead of Adam 5e-4 / StepLR / batch 8 /
       200 epochs / fp16;
+    - an ensemble (``n_ensemble=5`` by default, not in the paper): five members from seeds ``random_state + i``,
+      predictions averaged;
     - a dense hypergraph convolution (``D_v^-1 H D_e^-1 H^T X Θ``, unit hyperedge weights) on the 25 windows
       of each spot instead of torch_geometric's ``HypergraphConv`` (the same operator; no extra dependency).
 
@@ -166,7 +169,7 @@ def fit_nh2st(
         features); ``None``: standardised features.
     n_ensemble
         Independently trained members (seeds ``random_state + i``) whose predictions are averaged
-        (``None``: 1).
+        (``None``: 5). Training time grows linearly with it.
     epochs, batch_size, lr, weight_decay, patience
         Training settings; ``None``: :data:`FROZEN_DEFAULTS`.
     val_fraction
