@@ -223,3 +223,18 @@ def test_errors(nbhd):
         hx.tl.impute(q, model)
     with pytest.raises(ValueError, match="regression model"):
         hx.tl.impute(query, model, k=5)
+
+
+def test_her2st_smoke(her2st_c2):
+    """Real legacy ST (200 µm pitch, 112 µm windows): a spot's 5 x 5 windows hold its 3 x 3 nearest spots."""
+    ad = her2st_c2.copy()
+    hx.pp.extract_patches(ad, size_um=112, patch_px=8)
+    enc = MeanColour.make()
+    hx.tl.embed_patches(ad, enc, weights=None, key_added="X_mean")
+    hx.tl.embed_neighbourhood(ad, enc, weights=None, grid=5, key_added="X_mean_grid")
+    genes = list(ad.var_names[np.argsort(-np.asarray(ad.X.sum(0)).ravel())[:20]])
+    model = fit(ad, genes=genes, use_rep="X_mean", epochs=2, dim=16, heads=2)
+    n_nb = ad.uns["nh2st"]["params"]["mean_neighbour_spots"]
+    assert 6 < n_nb <= 9  # interior spots have 9 (themselves and 8 around), edge spots fewer
+    pred = hx.tl.impute(ad, model)
+    assert pred.layers["nh2st"].shape == (ad.n_obs, 20) and np.isfinite(pred.layers["nh2st"]).all()
