@@ -115,10 +115,12 @@ def fit_nh2st(
       that path carries no information about the surroundings, so the decoder here reads the spot's image
       token concatenated with the mean of its hypergraph-convolved window tokens (image only, no expression;
       ``neighbours=False``: the spot token alone);
-    - the neighbour contrastive term compares the masked means of the fused window tokens (image) and of
-      the fused tokens of the windows that hold a spot (expression) per spot, with the other spots of the
-      batch as negatives; windows without a spot (tissue edge, the gaps of a 200 µm legacy ST grid) are
-      masked out of the gene hypergraph and of the attention;
+    - the neighbour branch is fused and contrasted as one token per spot: the mean of the window tokens
+      (image) and the mean of the tokens of the windows that hold a spot (expression), with the other spots
+      of the batch as negatives (the public code also flattens the graph output into one vector before its
+      fusion); windows without a spot (tissue edge, the gaps of a 200 µm legacy ST grid) are masked out of the
+      gene hypergraph and of that mean. With one token on each side, cross-attention reduces to adding a
+      projection of the other modality (as in the public code, whose tokens are single vectors too);
     - **targets are not smoothed**: the original averages each spot's targets over its 3x3 neighbours for
       training and evaluation. Smoothing removes counting noise and adds neighbourhood signal to the target,
       which inflates correlations and favours context models; we train and evaluate on the measured spot
