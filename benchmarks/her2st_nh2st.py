@@ -192,11 +192,17 @@ def main() -> None:
             h = model.config["history"]
             fold["methods"][label].update(epochs_run=h["epochs_run"], best_epoch=h["best_epoch"])
         folds.append(fold)
+        write(folds, args, panel, nh2st_kw, timings, t_start, final=False)
 
+    write(folds, args, panel, nh2st_kw, timings, t_start, final=True)
+
+
+def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> None:
+    """Write the JSON and Markdown results of the folds so far (after every fold: an interrupted run keeps them)."""
     methods = list(folds[0]["methods"])
     cols = (*KEYS, "fit_s")
     mean = {m: {k: float(np.mean([f["methods"][m][k] for f in folds])) for k in cols} for m in methods}
-    timings["total"] = time.time() - t_start
+    timings = {**timings, "total": time.time() - t_start}
     result = {
         "benchmark": "her2st NH2ST leave-one-section-out (C2..C6)",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -218,6 +224,7 @@ def main() -> None:
             "metrics": "hx.tl.evaluate definitions: PCC@H = mean of the 50 best-predicted genes; HVG/HEG-50 = "
             "highest variance / mean of the test truth; constant predictions count as r=0",
         },
+        "complete": final,
         "folds": folds,
         "mean": mean,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -234,7 +241,9 @@ def main() -> None:
         f"histoexp {mc['histoexp']} · `{result['command'].strip()}` · {timings['total']:.0f} s",
         "",
         f"Train on four of C2..C6, predict the fifth; {len(panel)}-gene panel, log1p(normalize_total 1e4), unsmoothed "
-        "targets; frozen handcrafted features. Mean over the five folds:",
+        f"targets; frozen handcrafted features. Mean over {len(folds)} fold(s)"
+        + ("" if final else " (run incomplete)")
+        + ":",
         "",
         "| method | " + " | ".join(labels[k] for k in cols) + " |",
         "| --- | " + " | ".join("---:" for _ in cols) + " |",
@@ -245,14 +254,15 @@ def main() -> None:
         "",
         "PCC@M per fold (test section):",
         "",
-        "| method | " + " | ".join(SECTIONS) + " |",
-        "| --- | " + " | ".join("---:" for _ in SECTIONS) + " |",
+        "| method | " + " | ".join(f["test"] for f in folds) + " |",
+        "| --- | " + " | ".join("---:" for _ in folds) + " |",
     ]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{f['methods'][m]['pcc_mean']:.3f}" for f in folds) + " |")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    if final:
+        print(table)
 
 
 if __name__ == "__main__":
