@@ -138,9 +138,10 @@ def fit_nh2st(
     log1p targets, frozen handcrafted features, one member per variant; mean PCC@M over the five folds): NH2ST
     0.088, without the neighbour branch 0.106, without the contrastive terms 0.100, without cross-attention
     0.111; ridge on the spot's features 0.124, on the spot + its 25 windows 0.128, on the spot + one 3x wider
-    context patch 0.139. With about 550 training spots a fold, the neighbour branch overfits more than it
-    informs, and the degenerate one-token cross-attention costs accuracy; five members lift the no-neighbour
-    variant from 0.106 to 0.123. Spatial context is a real lever (ridge), but not through this network here.
+    context patch 0.139. Here the neighbour branch costs accuracy (about 550 training spots a fold for 925
+    window features: overfitting is the likely reason, not established), removing the one-token
+    cross-attention helps, and five members lift the no-neighbour variant from 0.106 to 0.123. Spatial context
+    is a real lever (ridge), but this network does not use it on these data.
 
     The ablation switches are real arguments: ``neighbours=False`` (no neighbour branch: spot features only,
     no neighbour InfoNCE), ``contrastive=False`` (MSE only) and ``cross_attention=False`` (InfoNCE on the
