@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from anndata import AnnData
 
 import histoexp as hx
-from histoexp.models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, sentence_order
+from histoexp.models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, sentence_order, spot_positions
 from histoexp.tl._mclstexp import spatial_sentences
 
 FAST = {"genes": "all", "use_rep": "X_feat", "batch_size": 64, "epochs": 40, "n_heads": 2, "head_dim": 16}
@@ -20,13 +22,17 @@ def _pcc(pred, truth):
 
 
 def _shuffle_positions(adata, seed=0):
-    """Permute the positions among the spots of each section."""
+    """Permute the positions (pixels and array indices alike) among the spots of each section."""
     out = adata.copy()
     rng = np.random.default_rng(seed)
     lib = out.obs["library_id"].astype(str).to_numpy()
+    array = out.obs[["array_x", "array_y"]].to_numpy()
     for s in np.unique(lib):
         idx = np.flatnonzero(lib == s)
-        out.obsm["spatial"][idx] = out.obsm["spatial"][rng.permutation(idx)]
+        perm = rng.permutation(idx)
+        out.obsm["spatial"][idx] = out.obsm["spatial"][perm]
+        array[idx] = array[perm]
+    out.obs[["array_x", "array_y"]] = array
     return out
 
 
@@ -77,6 +83,27 @@ def test_grid_positions_and_sentence_order():
     first = ij[order[:16]]  # a Z-order chunk of 16 is a 4 x 4 block
     assert np.ptp(first[:, 0]) == 3 and np.ptp(first[:, 1]) == 3
     assert sorted(sentence_order(ij, None, "batch")) == list(range(len(ij)))
+
+
+def test_grid_positions_visium_hexagonal_and_array_columns():
+    """On Visium's hexagonal grid every spot keeps its own cell; pixels and array indices give the same grid."""
+    rng = np.random.default_rng(0)
+    rc = np.array([(r, c) for r in range(30) for c in range(0, 60) if c % 2 == r % 2])  # array_row, array_col
+    pitch = 100 / 0.2645  # 100 µm spot spacing at 0.2645 µm/px
+    pix = np.c_[rc[:, 1] * pitch / 2, rc[:, 0] * pitch * np.sqrt(3) / 2] + 800 + rng.normal(0, 2, rc.shape)
+    grid = grid_positions(pix)
+    assert len({tuple(g) for g in grid}) == len(rc)  # no two spots share a cell
+    np.testing.assert_array_equal(grid, rc[:, ::-1] - rc[:, ::-1].min(0))
+    np.testing.assert_array_equal(grid_positions(rc[:, ::-1].astype(float)), grid)
+    ad = AnnData(np.zeros((len(rc), 1)), obs=pd.DataFrame({"array_row": rc[:, 0], "array_col": rc[:, 1]}))
+    ad.obsm["spatial"] = pix
+    pos, source = spot_positions(ad)
+    assert source == "array"
+    np.testing.assert_array_equal(pos, rc[:, ::-1])
+    assert spot_positions(ad, positions="pixels")[1] == "pixels"
+    ad.obs.loc[ad.obs.index[0], "array_row"] = np.nan
+    with pytest.raises(ValueError, match="missing"):
+        spot_positions(ad)
 
 
 def test_loss_identity_targets_and_weighting():
@@ -130,6 +157,19 @@ def test_learns_and_uses_positions(data, fitted):
     print(f"synthetic PCC all genes {r:.3f}; gradient genes {r_pos:.3f} vs shuffled positions {r_ctrl:.3f}")
 
 
+def test_count_only_reference(data, fitted):
+    """A reference without image or pixel positions (counts + array grid) serves the spot branch as well."""
+    train, test, _ = data
+    _, model = fitted
+    assert model.config["positions"] == "array"
+    counts_only = AnnData(train.X.copy(), obs=train.obs[["library_id", "array_x", "array_y"]].copy(), var=train.var)
+    a = hx.tl.impute(test, model, reference=counts_only, k=30).layers["mclstexp"]
+    np.testing.assert_allclose(a, hx.tl.impute(test, model, reference=train, k=30).layers["mclstexp"], atol=1e-6)
+    bare = AnnData(train.X.copy(), obs=train.obs[["library_id"]].copy(), var=train.var)
+    with pytest.raises(KeyError, match="positions"):
+        hx.tl.impute(test, model, reference=bare)
+
+
 def test_save_load_impute_identical(data, fitted, tmp_path):
     _, test, _ = data
     _, model = fitted
@@ -155,8 +195,11 @@ def test_same_seed_same_model_and_batch_sentences(data, fitted):
         hx.tl.fit_mclstexp(train.copy(), **FAST, sentence="window")
     no_pos = train.copy()
     del no_pos.obsm["spatial"]
+    no_pos.obs = no_pos.obs.drop(columns=["array_x", "array_y"])
     with pytest.raises(KeyError, match="positions"):
         hx.tl.fit_mclstexp(no_pos, **FAST)
+    with pytest.raises(ValueError, match="positions"):
+        hx.tl.fit_mclstexp(train.copy(), **FAST, positions="grid")
 
 
 def test_real_her2st_smoke(her2st_dir):

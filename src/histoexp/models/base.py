@@ -368,6 +368,20 @@ class RetrievalModel(ExpressionModel):
         ref = self.reference
         return f", reference={'none' if ref is None else len(ref)} spots"
 
+    def reference_positions(self, adata) -> np.ndarray:
+        """Positions of a reference AnnData's spots for ``reference_fields`` ``'coords'``.
+
+        Default: ``obsm[config['coords_key']]`` (``'spatial'``); a method overrides this to read positions
+        its own way.
+        """
+        key = self.config.get("coords_key", "spatial")
+        if key not in adata.obsm:
+            raise KeyError(f"A reference lacks obsm[{key!r}] (spot positions the model's spot branch reads).")
+        pos = np.asarray(adata.obsm[key], dtype=np.float32)[:, :2]
+        if not np.isfinite(pos).all():
+            raise ValueError(f"A reference has NaN or infinite positions in obsm[{key!r}].")
+        return pos
+
     @staticmethod
     def join(parts: list[np.ndarray]) -> np.ndarray:
         """Join member embeddings: one as it is; several L2-normalised, concatenated, / sqrt(n).

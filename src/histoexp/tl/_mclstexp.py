@@ -93,6 +93,7 @@ def fit_mclstexp(
     patience: int | None = None,
     val_fraction: float = 0.2,
     coords_key: str = "spatial",
+    positions: Literal["auto", "array", "pixels"] = "auto",
     library_key: str | None = None,
     patches_key: str = "patches",
     augment: bool = True,
@@ -120,10 +121,14 @@ def fit_mclstexp(
     - prediction (:func:`impute`): the query's image embedding retrieves the top 200 reference spots
       (cosine), weighted ``1/d²`` with ``d`` the L1 distance of the L2-normalised embeddings.
 
-    Grid positions: ``obsm[coords_key]`` (pixels) -> per section ``round((pos - min) / pitch)``, ``pitch`` the
-    median nearest-neighbour spot distance, clipped to ``grid_size - 1``
-    (:func:`~histoexp.models.mclstexp.grid_positions`); the same rule serves legacy ST, Visium and
-    :func:`histoexp.pp.tile_tissue` tiles, and every reference given to :func:`impute`.
+    Grid positions (``positions``): the platform's own spot grid in ``obs`` when present (Visium and
+    :func:`histoexp.pp.tile_tissue` tiles: ``array_col``/``array_row``; legacy ST: ``array_x``/``array_y``),
+    else the pixel positions ``obsm[coords_key]``; per section they become integer indices
+    ``round((pos - min) / step)`` with the grid step along each axis (half the spot spacing in x on Visium's
+    hexagonal grid, so every spot keeps its own cell), clipped to ``grid_size - 1``
+    (:func:`~histoexp.models.mclstexp.grid_positions`). Every reference given to :func:`impute` is read the
+    same way; count-only sections (no image) serve as references, since the spot branch reads expression and
+    positions only. For Visium HD bins or dense tiles wider than ``grid_size`` cells, raise ``grid_size``.
 
     Sentences:
 
@@ -152,8 +157,8 @@ def fit_mclstexp(
       fine-tuning: the paper's ``epochs=90, batch_size=128, lr=1e-4, weight_decay=1e-3`` with ``patience=10``;
     - the validation split is by section with early stopping on the validation loss (the paper trains a fixed
       90 epochs);
-    - positions: grid indices derived from pixel positions per section (the code reads the legacy ST array
-      x/y into 65,536-row tables); ``grid_size=128`` rows by default;
+    - positions: the platform's array grid (as the code, which reads the legacy ST array x/y into 65,536-row
+      tables), or grid indices derived from pixel positions where there is none; ``grid_size=128`` rows;
     - fine-tuning augmentation: random flips and 90° rotations (the paper: colour jitter, flips, rotations
       up to 180°); patches normalised by the encoder's own transform;
     - ``sentence='spatial'`` is new (see above); optimiser AdamW (the paper: Adam with L2 weight decay).
@@ -203,8 +208,11 @@ def fit_mclstexp(
         Fraction of sections (or of one section's spots, in a spatial stripe) used for validation and early
         stopping; ``0`` trains on everything for ``epochs`` epochs.
     coords_key
-        ``obsm`` key of the spot positions (saved with the model: :func:`impute` reads the reference
+        ``obsm`` key of the spot positions in pixels (saved with the model: :func:`impute` reads the reference
         positions from the same key).
+    positions
+        ``'auto'`` (the ``obs`` array columns when present, else ``obsm[coords_key]``), ``'array'`` or
+        ``'pixels'`` (:func:`~histoexp.models.mclstexp.spot_positions`).
     library_key
         ``obs`` column of the sections (``None``: ``'library_id'`` when present).
     patches_key
@@ -236,7 +244,7 @@ def fit_mclstexp(
     """
     from ..models.base import ReferenceSpots
     from ..models.bleep import augment_dihedral
-    from ..models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss
+    from ..models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, spot_positions
 
     if sentence not in SENTENCES:
         raise ValueError(f"`sentence` must be one of {SENTENCES}, got {sentence!r}.")
@@ -249,11 +257,7 @@ def fit_mclstexp(
         raise ValueError(f"`image_weight` must be in [0, 1], got {image_weight!r}.")
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
-    if coords_key not in adata.obsm:
-        raise KeyError(f"mclSTExp needs spot positions in adata.obsm[{coords_key!r}] (obsm has {list(adata.obsm)}).")
-    positions = np.asarray(adata.obsm[coords_key], dtype=np.float64)[:, :2]
-    if not np.isfinite(positions).all():
-        raise ValueError(f"adata.obsm[{coords_key!r}] has NaN or infinite positions.")
+    positions, position_source = spot_positions(adata, coords_key, positions)
 
     img_key, expr_key = f"X_{key_added}_image", f"X_{key_added}_expression"
     hp = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
@@ -294,6 +298,7 @@ def fit_mclstexp(
         "projection_dim": int(projection_dim),
         "grid_size": int(grid_size),
         "coords_key": coords_key,
+        "positions": position_source,
     }
     data.config.update(settings)
     set_n_pcs(data, n_pcs)

@@ -98,12 +98,6 @@ def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> n
     return out
 
 
-def _positions(adata: AnnData, key: str) -> np.ndarray:
-    if key not in adata.obsm:
-        raise KeyError(f"A reference lacks obsm[{key!r}] (spot positions the model's spot branch reads).")
-    return np.asarray(adata.obsm[key], dtype=np.float32)[:, :2]
-
-
 def _reference_bank(model, reference, genes, layer, center=None):
     """(ReferenceSpots of the model genes, values of the output genes, output gene names)."""
     from ..models.base import ReferenceSpots
@@ -172,7 +166,7 @@ def _reference_bank(model, reference, genes, layer, center=None):
             values = _center_sections(values, labels, target)
     coords = None
     if "coords" in model.reference_fields:
-        coords = np.concatenate([_positions(r, model.config.get("coords_key", "spatial")) for r in refs])
+        coords = np.concatenate([model.reference_positions(r) for r in refs])
     return ReferenceSpots(bank, coords, sections), values, list(out)
 
 
