@@ -138,7 +138,7 @@ def test_learns_and_uses_positions(data, fitted):
     train, test, pos_genes = data
     fit_data, model = fitted
     assert isinstance(model, MclstexpModel) and model.retrieval_defaults == {"k": 200, "method": "inverse_distance"}
-    assert model.config["sentence"] == "spatial" and model.reference is not None
+    assert model.config["sentence"] == "batch" and model.reference is not None
     pred = hx.tl.impute(test, model, k=30)
     truth = pred.layers["measured"]
     r = _pcc(pred.layers["mclstexp"], truth)
@@ -180,16 +180,16 @@ def test_save_load_impute_identical(data, fitted, tmp_path):
     np.testing.assert_array_equal(hx.tl.impute(test, loaded).layers["mclstexp"], a)
 
 
-def test_same_seed_same_model_and_batch_sentences(data, fitted):
+def test_same_seed_same_model_and_spatial_sentences(data, fitted):
     train, test, _ = data
     _, model = fitted
     again = hx.tl.fit_mclstexp(train.copy(), **FAST, random_state=0)
     for (k, v), w in zip(model.net.state_dict().items(), again.net.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
-    batch = hx.tl.fit_mclstexp(train.copy(), **{**FAST, "epochs": 15}, sentence="batch", random_state=0)
-    assert batch.config["sentence"] == "batch"
-    assert np.isfinite(batch.config["history"]["train_loss"]).all()
-    pred = hx.tl.impute(test, batch, k=30)
+    spatial = hx.tl.fit_mclstexp(train.copy(), **{**FAST, "epochs": 15}, sentence="spatial", random_state=0)
+    assert spatial.config["sentence"] == "spatial"
+    assert np.isfinite(spatial.config["history"]["train_loss"]).all()
+    pred = hx.tl.impute(test, spatial, k=30)
     assert _pcc(pred.layers["mclstexp"], pred.layers["measured"]) > 0.5
     with pytest.raises(ValueError, match="sentence"):
         hx.tl.fit_mclstexp(train.copy(), **FAST, sentence="window")
