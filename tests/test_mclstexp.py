@@ -13,7 +13,15 @@ import histoexp as hx
 from histoexp.models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, sentence_order, spot_positions
 from histoexp.tl._mclstexp import spatial_sentences
 
-FAST = {"genes": "all", "use_rep": "X_feat", "batch_size": 64, "epochs": 40, "n_heads": 2, "head_dim": 16}
+FAST = {
+    "genes": "all",
+    "use_rep": "X_feat",
+    "batch_size": 64,
+    "epochs": 40,
+    "n_heads": 2,
+    "head_dim": 16,
+    "n_ensemble": 1,
+}
 
 
 def _pcc(pred, truth):
