@@ -60,10 +60,14 @@ class _CrossAttention(nn.Module):
         self.scale = 1 / math.sqrt(dim)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        att = (self.q(x) @ self.k(ctx).transpose(-1, -2)) * self.scale
+        # the query and output maps are moved to the (few) context tokens: q(x)·k = x·(k W_q) + b_q·k, and
+        # o(Σ a v) = Σ a o(v) as the weights sum to 1. Same result, but the many queries (every spot × gene
+        # in the prompter) skip two d×d products.
+        k = self.k(ctx)
+        att = (x @ (k @ self.q.weight).transpose(-1, -2) + (k @ self.q.bias).unsqueeze(-2)) * self.scale
         if bias is not None:
             att = att + bias
-        return self.norm(x + self.o(att.softmax(-1) @ self.v(ctx)))
+        return self.norm(x + att.softmax(-1) @ self.o(self.v(ctx)))
 
 
 class ZeroshotNet(nn.Module):
@@ -184,7 +188,7 @@ class ZeroshotNet(nn.Module):
         if not len(self.prompter):
             return h @ t.T + bias
         ctx = self.token_proj(h).reshape(len(h), self.image_tokens, self.dim)  # (B, m, d)
-        g = t[None].expand(len(h), -1, -1)  # (B, G, d)
+        g = t[None]  # (1, G, d): broadcast over the spots by the first layer
         for layer in self.prompter:
             g = layer(g, ctx)
         return (g * h[:, None]).sum(-1) + bias
