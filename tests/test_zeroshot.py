@@ -56,6 +56,21 @@ def test_loss_is_mse_plus_correlation_term():
     assert torch.isclose(zeroshot_loss(-y, y, pcc_weight=1.0), ((2 * y) ** 2).mean() + 2, atol=1e-4)
 
 
+def test_prompter_equals_naive_cross_attention():
+    """The prompter computed from attention weights equals refining every spot's gene tokens layer by layer."""
+    from histoexp.models.zeroshot import _Prompter
+
+    torch.manual_seed(0)
+    prompter = _Prompter(16, 2)
+    t, ctx, h = torch.randn(7, 16), torch.randn(3, 4, 16), torch.randn(3, 16)
+    g = t[None].expand(3, -1, -1)
+    for layer in prompter.layers:
+        a = (layer["q"](g) @ layer["k"](ctx).transpose(1, 2) / 4).softmax(-1)
+        g = g + layer["o"](a @ layer["v"](ctx))
+    naive = (g * h[:, None]).sum(-1) - h @ t.T
+    torch.testing.assert_close(prompter(t, ctx, h), naive, atol=1e-5, rtol=1e-5)
+
+
 def test_predicts_unseen_genes_above_shuffled_embeddings(data, fitted):
     train, test, table, seen, unseen = data
     fit_data, model = fitted
