@@ -108,6 +108,14 @@ def fit_zeroshot(
       the handcrafted encoder, per patch or per sub-region), split into ``nuclei_tokens`` tokens that the global
       image embedding attends to. The query needs the same obsm.
 
+    On her2st (``benchmarks/her2st_zeroshot.py``: leave-one-section-out over C2..C6 × five gene folds of the
+    785-gene panel, handcrafted features, embeddings from the co-expression of the 29 count-only sections of
+    the other patients, ``genes_per_step=128``), unseen genes reach PCC@M 0.122 / PCC@H 0.385 with the SGN form,
+    98 % of ridge trained on those very genes (0.124 / 0.391); graph 0.125, nuclei 0.123, prompter 0.120, all
+    three 0.123: the parts change little on frozen handcrafted features. The simple baseline (each unseen gene
+    as the similarity-weighted mix of 20 seen genes' ridge predictions) reaches 0.132. MSE stays higher than the
+    supervised model's (0.384 vs 0.244): a co-expression embedding carries no expression level.
+
     Deviations from the papers, on purpose: frozen image features only (SGN trains a ResNet-18 and a graph over
     windows; the nuclei branch of the paper segments nuclei); the gene embeddings are whatever the user brings
     (SGN embeds LLM-written gene descriptions); all training genes are used in every step unless
