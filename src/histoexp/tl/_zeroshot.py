@@ -56,7 +56,7 @@ def fit_zeroshot(
     adata: AnnData,
     *,
     gene_embeddings: pd.DataFrame | str,
-    genes: Sequence[str] | str | int | None = "her2st",
+    genes: Sequence[str] | str | int | None = None,
     layer: str | None = None,
     normalize: Literal["log1p", "none"] = "log1p",
     use_rep: str | None = None,
@@ -129,7 +129,8 @@ def fit_zeroshot(
         Genes × dims DataFrame (:func:`histoexp.pp.gene_embeddings`) or a key of ``adata.varm`` written by it.
         Every training gene needs an embedding; the model keeps the whole table and can predict any gene in it.
     genes
-        Training genes, resolved by :func:`histoexp.pp.select_genes` (default the her2st panel).
+        Training genes, resolved by :func:`histoexp.pp.select_genes` (list, ``'her2st'``, ``'all'``, int = that
+        many HVGs, ``None`` = 250 HVGs); each needs an embedding.
     layer, normalize
         Counts layer and normalisation of the targets (as :func:`histoexp.tl.fit_bleep`).
     use_rep, encoder
