@@ -19,6 +19,7 @@ from .handcrafted import FEATURE_NAMES as HANDCRAFTED_FEATURES
 from .handcrafted import handcrafted_features
 from .mclstexp import MclstexpModel
 from .ridge import RidgeModel
+from .zeroshot import ZeroshotModel
 
 __all__ = [
     "HANDCRAFTED_FEATURES",
@@ -34,6 +35,7 @@ __all__ = [
     "RetrievalModel",
     "RidgeModel",
     "WeightsUnavailableError",
+    "ZeroshotModel",
     "get_encoder",
     "handcrafted_features",
     "list_encoders",

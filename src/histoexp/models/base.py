@@ -68,7 +68,7 @@ def load_model(path: str | os.PathLike, *, device=None) -> ExpressionModel:
     device
         Move the weights there (``None``: CPU).
     """
-    from . import bleep, mclstexp, ridge  # noqa: F401  (register the built-in methods)
+    from . import bleep, mclstexp, ridge, zeroshot  # noqa: F401  (register the built-in methods)
 
     config = _io.read_config(path)
     method = config.get("method")

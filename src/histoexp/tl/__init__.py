@@ -9,6 +9,7 @@ from ._mclstexp import fit_mclstexp
 from ._predict import impute, load_model
 from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
+from ._zeroshot import fit_zeroshot
 
 __all__ = [
     "embed_patches",
@@ -16,6 +17,7 @@ __all__ = [
     "fit_bleep",
     "fit_mclstexp",
     "fit_ridge",
+    "fit_zeroshot",
     "gene_metrics",
     "impute",
     "load_model",

@@ -46,30 +46,16 @@ def _query_images(query: AnnData, model, patches_key: str | None):
     """Return what the model's image branch reads from the query (features or patches), with clear errors."""
     cfg = model.config
     if model.mode == "frozen":
-        rep = model.use_rep
-        enc = (cfg.get("encoder") or {}).get("name")
-        if rep not in query.obsm:
-            how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
-            raise KeyError(
-                f"The model reads image features from obsm[{rep!r}], which the query lacks "
-                f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
-            )
-        feats = np.asarray(query.obsm[rep], dtype=np.float32)
-        if feats.ndim != 2 or feats.shape[1] != cfg["feature_dim"]:
-            raise ValueError(
-                f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {cfg['feature_dim']} features a spot."
-            )
-        if not np.isfinite(feats).all():
-            raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
-        q_rec, m_rec = _embedding_record(query, rep), cfg.get("embedding")
-        if q_rec and m_rec:
-            for field in ("encoder", "weights", "random_init"):
-                if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
-                    raise ValueError(
-                        f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
-                        f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
-                    )
-        return feats
+        # a model may read more than one obsm (e.g. zero-shot nuclei features), concatenated in this order
+        extra = dict(cfg.get("extra_reps") or {})  # obsm key -> (width, embedding record)
+        parts = []
+        for rep in [model.use_rep, *extra]:
+            width, m_rec = (extra[rep]["dim"], extra[rep].get("embedding")) if rep in extra else (None, None)
+            if rep == model.use_rep:
+                width = cfg["feature_dim"] - sum(int(v["dim"]) for v in extra.values())
+                m_rec = cfg.get("embedding")
+            parts.append(_query_rep(query, rep, int(width), m_rec, (cfg.get("encoder") or {}).get("name")))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     from ..pp import get_patches
 
     geo = cfg.get("patches") or {}
@@ -87,6 +73,30 @@ def _query_images(query: AnnData, model, patches_key: str | None):
         if want is not None and got is not None and not np.isclose(float(want), float(got)):
             logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
     return src
+
+
+def _query_rep(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: str | None) -> np.ndarray:
+    """``query.obsm[rep]`` as float32, checked against the model's width and embedding record."""
+    if rep not in query.obsm:
+        how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
+        raise KeyError(
+            f"The model reads image features from obsm[{rep!r}], which the query lacks "
+            f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
+        )
+    feats = np.asarray(query.obsm[rep], dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[1] != width:
+        raise ValueError(f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {width} features a spot.")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
+    q_rec = _embedding_record(query, rep)
+    if q_rec and m_rec:
+        for field in ("encoder", "weights", "random_init"):
+            if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
+                raise ValueError(
+                    f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
+                    f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
+                )
+    return feats
 
 
 def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> np.ndarray:
