@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from anndata import AnnData
 
 import histoexp as hx
-from histoexp.models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, sentence_order
+from histoexp.models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, sentence_order, spot_positions
 from histoexp.tl._mclstexp import spatial_sentences
 
-FAST = {"genes": "all", "use_rep": "X_feat", "batch_size": 64, "epochs": 40, "n_heads": 2, "head_dim": 16}
+FAST = {
+    "genes": "all",
+    "use_rep": "X_feat",
+    "batch_size": 64,
+    "epochs": 40,
+    "n_heads": 2,
+    "head_dim": 16,
+    "n_ensemble": 1,
+}
 
 
 def _pcc(pred, truth):
@@ -20,13 +30,17 @@ def _pcc(pred, truth):
 
 
 def _shuffle_positions(adata, seed=0):
-    """Permute the positions among the spots of each section."""
+    """Permute the positions (pixels and array indices alike) among the spots of each section."""
     out = adata.copy()
     rng = np.random.default_rng(seed)
     lib = out.obs["library_id"].astype(str).to_numpy()
+    array = out.obs[["array_x", "array_y"]].to_numpy()
     for s in np.unique(lib):
         idx = np.flatnonzero(lib == s)
-        out.obsm["spatial"][idx] = out.obsm["spatial"][rng.permutation(idx)]
+        perm = rng.permutation(idx)
+        out.obsm["spatial"][idx] = out.obsm["spatial"][perm]
+        array[idx] = array[perm]
+    out.obs[["array_x", "array_y"]] = array
     return out
 
 
@@ -79,6 +93,27 @@ def test_grid_positions_and_sentence_order():
     assert sorted(sentence_order(ij, None, "batch")) == list(range(len(ij)))
 
 
+def test_grid_positions_visium_hexagonal_and_array_columns():
+    """On Visium's hexagonal grid every spot keeps its own cell; pixels and array indices give the same grid."""
+    rng = np.random.default_rng(0)
+    rc = np.array([(r, c) for r in range(30) for c in range(0, 60) if c % 2 == r % 2])  # array_row, array_col
+    pitch = 100 / 0.2645  # 100 µm spot spacing at 0.2645 µm/px
+    pix = np.c_[rc[:, 1] * pitch / 2, rc[:, 0] * pitch * np.sqrt(3) / 2] + 800 + rng.normal(0, 2, rc.shape)
+    grid = grid_positions(pix)
+    assert len({tuple(g) for g in grid}) == len(rc)  # no two spots share a cell
+    np.testing.assert_array_equal(grid, rc[:, ::-1] - rc[:, ::-1].min(0))
+    np.testing.assert_array_equal(grid_positions(rc[:, ::-1].astype(float)), grid)
+    ad = AnnData(np.zeros((len(rc), 1)), obs=pd.DataFrame({"array_row": rc[:, 0], "array_col": rc[:, 1]}))
+    ad.obsm["spatial"] = pix
+    pos, source = spot_positions(ad)
+    assert source == "array"
+    np.testing.assert_array_equal(pos, rc[:, ::-1])
+    assert spot_positions(ad, positions="pixels")[1] == "pixels"
+    ad.obs.loc[ad.obs.index[0], "array_row"] = np.nan
+    with pytest.raises(ValueError, match="missing"):
+        spot_positions(ad)
+
+
 def test_loss_identity_targets_and_weighting():
     torch.manual_seed(0)
     img, spot = torch.randn(6, 4), torch.randn(6, 4)
@@ -111,7 +146,7 @@ def test_learns_and_uses_positions(data, fitted):
     train, test, pos_genes = data
     fit_data, model = fitted
     assert isinstance(model, MclstexpModel) and model.retrieval_defaults == {"k": 200, "method": "inverse_distance"}
-    assert model.config["sentence"] == "spatial" and model.reference is not None
+    assert model.config["sentence"] == "batch" and model.reference is not None
     pred = hx.tl.impute(test, model, k=30)
     truth = pred.layers["measured"]
     r = _pcc(pred.layers["mclstexp"], truth)
@@ -130,6 +165,19 @@ def test_learns_and_uses_positions(data, fitted):
     print(f"synthetic PCC all genes {r:.3f}; gradient genes {r_pos:.3f} vs shuffled positions {r_ctrl:.3f}")
 
 
+def test_count_only_reference(data, fitted):
+    """A reference without image or pixel positions (counts + array grid) serves the spot branch as well."""
+    train, test, _ = data
+    _, model = fitted
+    assert model.config["positions"] == "array"
+    counts_only = AnnData(train.X.copy(), obs=train.obs[["library_id", "array_x", "array_y"]].copy(), var=train.var)
+    a = hx.tl.impute(test, model, reference=counts_only, k=30).layers["mclstexp"]
+    np.testing.assert_allclose(a, hx.tl.impute(test, model, reference=train, k=30).layers["mclstexp"], atol=1e-6)
+    bare = AnnData(train.X.copy(), obs=train.obs[["library_id"]].copy(), var=train.var)
+    with pytest.raises(KeyError, match="positions"):
+        hx.tl.impute(test, model, reference=bare)
+
+
 def test_save_load_impute_identical(data, fitted, tmp_path):
     _, test, _ = data
     _, model = fitted
@@ -140,23 +188,26 @@ def test_save_load_impute_identical(data, fitted, tmp_path):
     np.testing.assert_array_equal(hx.tl.impute(test, loaded).layers["mclstexp"], a)
 
 
-def test_same_seed_same_model_and_batch_sentences(data, fitted):
+def test_same_seed_same_model_and_spatial_sentences(data, fitted):
     train, test, _ = data
     _, model = fitted
     again = hx.tl.fit_mclstexp(train.copy(), **FAST, random_state=0)
     for (k, v), w in zip(model.net.state_dict().items(), again.net.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
-    batch = hx.tl.fit_mclstexp(train.copy(), **{**FAST, "epochs": 15}, sentence="batch", random_state=0)
-    assert batch.config["sentence"] == "batch"
-    assert np.isfinite(batch.config["history"]["train_loss"]).all()
-    pred = hx.tl.impute(test, batch, k=30)
+    spatial = hx.tl.fit_mclstexp(train.copy(), **{**FAST, "epochs": 15}, sentence="spatial", random_state=0)
+    assert spatial.config["sentence"] == "spatial"
+    assert np.isfinite(spatial.config["history"]["train_loss"]).all()
+    pred = hx.tl.impute(test, spatial, k=30)
     assert _pcc(pred.layers["mclstexp"], pred.layers["measured"]) > 0.5
     with pytest.raises(ValueError, match="sentence"):
         hx.tl.fit_mclstexp(train.copy(), **FAST, sentence="window")
     no_pos = train.copy()
     del no_pos.obsm["spatial"]
+    no_pos.obs = no_pos.obs.drop(columns=["array_x", "array_y"])
     with pytest.raises(KeyError, match="positions"):
         hx.tl.fit_mclstexp(no_pos, **FAST)
+    with pytest.raises(ValueError, match="positions"):
+        hx.tl.fit_mclstexp(train.copy(), **FAST, positions="grid")
 
 
 def test_real_her2st_smoke(her2st_dir):

@@ -158,7 +158,7 @@ def test_ablation_switches_change_the_network(nbhd):
     train, _ = _split(nbhd)
     m = fit(train, genes="all", use_rep="X_mean", contrastive=False, cross_attention=False, epochs=2)
     assert not hasattr(m.net, "cross") and m.config["contrastive"] is False
-    assert m.config["extra_reps"][0]["key"] == "X_mean_grid"
+    assert list(m.config["extra_reps"]) == ["X_mean_grid"] and m.config["feature_dim"] == 10 * m.config["window_dim"]
     m = fit(train, genes="all", use_rep="X_mean", neighbours=False, epochs=2, overwrite=True)
     assert not hasattr(m.net, "image_graph") and "extra_reps" not in m.config
     assert train.uns["nh2st"]["params"]["neighbours"] is False

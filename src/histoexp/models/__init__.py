@@ -20,6 +20,7 @@ from .handcrafted import handcrafted_features
 from .mclstexp import MclstexpModel
 from .nh2st import NH2STModel
 from .ridge import RidgeModel
+from .zeroshot import ZeroshotModel
 
 __all__ = [
     "HANDCRAFTED_FEATURES",
@@ -36,6 +37,7 @@ __all__ = [
     "RetrievalModel",
     "RidgeModel",
     "WeightsUnavailableError",
+    "ZeroshotModel",
     "get_encoder",
     "handcrafted_features",
     "list_encoders",

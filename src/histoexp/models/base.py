@@ -68,7 +68,7 @@ def load_model(path: str | os.PathLike, *, device=None) -> ExpressionModel:
     device
         Move the weights there (``None``: CPU).
     """
-    from . import bleep, mclstexp, nh2st, ridge  # noqa: F401  (register the built-in methods)
+    from . import bleep, mclstexp, nh2st, ridge, zeroshot  # noqa: F401  (register the built-in methods)
 
     config = _io.read_config(path)
     method = config.get("method")
@@ -125,8 +125,7 @@ class ExpressionModel:
         The trained network(s): one per ensemble member.
     config
         JSON-able description (``genes``, ``normalize``, ``target_sum``, ``mode`` (``'frozen'`` or
-        ``'finetune'``), ``use_rep``, ``embedding``, ``encoder``, ``patches``, ``feature_dim``, ``extra_reps``
-        (further frozen inputs, see :attr:`extra_reps`), the
+        ``'finetune'``), ``use_rep``, ``embedding``, ``encoder``, ``patches``, ``feature_dim``, the
         method's settings, training ``params`` and ``history``).
     preprocess
         Patch preprocessing of a fine-tuned encoder (uint8 ``(B, px, px, 3)`` -> model input).
@@ -180,20 +179,6 @@ class ExpressionModel:
         return self.config.get("use_rep")
 
     @property
-    def extra_reps(self) -> list[dict]:
-        """Further ``obsm`` inputs of a frozen model, read after ``obsm[use_rep]`` and concatenated to it.
-
-        Each entry has ``key`` (the ``obsm`` key), ``dim`` (its width) and ``embedding`` (its
-        ``uns['histoexp']['embeddings']`` record at training time); e.g. NH2ST's neighbourhood windows.
-        """
-        return [dict(e) for e in self.config.get("extra_reps") or []]
-
-    @property
-    def input_dim(self) -> int:
-        """Width of a frozen input row: ``feature_dim`` plus the widths of :attr:`extra_reps`."""
-        return int(self.config["feature_dim"]) + sum(int(e["dim"]) for e in self.extra_reps)
-
-    @property
     def device(self) -> torch.device:
         """Device of the weights."""
         return next(iter(self.net.parameters()), next(iter(self.net.buffers()), torch.empty(0))).device
@@ -236,7 +221,6 @@ class ExpressionModel:
             "weights": weights,
             "patch_px": emb.get("patch_px", geo.get("patch_px")),
             "size_um": emb.get("size_um", geo.get("size_um")),
-            "extra_reps": {e["key"]: dict(e.get("embedding") or {}) for e in self.extra_reps},
         }
 
     # -- running the networks ----------------------------------------------------------------------
@@ -259,10 +243,10 @@ class ExpressionModel:
         """Raise unless ``images`` is what the image branch reads (features of the right width, or patches)."""
         if self.mode == "frozen":
             shape = getattr(images, "shape", None)
-            if shape is None or len(shape) != 2 or shape[1] != self.input_dim:
-                keys = [e["key"] for e in self.extra_reps]
-                extra = f" (obsm[{self.use_rep!r}] then {keys})" if keys else ""
-                raise ValueError(f"The model reads frozen features of shape (n, {self.input_dim}){extra}, got {shape}.")
+            if shape is None or len(shape) != 2 or shape[1] != self.config["feature_dim"]:
+                raise ValueError(
+                    f"The model reads frozen features of shape (n, {self.config['feature_dim']}), got {shape}."
+                )
             if not np.isfinite(np.asarray(images)).all():
                 raise ValueError("The image features contain NaN or infinite values.")
         elif not hasattr(images, "batch"):
@@ -383,6 +367,20 @@ class RetrievalModel(ExpressionModel):
     def _repr_extra(self) -> str:
         ref = self.reference
         return f", reference={'none' if ref is None else len(ref)} spots"
+
+    def reference_positions(self, adata) -> np.ndarray:
+        """Positions of a reference AnnData's spots for ``reference_fields`` ``'coords'``.
+
+        Default: ``obsm[config['coords_key']]`` (``'spatial'``); a method overrides this to read positions
+        its own way.
+        """
+        key = self.config.get("coords_key", "spatial")
+        if key not in adata.obsm:
+            raise KeyError(f"A reference lacks obsm[{key!r}] (spot positions the model's spot branch reads).")
+        pos = np.asarray(adata.obsm[key], dtype=np.float32)[:, :2]
+        if not np.isfinite(pos).all():
+            raise ValueError(f"A reference has NaN or infinite positions in obsm[{key!r}].")
+        return pos
 
     @staticmethod
     def join(parts: list[np.ndarray]) -> np.ndarray:

@@ -8,11 +8,10 @@ features (or a fine-tuned encoder) through a projection head. The loss is a symm
 targets (:func:`mclstexp_loss`). :class:`MclstexpModel` is a retrieval model of the platform
 (:mod:`histoexp.models.base`) returned by ``hx.tl.fit_mclstexp``.
 
-Grid positions (:func:`grid_positions`): spot positions (``obsm['spatial']``, pixels) are turned into integer
-grid indices per section, ``round((pos - min) / pitch)`` with the pitch the median nearest-neighbour distance
-of that section's spots, clipped to the embedding tables. Legacy ST arrays, Visium and ``hx.pp.tile_tissue``
-tiles all work this way (on Visium's hexagonal grid, rows are 0.87 pitch apart, so about one row in seven
-shares its y index with the next).
+Grid positions (:func:`spot_positions`, :func:`grid_positions`): the platform's own spot grid when ``obs`` has
+it (Visium and ``hx.pp.tile_tissue``: ``array_col``/``array_row``; legacy ST: ``array_x``/``array_y``), else the
+pixel positions in ``obsm['spatial']``, turned into integer grid indices per section with the grid step
+along each axis (so Visium's hexagonal grid keeps one cell per spot), clipped to the embedding tables.
 """
 
 from __future__ import annotations
@@ -27,32 +26,56 @@ from torch import nn
 from .base import ReferenceSpots, RetrievalModel, register_model
 from .heads import FeatureInput, ProjectionHead
 
-__all__ = ["MclstexpModel", "MclstexpNet", "grid_positions", "mclstexp_loss", "sentence_order"]
+__all__ = ["MclstexpModel", "MclstexpNet", "grid_positions", "mclstexp_loss", "sentence_order", "spot_positions"]
 
 
 # ---------------------------------------------------------------------------------------------- positions
-def _pitch(pos: np.ndarray) -> float:
-    """Median nearest-neighbour distance of ``pos`` (1.0 for fewer than two distinct positions)."""
+#: ``obs`` columns holding a platform's own integer spot grid, as (x, y): Visium / ``tile_tissue``
+#: (``array_col`` is doubled on Visium's hexagonal grid, so every spot has its own column), legacy ST.
+ARRAY_COLUMNS = (("array_col", "array_row"), ("array_x", "array_y"))
+
+
+def _grid_units(pos: np.ndarray) -> np.ndarray:
+    """Grid step along x and along y of spot positions ``pos`` (``(n, 2)``).
+
+    The spacing is the median distance of a spot to its nearest other spot; along each axis the step is
+    the typical smallest non-zero offset between spots at most 1.2 spacings apart (the median of the offsets
+    below 1.5 × their 25th percentile). On a square grid both steps are the spacing; on Visium's hexagonal
+    grid x steps by half a spacing (rows are offset) and y by 0.87 of it, so no two spots share a cell.
+    """
     from scipy.spatial import cKDTree
 
     if len(pos) < 2:
-        return 1.0
-    d, _ = cKDTree(pos).query(pos, k=2)
-    d = d[:, 1]
+        return np.ones(2)
+    tree = cKDTree(pos)
+    d = tree.query(pos, k=2)[0][:, 1]
     d = d[d > 0]
-    return float(np.median(d)) if len(d) else 1.0
+    if not len(d):
+        return np.ones(2)
+    spacing = float(np.median(d))
+    pairs = tree.query_pairs(1.2 * spacing, output_type="ndarray")
+    units = np.full(2, spacing)
+    if len(pairs):
+        delta = np.abs(pos[pairs[:, 0]] - pos[pairs[:, 1]])
+        for a in range(2):
+            step = delta[:, a][delta[:, a] > 0.25 * spacing]
+            if len(step):
+                units[a] = np.median(step[step < 1.5 * np.percentile(step, 25)])
+    return units
 
 
 def grid_positions(coords: np.ndarray, sections: np.ndarray | None = None, *, size: int = 128) -> np.ndarray:
     """Integer grid indices ``(n, 2)`` of spot positions, per section.
 
-    Per section: ``round((pos - min) / pitch)`` with ``pitch`` the median distance of a spot to its nearest
-    other spot, clipped to ``[0, size - 1]`` (the embedding table size).
+    Per section: ``round((pos - min) / step)`` with ``step`` the grid step along each axis
+    (:func:`_grid_units`: the spot spacing on square grids, half of it in x and 0.87 of it in y on Visium's
+    hexagonal grid), clipped to ``[0, size - 1]`` (the embedding table size). Pixel positions and a
+    platform's array indices of the same spots give the same grid (up to distortions of the image).
 
     Parameters
     ----------
     coords
-        ``(n, 2)`` positions (e.g. ``obsm['spatial']`` in pixels).
+        ``(n, 2)`` positions (pixels, µm or array indices).
     sections
         ``(n,)`` section labels (``None``: one section).
     size
@@ -64,8 +87,39 @@ def grid_positions(coords: np.ndarray, sections: np.ndarray | None = None, *, si
     for lab in np.unique(labels):
         m = labels == lab
         pos = coords[m]
-        out[m] = np.rint((pos - pos.min(0)) / _pitch(pos)).astype(np.int64)
+        out[m] = np.rint((pos - pos.min(0)) / _grid_units(pos)).astype(np.int64)
     return np.clip(out, 0, size - 1)
+
+
+def spot_positions(adata, coords_key: str = "spatial", positions: str = "auto") -> tuple[np.ndarray, str]:
+    """Positions of the spots of ``adata`` for the spot branch, and where they came from.
+
+    ``positions='array'``: the platform's own grid in ``obs`` (:data:`ARRAY_COLUMNS`: Visium and
+    ``tile_tissue`` ``array_col``/``array_row``, legacy ST ``array_x``/``array_y``); ``'pixels'``:
+    ``obsm[coords_key]``; ``'auto'``: the array columns when present, else ``obsm[coords_key]``. Both go
+    through :func:`grid_positions`, which maps either onto the same grid, so a model trained on array
+    positions can read a reference that only has pixel positions.
+    """
+    if positions not in ("auto", "array", "pixels"):
+        raise ValueError(f"`positions` must be 'auto', 'array' or 'pixels', got {positions!r}.")
+    if positions != "pixels":
+        for cols in ARRAY_COLUMNS:
+            if all(c in adata.obs for c in cols):
+                pos = adata.obs[list(cols)].to_numpy(dtype=np.float64)
+                if not np.isfinite(pos).all():
+                    raise ValueError(f"obs[{list(cols)}] has missing or infinite values.")
+                return pos, "array"
+        if positions == "array":
+            raise KeyError(f"positions='array' needs obs columns {' or '.join(map(str, ARRAY_COLUMNS))}.")
+    if coords_key not in adata.obsm:
+        raise KeyError(
+            f"mclSTExp needs spot positions: adata.obsm[{coords_key!r}] or obs columns "
+            f"{' or '.join(map(str, ARRAY_COLUMNS))} (obsm has {list(adata.obsm)})."
+        )
+    pos = np.asarray(adata.obsm[coords_key], dtype=np.float64)[:, :2]
+    if not np.isfinite(pos).all():
+        raise ValueError(f"adata.obsm[{coords_key!r}] has NaN or infinite positions.")
+    return pos, "pixels"
 
 
 def _morton(grid: np.ndarray) -> np.ndarray:
@@ -241,6 +295,16 @@ class MclstexpModel(RetrievalModel):
             self.arrays.get("reference_coords"),
             None if sections is None else np.asarray(sections).astype(np.int64).astype(str),
         )
+
+    def reference_positions(self, adata) -> np.ndarray:
+        """Positions of a reference's spots as in training (:func:`spot_positions`, ``config['positions']``).
+
+        A model trained on array positions reads a reference without array columns from its pixel positions
+        (``'auto'``): :func:`grid_positions` maps both onto the same grid.
+        """
+        how = self.config.get("positions", "pixels")
+        pos, _ = spot_positions(adata, self.config.get("coords_key", "spatial"), "auto" if how == "array" else how)
+        return pos.astype(np.float32)
 
     def encode_reference(
         self, spots: ReferenceSpots | np.ndarray, *, batch_size: int | None = None, device=None, member=None

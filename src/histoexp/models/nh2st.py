@@ -5,10 +5,10 @@ What is specific to NH2ST: :func:`info_nce` (its InfoNCE with down-weighted nega
 between image and gene tokens), :class:`NH2STNet` and :class:`NH2STModel`, a regression model of the platform
 (:mod:`histoexp.models.base`) returned by ``hx.tl.fit_nh2st``.
 
-Frozen input layout: one row per spot holds the spot's own features (``feature_dim``) followed by the
-``grid**2`` window features of its neighbourhood (``grid**2 * feature_dim``, row-major windows, from
-``hx.tl.embed_neighbourhood``); the model's ``extra_reps`` config names that second ``obsm`` key, so
-``hx.tl.impute`` hands the concatenation to :meth:`NH2STNet.predict`.
+Frozen input layout: one row per spot holds the spot's own features (``window_dim``) followed by the
+``grid**2`` window features of its neighbourhood (``grid**2 * window_dim``, row-major windows, from
+``hx.tl.embed_neighbourhood``); the model's ``extra_reps`` config names that second ``obsm`` key (and
+``feature_dim`` is the whole row), so ``hx.tl.impute`` hands the concatenation to :meth:`NH2STNet.predict`.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class NH2STModel(RegressionModel):
         if encoder is not None:
             raise ValueError("NH2ST in histoexp reads frozen features only.")
         return NH2STNet(
-            config["feature_dim"],
+            config["window_dim"],
             len(config["genes"]),
             grid=config["grid"],
             dim=config["dim"],

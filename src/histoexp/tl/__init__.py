@@ -10,6 +10,7 @@ from ._nh2st import fit_nh2st
 from ._predict import impute, load_model
 from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
+from ._zeroshot import fit_zeroshot
 
 __all__ = [
     "embed_neighbourhood",
@@ -19,6 +20,7 @@ __all__ = [
     "fit_mclstexp",
     "fit_nh2st",
     "fit_ridge",
+    "fit_zeroshot",
     "gene_metrics",
     "impute",
     "load_model",

@@ -285,12 +285,16 @@ def fit_nh2st(
         split[data.val_idx] = 1
         nb[(nb >= 0) & (split[np.maximum(nb, 0)] != split[:, None])] = -1  # no expression across the split
         data.images = np.concatenate([data.images, win], axis=1)
-        data.config["extra_reps"] = [{"key": ctx, "dim": int(win.shape[1]), "embedding": rec}]
+        # the platform's convention: feature_dim is the whole input row, extra_reps the obsm read after use_rep
+        data.config.update(
+            feature_dim=int(data.images.shape[1]), extra_reps={ctx: {"dim": int(win.shape[1]), "embedding": rec}}
+        )
         data.config["data_fingerprint"] = data_fingerprint(data.images, data.expr, data.train_idx, data.val_idx)
     set_n_pcs(data, n_pcs)
     if n_pcs is not None and n_pcs > d:
         raise ValueError(f"`n_pcs` must be at most the {d} features of `use_rep`, got {n_pcs}.")
     data.config.update(
+        window_dim=int(d),
         grid=grid,
         dim=int(dim),
         heads=int(heads),
@@ -338,7 +342,7 @@ def fit_nh2st(
         for k_ in ("grid", "dim", "heads", "dropout", "k", "neighbours", "contrastive", "cross_attention", "n_pcs")
     }
     params.update(temperature=temperature, negative_weight=negative_weight, neighbour_weight=neighbour_weight)
-    params["context_rep"] = data.config["extra_reps"][0]["key"] if neighbours else None
+    params["context_rep"] = next(iter(data.config["extra_reps"])) if neighbours else None
     if nb is not None:
         params["mean_neighbour_spots"] = float((nb >= 0).sum(1).mean())
     data.config.update(params={**data.params, **params}, history=history)

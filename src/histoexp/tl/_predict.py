@@ -42,11 +42,44 @@ def _as_model(model):
     raise TypeError(f"`model` must be a histoexp model or a model folder, got {type(model).__name__}.")
 
 
-def _frozen_input(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: str | None) -> np.ndarray:
-    """``query.obsm[rep]`` as float32, checked against the width and the embedding record of the training data."""
+def _query_images(query: AnnData, model, patches_key: str | None):
+    """Return what the model's image branch reads from the query (features or patches), with clear errors."""
+    cfg = model.config
+    if model.mode == "frozen":
+        # a model may read more than one obsm (e.g. zero-shot nuclei features), concatenated in this order
+        extra = dict(cfg.get("extra_reps") or {})  # obsm key -> (width, embedding record)
+        parts = []
+        for rep in [model.use_rep, *extra]:
+            width, m_rec = (extra[rep]["dim"], extra[rep].get("embedding")) if rep in extra else (None, None)
+            if rep == model.use_rep:
+                width = cfg["feature_dim"] - sum(int(v["dim"]) for v in extra.values())
+                m_rec = cfg.get("embedding")
+            parts.append(_query_rep(query, rep, int(width), m_rec, (cfg.get("encoder") or {}).get("name")))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    from ..pp import get_patches
+
+    geo = cfg.get("patches") or {}
+    key = patches_key or geo.get("key", "patches")
+    try:
+        src = get_patches(query, key=key)
+    except (KeyError, ValueError) as err:
+        raise KeyError(
+            f"The model was fine-tuned end to end and reads patches, but the query has none under {key!r} ({err}). "
+            f"Run hx.pp.extract_patches(query, size_um={geo.get('size_um')}, mpp={geo.get('mpp')}, "
+            f"patch_px={geo.get('patch_px')}) first."
+        ) from err
+    for field in ("patch_px", "mpp"):
+        want, got = geo.get(field), getattr(src, field, None)
+        if want is not None and got is not None and not np.isclose(float(want), float(got)):
+            logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
+    return src
+
+
+def _query_rep(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: str | None) -> np.ndarray:
+    """``query.obsm[rep]`` as float32, checked against the model's width and embedding record."""
     if rep not in query.obsm:
         how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
-        if m_rec and m_rec.get("grid"):
+        if m_rec and m_rec.get("grid"):  # a neighbourhood embedding (NH2ST)
             how = f"hx.tl.embed_neighbourhood(query, encoder={enc!r}, grid={m_rec['grid']})"
         raise KeyError(
             f"The model reads image features from obsm[{rep!r}], which the query lacks "
@@ -68,34 +101,6 @@ def _frozen_input(query: AnnData, rep: str, width: int, m_rec: dict | None, enc:
     return feats
 
 
-def _query_images(query: AnnData, model, patches_key: str | None):
-    """Return what the model's image branch reads from the query (features or patches), with clear errors."""
-    cfg = model.config
-    if model.mode == "frozen":
-        enc = (cfg.get("encoder") or {}).get("name")
-        parts = [_frozen_input(query, model.use_rep, int(cfg["feature_dim"]), cfg.get("embedding"), enc)]
-        for extra in model.extra_reps:  # further inputs (e.g. NH2ST's neighbourhood), concatenated after use_rep
-            parts.append(_frozen_input(query, extra["key"], int(extra["dim"]), extra.get("embedding"), enc))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-    from ..pp import get_patches
-
-    geo = cfg.get("patches") or {}
-    key = patches_key or geo.get("key", "patches")
-    try:
-        src = get_patches(query, key=key)
-    except (KeyError, ValueError) as err:
-        raise KeyError(
-            f"The model was fine-tuned end to end and reads patches, but the query has none under {key!r} ({err}). "
-            f"Run hx.pp.extract_patches(query, size_um={geo.get('size_um')}, mpp={geo.get('mpp')}, "
-            f"patch_px={geo.get('patch_px')}) first."
-        ) from err
-    for field in ("patch_px", "mpp"):
-        want, got = geo.get(field), getattr(src, field, None)
-        if want is not None and got is not None and not np.isclose(float(want), float(got)):
-            logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
-    return src
-
-
 def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per section (label): subtract the section's per-gene mean, add ``target``."""
     out = np.empty_like(x)
@@ -103,12 +108,6 @@ def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> n
         m = labels == lab
         out[m] = x[m] - x[m].mean(0) + target
     return out
-
-
-def _positions(adata: AnnData, key: str) -> np.ndarray:
-    if key not in adata.obsm:
-        raise KeyError(f"A reference lacks obsm[{key!r}] (spot positions the model's spot branch reads).")
-    return np.asarray(adata.obsm[key], dtype=np.float32)[:, :2]
 
 
 def _reference_bank(model, reference, genes, layer, center=None):
@@ -179,7 +178,7 @@ def _reference_bank(model, reference, genes, layer, center=None):
             values = _center_sections(values, labels, target)
     coords = None
     if "coords" in model.reference_fields:
-        coords = np.concatenate([_positions(r, model.config.get("coords_key", "spatial")) for r in refs])
+        coords = np.concatenate([model.reference_positions(r) for r in refs])
     return ReferenceSpots(bank, coords, sections), values, list(out)
 
 
