@@ -128,7 +128,8 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
         uns=copy.deepcopy({k: v for k, v in adata.uns.items() if k != "spatial"}),
     )
     table.uns["spatial"] = {
-        lib: {k: copy.deepcopy(v) for k, v in entry.items() if k != "images"} for lib, entry in spatial_uns.items()
+        lib: {k: _bytes_to_str(copy.deepcopy(v)) for k, v in entry.items() if k != "images"}
+        for lib, entry in spatial_uns.items()
     }
     for col in (_REGION_KEY, _INSTANCE_KEY):
         if col in table.obs:
@@ -138,6 +139,18 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
     table.uns[_BOOK] = book
     table = TableModel.parse(table, region=list(book["regions"]), region_key=_REGION_KEY, instance_key=_INSTANCE_KEY)
     return SpatialData(images=images, shapes=shapes, tables={"table": table})
+
+
+def _bytes_to_str(value: Any) -> Any:
+    """Byte strings (Space Ranger metadata read by squidpy) as text: zarr v3 has no stable byte-string type."""
+    if isinstance(value, dict):
+        return {k: _bytes_to_str(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.dtype.kind == "S":
+        text = np.char.decode(value, "utf-8", "replace")
+        return str(text.item()) if text.size == 1 else text.astype(str)
+    return value
 
 
 def _image_to_export(entry: dict, lib: str) -> tuple[str, np.ndarray] | None:
