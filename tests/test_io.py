@@ -512,6 +512,15 @@ def test_read_visium_real_fixture(caplog):
     x, y = (a.obsm["spatial"][0] * scal).round().astype(int)
     np.testing.assert_allclose(p[0].mean((0, 1)), lowres[y - 2 : y + 3, x - 2 : x + 3].mean((0, 1)), atol=25)
 
+    # plots draw over the H&E, not the placeholder
+    import matplotlib.pyplot as plt
+
+    a.layers["p"] = hx.pp.expression_matrix(a)
+    fig = hx.pl.gene_map(a, a.var_names[0], layer="p", return_fig=True)
+    assert [im.get_array().shape for ax in fig.axes for im in ax.images] == [lowres.shape, lowres.shape]
+    plt.close(fig)
+    del a.layers["p"]
+
     # SpatialData round trip keeps the H&E (not the placeholder) with its scale, and gives the same patches
     sdata = hx.io.to_spatialdata(a)
     assert list(sdata.images) == ["custom_lowres_image"]
