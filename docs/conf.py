@@ -43,10 +43,14 @@ nitpicky = False
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # tutorials are stored with their outputs
+# The notebooks live in the top-level tutorials/ folder (docs/tutorials is a link to it) and are stored with their
+# outputs: rendered, never executed by the docs build.
+nb_execution_mode = "off"
 nb_merge_streams = True
 
 templates_path = ["_templates"]
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # code lines wrap
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type"]
 

@@ -43,7 +43,9 @@ def test_demo_quick_on_real_data(her2st_dir, tmp_path, capsys):
         + ["--out", str(out), "--epochs", "5", "--n-maps", "2", "-q"]
     )
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err == ""  # -q: no banner, no steps, no progress: only the results on stdout
     assert "Pearson, mean over genes (PCC@M)" in printed and "mean baseline" in printed
     for name in ("predictions.h5ad", "metrics.csv", "metrics_per_gene.csv", "correlation.png", "domains.png"):
         assert (out / name).stat().st_size > 0, name
@@ -113,7 +115,11 @@ def test_impute_image_query(synth_files, tmp_path, capsys):
     Image.fromarray(a.uns["spatial"]["S1"]["images"]["hires"]).save(img)
     out = tmp_path / "img_pred"
     assert main(["impute", str(model), str(img), "-o", str(out), "-q"]) == 1  # no --mpp for a PNG
-    assert "--mpp" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the error names the option and the training slides' µm/px (recorded at fit time), never applies it silently
+    train_mpp = a.uns["spatial"]["S0"]["scalefactors"]["microns_per_pixel"]
+    assert "pass --mpp" in err and f"trained on slides at {train_mpp:g} µm/px (S0)" in err, err
+    assert not out.exists()
     assert main(["impute", str(model), str(img), "--mpp", "2.0", "-o", str(out), "--n-maps", "1", "-q"]) == 0
     import anndata as ad
 
@@ -140,3 +146,30 @@ def test_quiet_and_verbose_set_verbosity(monkeypatch, flags, expected):
     assert main([*verbose, "fit", "ref.h5ad", "-o", "model", *quiet]) == 0
     assert seen == {"verbosity": expected, "progress": expected != 0}
     assert hx.settings.verbosity == 3 and hx.settings.progress  # restored after the command
+
+
+def test_quiet_run_prints_only_results(synth_files, tmp_path):
+    """-q (verbosity 0): a fit and an impute in a fresh process write nothing to stderr, only results to stdout."""
+    a, (s0, s1) = synth_files
+    model, out = tmp_path / "model", tmp_path / "pred"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONWARNINGS"}
+    runs = [
+        ["fit", str(s0), "-o", str(model), "--epochs", "3", "--genes", "10", "--patch-px", "32", "-q"],
+        ["impute", str(model), str(s1), "-o", str(out), "--n-maps", "1", "-q"],
+    ]
+    printed = []
+    for argv in runs:
+        res = subprocess.run(
+            [sys.executable, "-c", "import sys; from histoexp.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stderr == "", res.stderr[-3000:]
+        lines = res.stdout.strip().splitlines()
+        assert 1 <= len(lines) <= 3 and all("\x1b[" not in ln for ln in lines), res.stdout
+        printed.append(res.stdout)
+    assert "model (10 genes, encoder handcrafted) saved to" in printed[0]
+    assert "predicted 10 genes for" in printed[1]
+    assert (out / "predictions.h5ad").is_file()

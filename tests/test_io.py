@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -478,3 +479,67 @@ def test_patches_after_spatialdata_round_trip(her2st_c2):
     assert p1.shape == (12, 32, 32, 3)
     np.testing.assert_array_equal(p1, p2)
     assert p1.std() > 5  # real tissue, not padding
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a real Visium folder: scanpy's Space Ranger 1.0.0 test fixture (tests/data/README.md)
+# --------------------------------------------------------------------------------------------------------------------
+VISIUM_FIXTURE = Path(__file__).parent / "data" / "visium_1.0.0"
+
+
+def test_read_visium_real_fixture(caplog):
+    a = hx.io.read_visium(VISIUM_FIXTURE)
+    assert a.shape == (100, 100) and a.var_names[0].startswith("ENSG")
+    assert int(a.X.sum()) > 0 and (a.obs["in_tissue"] == 1).all()
+    lib = a.uns["spatial"]["custom"]
+    sf = json.loads((VISIUM_FIXTURE / "spatial" / "scalefactors_json.json").read_text())
+    assert lib["scalefactors"]["microns_per_pixel"] == pytest.approx(55 / sf["spot_diameter_fullres"])
+    # positions: full-resolution pixels of tissue_positions_list.csv (columns: barcode, in_tissue, row, col, y, x)
+    pos = pd.read_csv(VISIUM_FIXTURE / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
+    np.testing.assert_array_equal(a.obsm["spatial"], pos.loc[a.obs_names, [5, 4]].to_numpy())
+    hires, lowres = lib["images"]["hires"], lib["images"]["lowres"]
+    assert (hires[..., :3] == hires[0, 0, :3]).all()  # the fixture's hires PNG is a black placeholder
+    assert lowres.std() > 5  # the H&E is in the lowres PNG
+
+    # patches: the placeholder is skipped (with a warning), the lowres H&E is used
+    with caplog.at_level(logging.WARNING, logger="histoexp"):
+        hx.pp.extract_patches(a, size_um=100, patch_px=32)
+    assert "images['hires'] is a single colour" in caplog.text and "'lowres'" in caplog.text
+    p = a.obsm["patches"].astype(float)
+    assert p.std() > 5 and len({q.tobytes() for q in a.obsm["patches"]}) == a.n_obs  # one distinct patch per spot
+    # a region of the lowres image, upsampled: the mean colour of a patch matches the lowres pixels it covers
+    scal = sf["tissue_lowres_scalef"]
+    x, y = (a.obsm["spatial"][0] * scal).round().astype(int)
+    np.testing.assert_allclose(p[0].mean((0, 1)), lowres[y - 2 : y + 3, x - 2 : x + 3].mean((0, 1)), atol=25)
+
+    # plots draw over the H&E, not the placeholder
+    import matplotlib.pyplot as plt
+
+    a.layers["p"] = hx.pp.expression_matrix(a)
+    fig = hx.pl.gene_map(a, a.var_names[0], layer="p", return_fig=True)
+    assert [im.get_array().shape for ax in fig.axes for im in ax.images] == [lowres.shape, lowres.shape]
+    plt.close(fig)
+    del a.layers["p"]
+
+    # SpatialData round trip keeps the H&E (not the placeholder) with its scale, and gives the same patches
+    sdata = hx.io.to_spatialdata(a)
+    assert list(sdata.images) == ["custom_lowres_image"]
+    # Space Ranger's byte strings become text (zarr v3 has no stable byte-string type)
+    assert sdata.tables["table"].uns["spatial"]["custom"]["metadata"]["chemistry_description"] == "Single Cell 3' v3"
+    back = hx.io.from_spatialdata(sdata)
+    np.testing.assert_array_equal(back.obsm["spatial"], a.obsm["spatial"])
+    assert back.uns["spatial"]["custom"]["scalefactors"]["tissue_hires_scalef"] == pytest.approx(scal)
+    hx.pp.extract_patches(back, size_um=100, patch_px=32, overwrite=True)  # the table kept the first record
+    np.testing.assert_array_equal(back.obsm["patches"], a.obsm["patches"])
+
+
+def test_only_placeholder_images_is_an_error(synth):
+    one = synth[synth.obs["library_id"] == "S0"].copy()
+    one.uns["spatial"] = {"S0": dict(synth.uns["spatial"]["S0"])}
+    img = one.uns["spatial"]["S0"]["images"]["hires"]
+    one.uns["spatial"]["S0"]["images"] = {"hires": np.zeros_like(img)}
+    one.uns["spatial"]["S0"]["metadata"] = {**one.uns["spatial"]["S0"].get("metadata", {}), "source_image_path": ""}
+    with pytest.raises(ValueError, match="single colour.*Pass `image=`"):
+        hx.pp.extract_patches(one, patch_px=16)
+    hx.pp.extract_patches(one, patch_px=16, image=img)  # the way out the error names
+    assert one.obsm["patches"].std() > 0

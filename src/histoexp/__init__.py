@@ -12,6 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, image, io, pl, pp, tl
 from ._settings import settings
+from ._utils import quiet_import_noise
+
+# after `import histoexp`, importing scanpy/squidpy (by histoexp or the user) prints none of their dependencies'
+# import-time notices; appended, so a user's own warning filters still take precedence
+quiet_import_noise(append=True)
 
 try:
     __version__ = version("histoexp")

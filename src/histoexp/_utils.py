@@ -69,13 +69,37 @@ def library_verbosity() -> Iterator[None]:
             sc_settings.verbosity = old_sc
 
 
+# Import-time notices of dependencies that say nothing about the user's data: docrep's SyntaxWarning on squidpy's
+# docstrings, and tqdm.auto's "IProgress not found" in Jupyter without ipywidgets (scanpy and squidpy import
+# tqdm.auto; histoexp's own bars fall back to plain tqdm there, see progress()).
+_IMPORT_NOISE = (
+    (r".* is not a valid key!", SyntaxWarning, r"docrep(\..*)?"),
+    (r"IProgress not found", Warning, r"tqdm(\..*)?"),
+)
+
+
+def quiet_import_noise(*, append: bool = False) -> None:
+    """Install warning filters for :data:`_IMPORT_NOISE` (each matches one message from one module only)."""
+    for message, category, module in _IMPORT_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module, append=append)
+
+
 def import_squidpy():
-    """``import squidpy`` without docrep's ``SyntaxWarning: '...' is not a valid key!`` from squidpy's docstrings."""
+    """``import squidpy`` without its dependencies' import-time notices (see :data:`_IMPORT_NOISE`)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".* is not a valid key!", category=SyntaxWarning)
+        quiet_import_noise()
         import squidpy
 
     return squidpy
+
+
+def import_scanpy():
+    """``import scanpy`` without its dependencies' import-time notices (see :data:`_IMPORT_NOISE`)."""
+    with warnings.catch_warnings():
+        quiet_import_noise()
+        import scanpy
+
+    return scanpy
 
 
 def check_key_free(mapping: Mapping, key: str, *, where: str, overwrite: bool, arg: str = "key_added") -> None:

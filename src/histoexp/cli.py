@@ -228,6 +228,19 @@ def prepare_features(
     return rep
 
 
+def _mpp_hint(image: Path, slide_mpp: dict) -> str:
+    """Error for an image query without µm/px: what to pass, and the training slides' µm/px when known."""
+    msg = f"the image {image.name!r} records no µm per pixel: pass --mpp (µm per pixel of the image)"
+    vals = sorted({round(v, 3) for v in slide_mpp.values()})
+    if vals:
+        rng = f"{vals[0]:g}" if len(vals) == 1 else f"{vals[0]:g} to {vals[-1]:g}"
+        msg += (
+            f". The model was trained on slides at {rng} µm/px ({', '.join(sorted(slide_mpp))}); if this slide "
+            f"was scanned the same way, pass --mpp {float(np.median(list(slide_mpp.values()))):.3g}"
+        )
+    return msg + "."
+
+
 def _mean_baseline(train_expr: np.ndarray, n_spots: int) -> np.ndarray:
     return np.repeat(train_expr.mean(axis=0, keepdims=True), n_spots, axis=0)
 
@@ -344,13 +357,14 @@ def cmd_demo(args) -> int:
 
     step = _Steps(7, quiet=args.quiet)
     gene_metrics, summarize = hx.tl.gene_metrics, hx.tl.summarize_metrics
-    print(
-        f"histoexp demo: BLEEP on HER2ST, train {','.join(train)} -> predict {test}; encoder={args.encoder} "
-        f"(weights={weights}), genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
-        f"epochs={epochs or 'default (early stopping)'}, output {out}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if not args.quiet:  # -q: only the results on stdout
+        print(
+            f"histoexp demo: BLEEP on HER2ST, train {','.join(train)} -> predict {test}; encoder={args.encoder} "
+            f"(weights={weights}), genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
+            f"epochs={epochs or 'default (early stopping)'}, output {out}",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.encoder != "handcrafted" and weights == "default":
         step.note(
             f"{args.encoder} with ImageNet weights needs them downloaded once (internet) or cached; "
@@ -557,7 +571,9 @@ def cmd_impute(args) -> int:
         try:
             query = hx.pp.tile_tissue(str(qpath), tile_um=tile_um, mpp=args.mpp)
         except ValueError as err:
-            raise CLIError(f"{err} (for an image query pass --mpp, the µm per pixel of the image)") from err
+            if args.mpp is not None or "µm per pixel" not in str(err):
+                raise CLIError(str(err)) from err
+            raise CLIError(_mpp_hint(qpath, emb.get("slide_mpp") or {})) from err
         step.note(f"{query.n_obs} tissue tiles of {tile_um:g} µm")
     prepare_features(
         query,
@@ -666,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions.h5ad, metrics.csv, metrics_per_gene.csv, gene maps, correlation and domain plots to --out.",
     )
     p.add_argument("--data-dir", default=None, help="local her2st copy (default: $HISTOEXP_DATA_DIR or download)")
-    p.add_argument("--out", "-o", default="histoexp_demo", help="output folder (default ./histoexp_demo)")
+    p.add_argument("--out", "-o", default="histoexp-demo", help="output folder (default ./histoexp-demo)")
     p.add_argument("--test-section", default="C6", help="held-out section, one of C2..C6 (default C6)")
     p.add_argument("--train-sections", default=None, help="comma-separated training sections (default: the other four)")
     p.add_argument(

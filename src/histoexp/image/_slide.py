@@ -754,6 +754,7 @@ def slide_for_library(
             else:
                 logger.warning("source_image_path %r of %r does not exist; using the 'hires' image.", path, library_id)
         if slide is None:
+            blank = []
             for key, sf_key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
                 if key in images:
                     scale = float(sf.get(sf_key, 1.0))
@@ -763,6 +764,16 @@ def slide_for_library(
                     if arr.ndim == 3 and arr.shape[2] == 4:
                         arr = np.ascontiguousarray(arr[..., :3])
                     _check_rgb_array(arr, f"uns['spatial'][{library_id!r}]['images'][{key!r}]")
+                    if arr.size and (arr == arr[0, 0]).all():
+                        # a placeholder (scanpy's Visium test fixture ships an all-black hires PNG): patches from
+                        # it would be one colour and every prediction the same, so use the next image
+                        blank.append(key)
+                        logger.warning(
+                            "Library %r: images[%r] is a single colour (a placeholder?); not used for patches.",
+                            library_id,
+                            key,
+                        )
+                        continue
                     slide = SlideImage.from_downscaled(arr, scale) if scale != 1.0 else SlideImage.open(arr)
                     img_src = f"images[{key!r}] (scale {scale:g})"
                     if scale < 1.0:
@@ -774,6 +785,12 @@ def slide_for_library(
                             scale,
                         )
                     break
+        if slide is None and blank:
+            raise ValueError(
+                f"No usable image for library {library_id!r}: images {blank} of uns['spatial'][{library_id!r}] are a "
+                "single colour and there is no metadata['source_image_path']. Pass `image=` (a path, an RGB uint8 "
+                "array or a SlideImage) with the H&E image."
+            )
         if slide is None:
             raise ValueError(
                 f"No image for library {library_id!r}: uns['spatial'][{library_id!r}] has no "

@@ -49,9 +49,11 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
     One coordinate system per library, named after the library id, in full-resolution image pixels.
     For each library ``lib``:
 
-    - ``images[f"{lib}_hires_image"]``: the ``'hires'`` image of ``uns['spatial'][lib]['images']`` (``c, y, x``),
-      with a ``Scale(1 / tissue_hires_scalef)`` transformation to ``lib`` (absent if the library has no image;
-      the full-resolution image stays on disk, referenced by ``metadata['source_image_path']``);
+    - ``images[f"{lib}_hires_image"]``: the ``'hires'`` image of ``uns['spatial'][lib]['images']`` (``c, y, x``,
+      RGB: an alpha channel is dropped), with a ``Scale(1 / tissue_hires_scalef)`` transformation to ``lib``;
+      ``f"{lib}_lowres_image"`` with ``tissue_lowres_scalef`` instead when there is no hires image or it is a
+      single colour (a placeholder). Absent if the library has no image; the full-resolution image stays on
+      disk, referenced by ``metadata['source_image_path']``;
     - ``shapes[f"{lib}_spots"]``: circles at ``obsm['spatial']`` with ``radius = spot_diameter_fullres / 2``
       (Identity to ``lib``), indexed by ``obs_names``.
 
@@ -102,13 +104,11 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
             index=pd.Index(adata.obs_names[mask].astype(str), name=_INSTANCE_KEY),
             transformations={lib: Identity()},
         )
-        hires = entry.get("images", {}).get("hires")
-        if hires is not None:
-            s = float(sf.get("tissue_hires_scalef", 1.0))
-            name = f"{lib}_hires_image"
-            arr = np.asarray(hires)
-            if arr.ndim != 3 or arr.shape[2] != 3:
-                raise ValueError(f"`adata`: uns['spatial'][{lib!r}]['images']['hires'] has shape {arr.shape}.")
+        picked = _image_to_export(entry, lib)
+        if picked is not None:
+            img_key, arr = picked
+            s = float(sf.get(f"tissue_{img_key}_scalef", 1.0))
+            name = f"{lib}_{img_key}_image"
             images[name] = Image2DModel.parse(
                 np.moveaxis(arr, -1, 0),
                 dims=("c", "y", "x"),
@@ -128,7 +128,8 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
         uns=copy.deepcopy({k: v for k, v in adata.uns.items() if k != "spatial"}),
     )
     table.uns["spatial"] = {
-        lib: {k: copy.deepcopy(v) for k, v in entry.items() if k != "images"} for lib, entry in spatial_uns.items()
+        lib: {k: _bytes_to_str(copy.deepcopy(v)) for k, v in entry.items() if k != "images"}
+        for lib, entry in spatial_uns.items()
     }
     for col in (_REGION_KEY, _INSTANCE_KEY):
         if col in table.obs:
@@ -138,6 +139,42 @@ def to_spatialdata(adata: AnnData, *, library_key: str | None = None) -> Spatial
     table.uns[_BOOK] = book
     table = TableModel.parse(table, region=list(book["regions"]), region_key=_REGION_KEY, instance_key=_INSTANCE_KEY)
     return SpatialData(images=images, shapes=shapes, tables={"table": table})
+
+
+def _bytes_to_str(value: Any) -> Any:
+    """Byte strings (Space Ranger metadata read by squidpy) as text: zarr v3 has no stable byte-string type."""
+    if isinstance(value, dict):
+        return {k: _bytes_to_str(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.dtype.kind == "S":
+        text = np.char.decode(value, "utf-8", "replace")
+        return str(text.item()) if text.size == 1 else text.astype(str)
+    return value
+
+
+def _image_to_export(entry: dict, lib: str) -> tuple[str, np.ndarray] | None:
+    """(key, RGB uint8 array) of the image ``to_spatialdata`` writes: ``'hires'``, else ``'lowres'``.
+
+    An alpha channel is dropped; an image of a single colour (a placeholder, as the all-black hires PNG of
+    scanpy's Visium test fixture) is skipped with a warning, so the image with the tissue is the one kept.
+    """
+    for key in ("hires", "lowres"):
+        img = entry.get("images", {}).get(key)
+        if img is None:
+            continue
+        arr = np.asarray(img)
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"`adata`: uns['spatial'][{lib!r}]['images'][{key!r}] has shape {arr.shape}.")
+        if arr.dtype != np.uint8 and arr.dtype.kind == "f" and arr.size and arr.max() <= 1.0:
+            arr = (arr * 255).round().astype(np.uint8)  # scanpy/squidpy store float [0, 1] images
+        if arr.size and (arr == arr[0, 0]).all():
+            logger.warning("to_spatialdata(%s): images[%r] is a single colour (a placeholder?); not written.", lib, key)
+            continue
+        return key, np.ascontiguousarray(arr)
+    return None
 
 
 def _affine(elem, cs: str) -> np.ndarray:

@@ -205,6 +205,8 @@ class ExpressionModel:
 
         ``weights`` is an argument of :func:`histoexp.tl.embed_patches` (``None`` for random initialisation or
         weight-free encoders, a file path, or ``'default'``), read back from the training embedding record.
+        ``slide_mpp`` is ``{section: µm per pixel}`` of the training slides (empty when not recorded): a hint
+        for a query image whose µm/px is unknown, never applied without the user's say.
         """
         cfg = self.config
         emb = dict(cfg.get("embedding") or {})
@@ -221,6 +223,9 @@ class ExpressionModel:
             "weights": weights,
             "patch_px": emb.get("patch_px", geo.get("patch_px")),
             "size_um": emb.get("size_um", geo.get("size_um")),
+            "slide_mpp": {
+                str(k): float(v) for k, v in (emb.get("slide_mpp") or {}).items() if isinstance(v, int | float)
+            },
         }
 
     # -- running the networks ----------------------------------------------------------------------

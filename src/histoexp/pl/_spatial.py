@@ -121,7 +121,11 @@ def _section(adata: AnnData, library_id, library_key, *, shape: str | None) -> _
     image, scale = None, 1.0
     for key, sf_key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
         if key in images and images[key] is not None:
-            image, scale = np.asarray(images[key]), float(sf.get(sf_key, 1.0))
+            arr = np.asarray(images[key])
+            flat = arr.reshape(arr.shape[0] * arr.shape[1], -1)[:, :3] if arr.ndim >= 2 and arr.size else arr
+            if arr.size and (flat == flat[0]).all():
+                continue  # a single-colour placeholder (scanpy's Visium fixture): the next image shows the tissue
+            image, scale = arr, float(sf.get(sf_key, 1.0))
             break
     if sf.get("spot_diameter_fullres"):
         diameter = float(sf["spot_diameter_fullres"])

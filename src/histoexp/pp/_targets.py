@@ -12,7 +12,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger
-from .._utils import library_verbosity
+from .._utils import import_scanpy, library_verbosity
 
 Normalize = Literal["log1p", "none"]
 
@@ -228,7 +228,7 @@ def highly_variable(adata: AnnData, n: int, *, layer: str | None = None) -> list
     -------
     Gene names.
     """
-    import scanpy as sc
+    sc = import_scanpy()
 
     _check_unique_var_names(adata)
     X = _matrix(adata, layer)

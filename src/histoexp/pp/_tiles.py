@@ -124,7 +124,8 @@ def tile_tissue(
     if slide.mpp is None:
         raise ValueError(
             "The image has no µm per pixel information (no TIFF resolution metadata): pass `mpp=` "
-            "(µm per pixel of the full-resolution image)."
+            "(µm per pixel of the full-resolution image; from the scanner's metadata, or, for a slide scanned like "
+            "a model's training slides, their µm/px in `model.image_spec()['slide_mpp']`)."
         )
     res = float(slide.mpp)
     h, w = slide.shape

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import check_key_free, import_squidpy, jsonable, library_verbosity, resolve_library_key
+from .._utils import check_key_free, import_scanpy, import_squidpy, jsonable, library_verbosity, resolve_library_key
 
 
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
@@ -112,8 +112,9 @@ def spatial_domains(
         Writes ``obs[key_added]`` (categorical) and ``uns[key_added]`` with the keys ``params``,
         ``n_domains`` and, with ``compare``, ``ari`` and ``compare``.
     """
-    import scanpy as sc
     import scipy.sparse as sp
+
+    sc = import_scanpy()
 
     key = key_added or (f"{layer}_domains" if layer is not None else "measured_domains")
     check_key_free(adata.obs, key, where="adata.obs", overwrite=overwrite)

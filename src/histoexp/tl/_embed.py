@@ -178,6 +178,9 @@ def embed_patches(
         "patch_px": getattr(src, "patch_px", geometry.get("patch_px")),
         "mpp": getattr(src, "mpp", geometry.get("mpp")),
         "size_um": getattr(src, "size_um", geometry.get("size_um")),
+        # µm/px of each section's slide the patches were cut from: tells a user of a model trained on these
+        # features how the training scans were resolved (an image query without µm/px metadata needs one)
+        "slide_mpp": {str(lib): v.get("mpp") for lib, v in (geometry.get("libraries") or {}).items()},
         "random_init": bool(enc.random_init),
         "input_size": enc.input_size if enc.input_size is not None else "patch size",
         "batch_size": int(batch_size),
