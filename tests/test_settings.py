@@ -55,3 +55,22 @@ def test_embed_patches_takes_num_workers_from_settings(monkeypatch, restore_num_
     np.testing.assert_array_equal(adata.obsm["X_argument"], adata.obsm["X_default"])
     with pytest.raises(ValueError, match="num_workers"):
         hx.tl.embed_patches(adata, "handcrafted", num_workers=-1, key_added="X_bad")
+
+
+def test_info_messages_shown_at_verbosity_2():
+    """histoexp's logger has its own handler: info shows at verbosity 2 (the fallback shows warnings only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, histoexp as hx\n"
+        "log = logging.getLogger('histoexp')\n"
+        "log.info('hidden at 1')\n"
+        "hx.settings.verbosity = 2\n"
+        "log.info('shown at 2')\n"
+        "hx.settings.verbosity = 0\n"
+        "log.warning('hidden at 0')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1:] == ["shown at 2"], out.stderr
+    assert "hidden" not in out.stderr

@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 
 logger = logging.getLogger("histoexp")
+if not logger.handlers:
+    # histoexp's own handler (as scanpy's), so info/debug messages show at verbosity 2/3: Python's fallback
+    # handler shows warnings only
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_handler)
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 #: ``hx.settings.verbosity`` -> logging level (the index is the verbosity)

@@ -763,7 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("    %(message)s"))
     hx_logger = logging.getLogger("histoexp")
     old_verbosity, old_progress = hx.settings.verbosity, hx.settings.progress
-    hx_logger.addHandler(handler)
+    saved_handlers = hx_logger.handlers[:]
+    hx_logger.handlers = [handler]  # the CLI's indented format replaces the package's handler
     # -q: errors only (histoexp and the libraries it calls); -v: info
     quiet = getattr(args, "quiet", False)
     hx.settings.verbosity = 0 if quiet else 2 if args.verbose else 1
@@ -782,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return 1
     finally:
-        hx_logger.removeHandler(handler)
+        hx_logger.handlers = saved_handlers
         hx.settings.verbosity = old_verbosity
         hx.settings.progress = old_progress
 
