@@ -9,6 +9,7 @@ from ._mclstexp import fit_mclstexp
 from ._predict import impute, load_model
 from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
+from ._slides import impute_slide, impute_slides, read_slide_list
 
 __all__ = [
     "embed_patches",
@@ -18,7 +19,10 @@ __all__ = [
     "fit_ridge",
     "gene_metrics",
     "impute",
+    "impute_slide",
+    "impute_slides",
     "load_model",
+    "read_slide_list",
     "register_weighting",
     "retrieval_weightings",
     "spatial_domains",
