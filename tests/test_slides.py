@@ -249,3 +249,97 @@ def test_cli_impute_many_slides_resumes_and_fails_per_slide(slide_setup, tmp_pat
     printed = capsys.readouterr().out
     assert "1 computed, 3 already done, 0 failed" in printed
     assert os.path.exists(out / "zz_broken.done.json")
+
+
+# --------------------------------------------------------------------------------------------- Visium HD bins
+def _hd_sdata(bin_um: float, *, mpp: float = 0.5, side: int = 640, hires: bool = True, seed: int = 0):
+    """A SpatialData laid out as spatialdata_io.visium_hd writes it: bins as squares, full + hires images."""
+    import anndata as ad
+    from geopandas import GeoDataFrame
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    img = _smooth_rgb(side, side, seed)
+    step = bin_um / mpp
+    centres = np.array([(x, y) for y in np.arange(step / 2, side, step) for x in np.arange(step / 2, side, step)])
+    r = step / 2
+    name = f"demo_square_{int(bin_um):03d}um"
+    tf = {"demo": Identity()}
+    circles = ShapesModel.parse(centres, geometry=0, radius=np.full(len(centres), r), transformations=tf)
+    shapes = ShapesModel.parse(GeoDataFrame(geometry=circles.buffer(r, cap_style=3)), transformations=tf)
+    # expression follows the red channel around each bin (55 µm): learnable from patches with context
+    k = int(round(27.5 / mpp))
+    red = img[..., 0].astype(float)
+    drive = np.array([red[max(0, int(y) - k) : int(y) + k, max(0, int(x) - k) : int(x) + k].mean() for x, y in centres])
+    drive = (drive - drive.mean()) / drive.std()
+    rng = np.random.default_rng(seed)
+    coef = rng.normal(0, 1, 12)
+    counts = rng.poisson(np.exp(2.5 + 0.8 * np.outer(drive, coef)))
+    table = ad.AnnData(counts.astype(np.float32))
+    table.var_names = [f"g{i}" for i in range(12)]
+    table.obs_names = [f"b{i}" for i in range(len(centres))]
+    table.obs["region"] = pd.Categorical([name] * len(centres))
+    table.obs["location_id"] = np.arange(len(centres))
+    n_side = int(np.ceil(side / step))
+    table.obs["array_row"] = np.arange(len(centres)) // n_side
+    table.obs["array_col"] = np.arange(len(centres)) % n_side
+    table.obs["in_tissue"] = 1
+    table = TableModel.parse(table, region=name, region_key="region", instance_key="location_id")
+    images = {"demo_full_image": Image2DModel.parse(img.transpose(2, 0, 1), dims=("c", "y", "x"), transformations=tf)}
+    if hires:
+        images["demo_hires_image"] = Image2DModel.parse(
+            img[::2, ::2].transpose(2, 0, 1).copy(),
+            dims=("c", "y", "x"),
+            transformations={"demo": Scale([2, 2], ("x", "y"))},
+        )
+    key = f"square_{int(bin_um):03d}um"
+    return SpatialData(images=images, shapes={name: shapes}, tables={key: table}), key, centres
+
+
+def test_visium_hd_bins_mpp_context_patches_and_training(monkeypatch):
+    pytest.importorskip("spatialdata")
+    sdata, key, centres = _hd_sdata(8)
+    a = hx.io.from_spatialdata(sdata, table_key=key)
+    lib = next(iter(a.uns["spatial"]))
+    sf, meta = a.uns["spatial"][lib]["scalefactors"], a.uns["spatial"][lib]["metadata"]
+    # 8 µm bins of 16 px: 0.5 µm/px (the Visium 55 µm spot rule would give 3.4)
+    assert sf["microns_per_pixel"] == pytest.approx(0.5) and sf["spot_diameter_fullres"] == pytest.approx(16)
+    assert meta["platform"] == "visium_hd" and meta["bin_size_um"] == 8
+    np.testing.assert_allclose(a.obsm["spatial"], centres, atol=1e-6)
+    assert sf["tissue_hires_scalef"] == pytest.approx(0.5)
+    # a patch of one bin is refused; the patch size is given in µm, independent of the bin
+    with pytest.raises(ValueError, match="bins"):
+        hx.pp.extract_patches(a, patch_px=32)
+    hx.pp.extract_patches(a, size_um=55, patch_px=32, image=sdata.images["demo_full_image"], store="memory")
+    assert a.obsm["patches"].shape == (a.n_obs, 32, 32, 3) and a.uns["histoexp"]["patches"]["size_um"] == 55
+    hx.tl.embed_patches(a, encoder="handcrafted", weights=None)
+    # training on 8 µm bins learns the image-driven genes: held-out half, against a shuffled-image control
+    train = a.obs["array_col"].to_numpy() < a.obs["array_col"].max() / 2
+    a.obs["split"] = np.where(train, "train", "test")
+    fit_on = a[train].copy()
+    model = hx.tl.fit_ridge(fit_on, use_rep="X_handcrafted", genes=list(a.var_names))
+    test = a[~train].copy()
+    pred = hx.tl.impute(test, model)
+    hx.tl.evaluate(pred, layer="ridge")
+    ctrl = a[train].copy()
+    ctrl.obsm["X_handcrafted"] = np.random.default_rng(0).permutation(ctrl.obsm["X_handcrafted"])
+    cpred = hx.tl.impute(test, hx.tl.fit_ridge(ctrl, use_rep="X_handcrafted", genes=list(a.var_names)))
+    hx.tl.evaluate(cpred, layer="ridge")
+    assert pred.uns["ridge"]["metrics"]["pcc_mean"] > 0.4 > cpred.uns["ridge"]["metrics"]["pcc_mean"] + 0.2
+
+    # 16 µm bins of the same slide
+    sd16, key16, _ = _hd_sdata(16)
+    a16 = hx.io.from_spatialdata(sd16, table_key=key16)
+    assert next(iter(a16.uns["spatial"].values()))["scalefactors"]["microns_per_pixel"] == pytest.approx(0.5)
+
+    # only a full-resolution image: its hires copy is read by region (pyramid level / strips), not whole
+    from histoexp.io import _spatialdata
+
+    monkeypatch.setattr(_spatialdata, "_MAX_DENSE_IMAGE_PX", 10_000)
+    monkeypatch.setattr(_spatialdata, "_MAX_HIRES_SIDE", 200)
+    sd_full, key_full, _ = _hd_sdata(8, hires=False)
+    af = hx.io.from_spatialdata(sd_full, table_key=key_full)
+    entry = next(iter(af.uns["spatial"].values()))
+    assert max(entry["images"]["hires"].shape[:2]) == 200
+    assert entry["scalefactors"]["tissue_hires_scalef"] == pytest.approx(200 / 640)
