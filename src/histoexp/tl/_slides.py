@@ -473,11 +473,8 @@ def impute_slides(
     finally:
         settings.progress = old_progress
         bar.close()
-    result = (
-        pd.DataFrame(rows).set_index("slide_id")
-        if rows
-        else pd.DataFrame(columns=["path", "status", "n_tiles", "seconds", "tiles_per_s", "output", "error"])
-    )
+    cols = ["path", "status", "n_tiles", "seconds", "tiles_per_s", "output", "error"]
+    result = pd.DataFrame(rows).set_index("slide_id")[cols] if rows else pd.DataFrame(columns=cols)
     failed = result.index[result["status"] == "failed"].tolist() if rows else []
     msg = f"impute_slides: {n_done} computed, {n_skipped} already done, {len(failed)} failed of {len(table)} slides"
     if failed:
