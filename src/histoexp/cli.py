@@ -628,9 +628,12 @@ def cmd_impute(args) -> int:
         raise CLIError("the CLI imputes .h5ad queries with frozen-feature models only; use hx.tl.impute from Python.")
     step(f"preparing query {qpath.name}")
     if qpath.suffix != ".h5ad":
-        if args.reference:
-            raise CLIError("--reference applies to .h5ad queries; an image query uses the model's own reference.")
-        retrieval = {"k": args.k, "method": args.method} if model.kind == "retrieval" else {}
+        references = [_read_h5ad(p) for p in args.reference] if args.reference else None
+        if model.kind != "retrieval" and references is not None:
+            raise CLIError(f"--reference applies to retrieval models; {model.method!r} predicts from the image alone.")
+        if references is not None and len(references) == 1:
+            references = references[0]
+        retrieval = {"k": args.k, "method": args.method, "reference": references} if model.kind == "retrieval" else {}
         key = model.method
         step(f"tiles over the tissue -> patches read from the slide -> {emb['encoder']} -> {key}")
         try:

@@ -51,6 +51,7 @@ def impute_slide(
     tile_um: float | None = None,
     min_tissue: float = 0.5,
     library_id: str = "slide",
+    reference: AnnData | Sequence[AnnData] | None = None,
     genes: Sequence[str] | str | None = None,
     k: int | None = None,
     method: str | None = None,
@@ -81,8 +82,8 @@ def impute_slide(
         Minimum tissue fraction of a tile (see :func:`~histoexp.pp.tile_tissue`).
     library_id
         Section id of the result (``obs['library_id']``, ``uns['spatial']``).
-    genes, k, method
-        Passed to :func:`~histoexp.tl.impute` (``k``, ``method``: retrieval models only).
+    reference, genes, k, method
+        Passed to :func:`~histoexp.tl.impute` (``reference``, ``k``, ``method``: retrieval models only).
     batch_size
         Patches per forward pass of the encoder (the memory bound).
     num_workers
@@ -129,9 +130,11 @@ def impute_slide(
             key_added=model.use_rep,
         )
     t2 = time.perf_counter()
-    kw = {"k": k, "method": method} if model.kind == "retrieval" else {}
-    if model.kind != "retrieval" and (k is not None or method is not None):
-        raise ValueError(f"`k` and `method` apply to retrieval models; {model.method!r} predicts from the image alone.")
+    kw = {"k": k, "method": method, "reference": reference} if model.kind == "retrieval" else {}
+    if model.kind != "retrieval" and (k is not None or method is not None or reference is not None):
+        raise ValueError(
+            f"`reference`, `k` and `method` apply to retrieval models; {model.method!r} predicts from the image alone."
+        )
     pred = impute(query, model, genes=genes, device=device, **kw)
     t3 = time.perf_counter()
     n = int(query.n_obs)
