@@ -70,14 +70,16 @@ def train_model(data_dir: str, model_dir: Path) -> dict:
     return {"n_spots": int(ref.n_obs), "n_genes": len(model.genes), "train_s": time.perf_counter() - t0}
 
 
-def section_image(data_dir: str, sec: str) -> tuple[np.ndarray, float]:
+def section_image(data_dir: str, sec: str) -> tuple[np.ndarray, float, np.ndarray]:
+    """The section's H&E as an array, its µm/px and its spot centres (x, y)."""
     import histoexp as hx
     from histoexp.image import SlideImage
 
     a = hx.datasets.her2st(sec, data_dir=data_dir)
     entry = a.uns["spatial"][sec]
     src = SlideImage.open(entry["metadata"]["source_image_path"])
-    return src.read_region(0, 0, src.shape[1], src.shape[0]), float(entry["scalefactors"]["microns_per_pixel"])
+    arr = src.read_region(0, 0, src.shape[1], src.shape[0])
+    return arr, float(entry["scalefactors"]["microns_per_pixel"]), np.asarray(a.obsm["spatial"])
 
 
 def write_pyramid(src: np.ndarray, path: Path, h: int, w: int, *, mpp: float, tile: int = 512, min_side: int = 1024):
@@ -146,7 +148,7 @@ print(json.dumps({"rc": rc, "rss_before_kb": before, "peak_rss_kb": hwm_kb(), "s
 
 
 def part_slide(args, model_dir: Path, tmp: Path) -> dict:
-    img, mpp = section_image(args.data_dir, "C2")
+    img, mpp, _ = section_image(args.data_dir, "C2")
     size = args.size
     tiff = tmp / "mosaic.tif"
     log(f"(1) writing a {size} x {size} px pyramidal BigTIFF from C2 ({img.shape[1]} x {img.shape[0]} px) ...")
@@ -210,9 +212,15 @@ def part_many(args, model_dir: Path, tmp: Path) -> dict:
     log(f"(2) cutting {args.n_slides} slides of {crop} x {crop} px from {', '.join(SECTIONS)} ...")
     per = -(-args.n_slides // len(SECTIONS))
     for sec in SECTIONS:
-        img, mpp = section_image(args.data_dir, sec)
+        img, mpp, xy = section_image(args.data_dir, sec)
         h, w = img.shape[:2]
-        offs = [(round(y), round(x)) for y in np.linspace(0, h - crop, 2) for x in np.linspace(0, w - crop, 3)]
+        # crops centred on a 2 x 3 grid over the spots' bounding box (the tissue), inside the image
+        (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
+        offs = [
+            (int(np.clip(cy - crop / 2, 0, h - crop)), int(np.clip(cx - crop / 2, 0, w - crop)))
+            for cy in np.linspace(y0 + crop / 4, y1 - crop / 4, 2)
+            for cx in np.linspace(x0 + crop / 4, x1 - crop / 4, 3)
+        ]
         for k, (y0, x0) in enumerate(offs[:per]):
             if len(rows) >= args.n_slides:
                 break
@@ -249,7 +257,7 @@ def part_many(args, model_dir: Path, tmp: Path) -> dict:
     t0 = time.perf_counter()
     proc2 = subprocess.run(cmd, env=env, capture_output=True, text=True)
     run2_s = time.perf_counter() - t0
-    if proc2.returncode != 0:
+    if proc2.returncode not in (0, 1):  # 1: some slide failed (reported below), the others are done
         raise RuntimeError(proc2.stdout[-2000:] + proc2.stderr[-4000:])
     after = markers()
     unchanged = [s for s in before if after[s] == before[s] and (out / f"{s}.h5ad").stat().st_mtime_ns == mtimes[s]]
@@ -266,6 +274,10 @@ def part_many(args, model_dir: Path, tmp: Path) -> dict:
         "run2_s": run2_s,
         "run2_summary": summary,
         "done_after_run2": len(after),
+        "run2_exit_status": proc2.returncode,
+        "failed_after_run2": {
+            p.name[: -len(".failed.json")]: json.loads(p.read_text())["error"] for p in out.glob("*.failed.json")
+        },
         "done_before_kill_unchanged_after_run2": len(unchanged),
         "recomputed_of_done_before_kill": len(before) - len(unchanged),
         "computed_in_run2": sum(m["pid"] != next(iter(before.values()))["pid"] for m in after.values()),
@@ -328,7 +340,8 @@ def _markdown(res: dict) -> str:
             f"| run 1: slides done when killed | {m['done_at_kill']} (after {m['run1_s_until_kill']:.1f} s) |",
             f"| hidden temporaries left by the kill | {len(m['hidden_leftovers_after_kill'])} |",
             f"| run 2 output | `{m['run2_summary'].split(';')[0]}` |",
-            f"| slides done after run 2 | {m['done_after_run2']} of {m['n_slides']} |",
+            f"| slides done after run 2 | {m['done_after_run2']} of {m['n_slides']} "
+            f"(failed: {len(m['failed_after_run2'])}) |",
             f"| **done before the kill and recomputed in run 2** | **{m['recomputed_of_done_before_kill']}** |",
             f"| slides computed by run 2 | {m['computed_in_run2']} |",
             f"| hidden temporaries after run 2 | {len(m['hidden_leftovers_after_run2'])} |",
