@@ -70,8 +70,8 @@ def impute_slide(
     ----------
     image
         Path of the slide (JPEG/PNG, TIFF/OME-TIFF pyramid, vendor format such as ``.svs``/``.ndpi`` with
-        ``histoexp[slide]``), or an in-memory image :func:`~histoexp.pp.tile_tissue` accepts (its patches are then
-        kept in memory).
+        ``histoexp[slide]``), or an in-memory image :func:`~histoexp.pp.tile_tissue` accepts (a SpatialData image,
+        an array: its patches are then extracted with ``store='auto'``, in memory or a temporary zarr store).
     model
         A model from a ``fit_*`` function or :func:`histoexp.tl.load_model`.
     mpp
