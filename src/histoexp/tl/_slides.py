@@ -400,6 +400,7 @@ def impute_slides(
         Bad ``slides``/``shard``, or ``out_dir`` holds a run with another model or other parameters.
     """
     from .._fs import write_h5ad
+    from ..image._slide import clear_cache
 
     table = read_slide_list(slides)
     sh = parse_shard(shard)
@@ -469,6 +470,7 @@ def impute_slides(
                 overwrite=overwrite,
                 write_h5ad=write_h5ad,
             )
+            clear_cache()  # a decoded JPEG/PNG slide is not needed again: memory stays one slide
             n_done += row["status"] == "done"
             n_skipped += row["status"] == "skipped"
             rows.append(row)
