@@ -19,9 +19,13 @@ ST_PITCH_UM = 200.0
 # image files
 # ---------------------------------------------------------------------------------------------------------------------
 #: suffixes read with tifffile, by region and pyramid level; any other image file is decoded with PIL
-TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".svs")
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf")
+#: vendor whole-slide formats, read by region through tiffslide (or OpenSlide): the optional extra ``histoexp[slide]``
+VENDOR_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".vmu", ".svslide")
+#: vendor formats tiffslide does not read; only OpenSlide (openslide-python with openslide-bin) opens them
+OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 #: suffixes recognised as a slide image when one is looked for in a folder (e.g. next to Space Ranger outputs)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *TIFF_SUFFIXES)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *TIFF_SUFFIXES, *VENDOR_SUFFIXES)
 #: longest side (px) of the downscaled copy stored as ``uns['spatial'][library_id]['images']['hires']``
 HIRES_MAX_SIDE = 2000
 

@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._constants import ST_SPOT_DIAMETER_UM
-
 DEMO_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 DEMO_GENES = ("ERBB2", "GNAS")
 #: patch side per encoder: the handcrafted encoder works at 112 px, torchvision CNNs at 224 px.
@@ -531,8 +529,78 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _many_slides(queries: Sequence[str]) -> bool:
+    """Whether the QUERY arguments name many slides: several paths, a folder, or a manifest / list file."""
+    if len(queries) > 1:
+        return True
+    q = Path(queries[0])
+    return q.is_dir() or q.suffix.lower() in (".csv", ".txt", ".lst")
+
+
+def cmd_impute_slides(args, model_dir: Path) -> int:
+    """Predict many H&E slides: one .h5ad per slide in --output, resumable, failures reported per slide."""
+    import histoexp as hx
+
+    out = Path(args.output)
+    slides = args.query if len(args.query) > 1 else args.query[0]
+    try:
+        table = hx.tl.read_slide_list(slides, arg="QUERY")
+        shard = hx.tl._slides.parse_shard(args.shard, arg="--shard")
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err).replace("`QUERY`", "QUERY").replace("`--shard`", "--shard")) from None
+    for opt, path in [("--output", out)]:
+        for q in table["path"]:
+            if _same_path(path, Path(q)):
+                raise CLIError(f"{opt} {str(path)!r} is also a slide; choose another output folder.")
+        if path.exists() and not path.is_dir():
+            raise CLIError(f"{opt} {str(path)!r} is a file, not a folder; choose another output folder.")
+    if args.reference:
+        raise CLIError("--reference is not supported with many slides yet; the model's own reference is used.")
+    model = hx.tl.load_model(model_dir)
+    retrieval = {"k": args.k, "method": args.method} if model.kind == "retrieval" else {}
+    n = len(table) if shard is None else len(table.iloc[shard[0] :: shard[1]])
+    print(
+        f"histoexp impute: {n} of {len(table)} slides"
+        + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+        + f" -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+    res = hx.tl.impute_slides(
+        slides,
+        model,
+        out,
+        mpp=args.mpp,
+        tile_um=args.tile_um,
+        min_tissue=args.min_tissue,
+        genes=_genes_arg(args.genes),
+        shard=shard,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        **retrieval,
+    )
+    counts = res["status"].value_counts() if len(res) else {}
+    failed = res.index[res["status"] == "failed"].tolist() if len(res) else []
+    for sid in failed:
+        print(f"histoexp impute: slide {sid} failed: {res.loc[sid, 'error']}", file=sys.stderr)
+    done = res[res["status"] == "done"]
+    rate = f"; {done['n_tiles'].sum() / done['seconds'].sum():.1f} tiles/s" if len(done) else ""
+    print(
+        f"{counts.get('done', 0)} computed, {counts.get('skipped', 0)} already done, {len(failed)} failed "
+        f"of {len(res)} slides{rate}; outputs in {out.resolve()}"
+    )
+    if failed:
+        print(
+            f"histoexp impute: {len(failed)} failed slide(s); run the same command again to retry them.",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
 def cmd_impute(args) -> int:
-    """Predict expression for a query .h5ad or H&E image with a saved model."""
+    """Predict expression for a query .h5ad, an H&E image or many slides with a saved model."""
     import matplotlib.pyplot as plt
 
     import histoexp as hx
@@ -540,11 +608,20 @@ def cmd_impute(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise CLIError(f"model folder {str(model_dir)!r} does not exist (create it with `histoexp fit`).")
-    qpath = Path(args.query)
-    if not qpath.exists():
-        raise CLIError(f"query {str(qpath)!r} does not exist.")
+    for q in args.query:
+        if not Path(q).exists():
+            raise CLIError(f"query {str(q)!r} does not exist.")
     _positive("--k", args.k)
     _positive("--n-maps", args.n_maps, 0)
+    _positive("--batch-size", args.batch_size)
+    _positive("--num-workers", args.num_workers, 0)
+    if not 0 <= args.min_tissue <= 1:
+        raise CLIError(f"--min-tissue {args.min_tissue}: expected a fraction in [0, 1].")
+    if _many_slides(args.query):
+        return cmd_impute_slides(args, model_dir)
+    if args.shard is not None:
+        raise CLIError("--shard applies to many slides (a folder, a manifest or several QUERY paths).")
+    qpath = Path(args.query[0])
     out = Path(args.output)
     for path in args.reference or []:
         if not Path(path).exists():
@@ -561,20 +638,42 @@ def cmd_impute(args) -> int:
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
     emb = model.image_spec()
-    if model.mode != "frozen":
-        raise CLIError("the CLI imputes with frozen-feature models only; use hx.tl.impute from Python for others.")
+    if qpath.suffix == ".h5ad" and model.mode != "frozen":
+        raise CLIError("the CLI imputes .h5ad queries with frozen-feature models only; use hx.tl.impute from Python.")
     step(f"preparing query {qpath.name}")
-    if qpath.suffix == ".h5ad":
-        query = _read_h5ad(qpath)
-    else:
-        tile_um = args.tile_um or emb.get("size_um") or ST_SPOT_DIAMETER_UM
+    if qpath.suffix != ".h5ad":
+        references = [_read_h5ad(p) for p in args.reference] if args.reference else None
+        if model.kind != "retrieval" and references is not None:
+            raise CLIError(f"--reference applies to retrieval models; {model.method!r} predicts from the image alone.")
+        if references is not None and len(references) == 1:
+            references = references[0]
+        retrieval = {"k": args.k, "method": args.method, "reference": references} if model.kind == "retrieval" else {}
+        key = model.method
+        step(f"tiles over the tissue -> patches read from the slide -> {emb['encoder']} -> {key}")
         try:
-            query = hx.pp.tile_tissue(str(qpath), tile_um=tile_um, mpp=args.mpp)
+            pred = hx.tl.impute_slide(
+                str(qpath),
+                model,
+                mpp=args.mpp,
+                tile_um=args.tile_um,
+                min_tissue=args.min_tissue,
+                library_id=qpath.stem,
+                genes=_genes_arg(args.genes),
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=args.device,
+                **retrieval,
+            )
         except ValueError as err:
             if args.mpp is not None or "µm per pixel" not in str(err):
                 raise CLIError(str(err)) from err
             raise CLIError(_mpp_hint(qpath, emb.get("slide_mpp") or {})) from err
-        step.note(f"{query.n_obs} tissue tiles of {tile_um:g} µm")
+        info = pred.uns["histoexp"]["slide"]
+        step.note(f"{info['n_tiles']} tissue tiles of {info['tile_um']:g} µm, {info['tiles_per_s']:.1f} tiles/s")
+        if model.use_rep:
+            pred.obsm.pop(model.use_rep, None)
+        return _write_prediction(pred, key, out, args, step, ow, plt)
+    query = _read_h5ad(qpath)
     prepare_features(
         query,
         encoder=emb["encoder"],
@@ -594,6 +693,13 @@ def cmd_impute(args) -> int:
         retrieval = {}
     step(f"predicting ({key}" + (f", {args.method}, k={args.k})" if retrieval else ")"))
     pred = hx.tl.impute(query, model, genes=_genes_arg(args.genes), device=args.device, **retrieval)
+    return _write_prediction(pred, key, out, args, step, args.overwrite, plt)
+
+
+def _write_prediction(pred, key: str, out: Path, args, step: _Steps, ow: bool, plt) -> int:
+    """Evaluate (when measured), draw gene maps and write predictions.h5ad for one query."""
+    import histoexp as hx
+
     measured = "measured" in pred.layers
     step(f"writing {out / 'predictions.h5ad'} and gene maps")
     if measured:
@@ -715,10 +821,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("impute", help="predict a query .h5ad or H&E image with a model folder")
     p.add_argument("model", metavar="MODEL_DIR", help="folder written by `histoexp fit`")
-    p.add_argument("query", metavar="QUERY", help="query .h5ad (spots + image) or an H&E image file")
+    p.add_argument(
+        "query",
+        nargs="+",
+        metavar="QUERY",
+        help="query .h5ad (spots + image), an H&E slide (JPEG/PNG/TIFF, .svs/.ndpi with histoexp[slide]), or many "
+        "slides: several paths, a folder, a .csv manifest (path[,slide_id][,mpp]) or a .txt list -> one "
+        "<slide_id>.h5ad each in OUT_DIR, resumable",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel of an image query")
     p.add_argument("--tile-um", type=float, default=None, help="tile side for an image query (default: patch size)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="many slides: process slides I, I+N, ... only (0 <= I < N), e.g. "
+        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="patches per encoder batch (default 64)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers reading patches")
     p.add_argument(
         "--reference", nargs="+", default=None, metavar="REF.h5ad", help="reference bank (default: training)"
     )
@@ -775,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"histoexp {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, KeyError, ValueError, NotImplementedError, OSError) as err:
+    except (FileNotFoundError, KeyError, ValueError, NotImplementedError, OSError, ImportError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         what = "not implemented yet" if isinstance(err, NotImplementedError) else type(err).__name__
         print(f"histoexp {args.command}: error ({what}): {msg}", file=sys.stderr)

@@ -7,6 +7,8 @@
 - TIFF / OME-TIFF files, pyramidal or not: read by region through tifffile's zarr store, never
   decoded whole; the pyramid level whose resolution is just finer than requested is read and then
   resampled;
+- vendor whole-slide files (SVS, NDPI, SCN, BIF, MRXS, ...): read by region through tiffslide (or
+  OpenSlide for the formats tiffslide does not read), the optional extra ``histoexp[slide]``;
 - SpatialData image elements (``xarray.DataArray`` with dims ``(c, y, x)`` or a multiscale
   ``DataTree``): lazy (dask) reads of the chosen scale;
 - numpy ``uint8`` arrays of shape ``(H, W, 3)``.
@@ -34,8 +36,10 @@ import numpy as np
 from .._constants import (
     HIRES_MAX_SIDE,
     IMAGE_SUFFIXES,
+    OPENSLIDE_ONLY_SUFFIXES,
     ST_SPOT_DIAMETER_UM,
     TIFF_SUFFIXES,
+    VENDOR_SUFFIXES,
     VISIUM_SPOT_DIAMETER_UM,
 )
 from .._settings import logger
@@ -43,6 +47,8 @@ from .._settings import logger
 __all__ = ["SlideImage", "slide_for_library"]
 
 _RGB_MSG = "RGB uint8 expected"
+#: largest level (pixels) :meth:`SlideImage.thumbnail` reads in one piece; above it, strip by strip
+THUMBNAIL_READ_MAX_PX = 64_000_000
 
 #: platform spot diameters in µm used to derive µm/px from ``spot_diameter_fullres``
 SPOT_DIAMETER_UM = {"visium": VISIUM_SPOT_DIAMETER_UM, "st": ST_SPOT_DIAMETER_UM}
@@ -251,6 +257,79 @@ def _open_tiff(path: Path, arg: str = "source") -> tuple[list[_Level], float | N
     return levels, mpp, tf
 
 
+class _OpenSlideLevel:
+    """``array``-like view of one OpenSlide level: ``[y0:y1, x0:x1]`` in level pixels -> RGB uint8."""
+
+    def __init__(self, slide: Any, level: int, downsample: float, shape: tuple[int, int]):
+        self.slide, self.level, self.downsample = slide, level, downsample
+        self.shape = (*shape, 3)
+
+    def __getitem__(self, key):
+        ys, xs = key
+        # OpenSlide takes the corner in level-0 pixels and the size in level pixels
+        loc = (round(xs.start * self.downsample), round(ys.start * self.downsample))
+        im = self.slide.read_region(loc, self.level, (xs.stop - xs.start, ys.stop - ys.start))
+        return np.asarray(im.convert("RGB"))
+
+
+_EXTRA_HINT = "pip install 'histoexp[slide]' (tiffslide)"
+
+
+def _open_vendor(path: Path, arg: str = "source") -> tuple[list[_Level], float | None, Any] | None:
+    """Levels, µm/px and the open handle of a vendor whole-slide file, through tiffslide or OpenSlide.
+
+    Returns ``None`` for ``.svs`` when neither library is installed (tifffile reads Aperio files too, minus
+    their µm/px); other vendor formats then raise an ImportError naming the extra.
+    """
+    suffix = _suffix(path)
+    tiffslide = openslide = None
+    if suffix not in OPENSLIDE_ONLY_SUFFIXES:
+        try:
+            import tiffslide
+        except ImportError:
+            tiffslide = None
+    if tiffslide is None:
+        try:
+            import openslide
+        except ImportError:  # the package or its native library
+            openslide = None
+    if tiffslide is None and openslide is None:
+        if suffix == ".svs":
+            logger.info("tiffslide is not installed: reading %s with tifffile (no µm/px from its metadata).", path)
+            return None
+        need = "openslide-python and openslide-bin" if suffix in OPENSLIDE_ONLY_SUFFIXES else "tiffslide"
+        raise ImportError(
+            f"`{arg}`: {str(path)!r} is a {suffix} whole-slide file; reading it needs {need}: "
+            + (
+                "pip install openslide-python openslide-bin."
+                if suffix in OPENSLIDE_ONLY_SUFFIXES
+                else f"{_EXTRA_HINT}."
+            )
+        )
+    lib = "tiffslide" if tiffslide is not None else "openslide"
+    try:
+        slide = tiffslide.TiffSlide(path) if tiffslide is not None else openslide.OpenSlide(str(path))
+    except Exception as e:
+        raise ValueError(f"`{arg}`: {lib} cannot read {str(path)!r} ({type(e).__name__}: {e}).") from e
+    try:
+        props = slide.properties
+        mpp = props.get(f"{lib}.mpp-x")
+        mpp = float(mpp) if mpp not in (None, "") and float(mpp) > 0 else None
+        levels = []
+        for i, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples, strict=True)):
+            if tiffslide is not None:
+                arr = slide.zarr_group[str(i)]  # tifffile's zarr view of the level: exact level pixels
+                if arr.ndim != 3 or arr.shape[2] != 3 or np.dtype(arr.dtype) != np.uint8:
+                    raise _not_rgb(f"level {i} of shape {tuple(arr.shape)} and dtype {arr.dtype}", path, arg)
+            else:
+                arr = _OpenSlideLevel(slide, i, float(ds), (int(h), int(w)))
+            levels.append(_Level(int(h), int(w), float(ds), arr, "YXS"))
+    except Exception:
+        slide.close()
+        raise
+    return levels, mpp, slide
+
+
 def _downscale_levels(levels: list[_Level], max_side: int) -> np.ndarray:
     """Box-averaged copy of an image from its levels, about ``max_side`` px on the longer side (not resized exactly).
 
@@ -275,7 +354,17 @@ def _downscale_levels(levels: list[_Level], max_side: int) -> np.ndarray:
 
 
 def _file_kind(path: Path) -> str:
-    return "tiff" if _suffix(path) in TIFF_SUFFIXES else "pil"
+    suffix = _suffix(path)
+    return "vendor" if suffix in VENDOR_SUFFIXES else "tiff" if suffix in TIFF_SUFFIXES else "pil"
+
+
+def _open_file_levels(path: Path, arg: str = "source") -> tuple[list[_Level], float | None, Any]:
+    """Levels, µm/px and open handle of a TIFF or vendor file (``.svs`` falls back to tifffile)."""
+    if _file_kind(path) == "vendor":
+        opened = _open_vendor(path, arg)
+        if opened is not None:
+            return opened
+    return _open_tiff(path, arg)
 
 
 def image_file_shape(path: str | os.PathLike, *, arg: str = "source") -> tuple[int, int]:
@@ -285,8 +374,8 @@ def image_file_shape(path: str | os.PathLike, *, arg: str = "source") -> tuple[i
     Errors name ``arg`` (the argument that gave the path).
     """
     path = Path(path)
-    if _file_kind(path) == "tiff":
-        levels, _, tf = _open_tiff(path, arg)
+    if _file_kind(path) != "pil":
+        levels, _, tf = _open_file_levels(path, arg)
         tf.close()
         return levels[0].height, levels[0].width
     with _open_pil(path, arg) as im:
@@ -314,8 +403,8 @@ def read_downscaled(
         return scalef, (max(1, round(w * scalef)), max(1, round(h * scalef)))  # PIL (w, h)
 
     path = Path(path)
-    if _file_kind(path) == "tiff":
-        levels, _, tf = _open_tiff(path, arg)
+    if _file_kind(path) != "pil":
+        levels, _, tf = _open_file_levels(path, arg)
         try:
             H, W = levels[0].height, levels[0].width
             scalef, target = target_size(H, W)
@@ -408,10 +497,11 @@ class SlideImage:
         Parameters
         ----------
         source
-            A path to a JPEG/PNG (decoded once, cached) or TIFF/OME-TIFF (read by region from its
-            pyramid), a numpy ``uint8`` array ``(H, W, 3)``, a SpatialData image element
-            (``xarray.DataArray`` with dims ``(c, y, x)`` or a multiscale ``DataTree``), or a
-            :class:`SlideImage` (returned as is, with ``mpp`` set if given).
+            A path to a JPEG/PNG (decoded once, cached), TIFF/OME-TIFF (read by region from its
+            pyramid) or vendor whole-slide file (``.svs``, ``.ndpi``, ``.scn``, ``.bif``, ``.mrxs``, ...: read by
+            region through tiffslide or OpenSlide, ``pip install 'histoexp[slide]'``), a numpy ``uint8`` array
+            ``(H, W, 3)``, a SpatialData image element (``xarray.DataArray`` with dims ``(c, y, x)`` or a
+            multiscale ``DataTree``), or a :class:`SlideImage` (returned as is, with ``mpp`` set if given).
         mpp
             µm per pixel at full resolution; overrides what the file says.
 
@@ -494,13 +584,13 @@ class SlideImage:
             arr = _decode_pil(path)
             self._levels = [_Level(arr.shape[0], arr.shape[1], 1.0, arr)]
         else:
-            self._levels, tmpp, self._handle = _open_tiff(path)
+            self._levels, tmpp, self._handle = _open_file_levels(path)
             if self.mpp is None and tmpp is not None:
-                self.mpp, self.mpp_source = tmpp, "tiff metadata"
+                self.mpp, self.mpp_source = tmpp, "tiff metadata" if self._kind == "tiff" else "slide metadata"
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        if self._kind in ("pil", "tiff"):  # reopened lazily in each process
+        if self._kind in ("pil", "tiff", "vendor"):  # reopened lazily in each process
             state["_levels"] = None
             state["_handle"] = None
         return state
@@ -634,7 +724,10 @@ class SlideImage:
         scale = min(1.0, max_px / max(h, w))
         li = self.best_level(1.0 / scale)
         lv = self._lv()[li]
-        arr = self._window(li, 0, 0, lv.width, lv.height)
+        if lv.height * lv.width <= THUMBNAIL_READ_MAX_PX or self._kind == "array":
+            arr = self._window(li, 0, 0, lv.width, lv.height)
+        else:  # a slide without a coarse enough level: strips of rows, box-reduced, never the level whole
+            arr = _downscale_levels(self._lv()[li:], max_px)
         th, tw = max(1, round(h * scale)), max(1, round(w * scale))
         if (th, tw) != arr.shape[:2]:
             arr = np.asarray(Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,10 @@ _BOOK = "histoexp_spatialdata"
 _REGION_KEY = "region"
 _INSTANCE_KEY = "spot_id"
 _MAX_HIRES_SIDE = 4000
+#: image scales larger than this (pixels) are never materialised whole: the hires copy is read by region
+_MAX_DENSE_IMAGE_PX = 64_000_000
+#: shapes of Visium HD bins as spatialdata_io names them (``<dataset>_square_008um``): the bin side in µm
+_HD_BIN = re.compile(r"square_(\d+)um$")
 
 
 def _libraries(adata: AnnData, library_key: str | None) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -195,6 +200,29 @@ def _image_yxc(elem) -> np.ndarray:
     return np.asarray(arr)
 
 
+def _largest_scale_px(elem) -> int:
+    from xarray import DataArray
+
+    if not isinstance(elem, DataArray):
+        first = sorted(elem.children)[0]
+        elem = next(iter(elem[first].data_vars.values()))
+    return int(elem.sizes["y"]) * int(elem.sizes["x"])
+
+
+def _bounded_rgb(elem, max_side: int) -> tuple[np.ndarray, float] | None:
+    """Copy (longer side <= ``max_side``) of a large RGB uint8 image element and its scale, read by region.
+
+    ``None`` when the element is not RGB uint8 (the caller converts it the old way).
+    """
+    from ..image import SlideImage
+
+    try:
+        slide = SlideImage.open(elem)
+    except ValueError:
+        return None
+    return slide.thumbnail(max_side)
+
+
 def _pick_image(sdata, shapes_elem, region: str, preferred: str | None):
     """(image name, element, hires scalef) of an image sharing a coordinate system with ``region``."""
     from spatialdata.transformations import get_transformation
@@ -295,6 +323,20 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
         entry = copy.deepcopy(dict(spatial_in.get(lib, {})))
         sf = dict(entry.get("scalefactors", {}))
         meta = dict(entry.get("metadata", {}))
+        hd = _HD_BIN.search(str(reg))
+        if hd is not None and "microns_per_pixel" not in sf:
+            # Visium HD bins (spatialdata_io): squares (or circles) one bin wide; the bin's side in µm gives the
+            # µm/px, which the 55 µm Visium spot rule would get wrong by the ratio of the sizes
+            bin_um = float(hd.group(1))
+            side_px = (
+                float(2 * np.median(gdf["radius"].to_numpy()))
+                if "radius" in gdf
+                else float(np.sqrt(np.median(geom.area.to_numpy())))
+            )
+            sf.setdefault("spot_diameter_fullres", side_px)
+            sf["microns_per_pixel"] = bin_um / side_px
+            meta.update(platform="visium_hd", bin_size_um=bin_um)
+            logger.info("from_spatialdata(%s): Visium HD %g µm bins, %.4g µm/px.", reg, bin_um, bin_um / side_px)
         if "spot_diameter_fullres" not in sf:
             if "radius" in gdf:
                 sf["spot_diameter_fullres"] = float(2 * np.median(gdf["radius"].to_numpy()))
@@ -304,7 +346,12 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
         picked = _pick_image(sdata, gdf, reg, book.get("images", {}).get(lib))
         if picked is not None:
             name, img, scalef = picked
-            arr = _image_yxc(img)
+            bounded = _bounded_rgb(img, _MAX_HIRES_SIDE) if _largest_scale_px(img) > _MAX_DENSE_IMAGE_PX else None
+            if bounded is not None:  # e.g. a full-resolution HD image: never decoded whole
+                arr, f = bounded
+                scalef *= f
+            else:
+                arr = _image_yxc(img)
             if arr.dtype != np.uint8:
                 logger.warning("from_spatialdata(%s): image %r is %s, converted to uint8.", lib, name, arr.dtype)
                 arr = np.clip(arr, 0, 255).astype(np.uint8)

@@ -179,7 +179,8 @@ def extract_patches(
         AnnData with ``obsm['spatial']`` and ``uns['spatial'][library_id]``.
     size_um
         Side of the patch in µm before ``context``; default: the spot diameter
-        (``spot_diameter_fullres`` x µm/px of the image).
+        (``spot_diameter_fullres`` x µm/px of the image). Required for binned data (Visium HD bins of 2/8/16 µm,
+        ``metadata['bin_size_um']``): the patch size is then chosen independently of the bin size.
     mpp
         Output µm per pixel (default 0.5, HEST convention). Ignored when ``patch_px`` is given.
     patch_px
@@ -268,6 +269,13 @@ def extract_patches(
     if size_um is None:
         diam = {}
         for lib, slide in slides.items():
+            meta = adata.uns.get("spatial", {}).get(lib, {}).get("metadata", {}) or {}
+            if meta.get("bin_size_um"):
+                raise ValueError(
+                    f"`size_um` not given, and library {lib!r} holds {meta['bin_size_um']:g} µm bins "
+                    f"({meta.get('platform', 'binned')}): a patch of one bin shows almost no tissue. Pass `size_um` "
+                    "(the patch side in µm, independent of the bin size: e.g. 55 or 112)."
+                )
             sf = adata.uns.get("spatial", {}).get(lib, {}).get("scalefactors", {})
             if not sf.get("spot_diameter_fullres"):
                 raise ValueError(

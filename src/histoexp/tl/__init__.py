@@ -10,6 +10,7 @@ from ._nh2st import fit_nh2st
 from ._predict import impute, load_model
 from ._retrieval import register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
+from ._slides import impute_slide, impute_slides, read_slide_list
 from ._zeroshot import fit_zeroshot
 
 __all__ = [
@@ -23,7 +24,10 @@ __all__ = [
     "fit_zeroshot",
     "gene_metrics",
     "impute",
+    "impute_slide",
+    "impute_slides",
     "load_model",
+    "read_slide_list",
     "register_weighting",
     "retrieval_weightings",
     "spatial_domains",
