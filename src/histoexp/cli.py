@@ -468,6 +468,8 @@ def cmd_fit(args) -> int:
 
     import histoexp as hx
 
+    # under torchrun (WORLD_SIZE > 1): DDP training and sharded embedding; rank 0 writes the model
+    hx.train.init_distributed()
     _positive("--patch-px", args.patch_px)
     _positive("--epochs", args.epochs)
     weights = _weights_arg(args.weights)
