@@ -7,7 +7,7 @@ from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
 from ._mclstexp import fit_mclstexp
 from ._predict import impute, load_model
-from ._retrieval import register_weighting, retrieval_weightings
+from ._retrieval import nearest_neighbours, register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "gene_metrics",
     "impute",
     "load_model",
+    "nearest_neighbours",
     "register_weighting",
     "retrieval_weightings",
     "spatial_domains",
