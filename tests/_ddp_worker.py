@@ -77,6 +77,19 @@ def sampler_fit(out: Path, tag: str):
     return net.state_dict(), hist
 
 
+class MeanColour(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def embedded() -> tuple[np.ndarray, dict]:
+    """``hx.tl.embed_patches`` of small synthetic patches (sharded across the ranks under torchrun)."""
+    adata = hx.datasets.synthetic(n_sections=1, n_side=7, random_state=2)
+    hx.pp.extract_patches(adata, patch_px=16, store="memory")
+    hx.tl.embed_patches(adata, MeanColour(), key_added="X_colour", batch_size=5, device="cpu")
+    return adata.obsm["X_colour"], dict(adata.uns["histoexp"]["embeddings"]["X_colour"])
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -90,11 +103,15 @@ def main() -> None:
     w_samp, h_samp = sampler_fit(out, f"rank{rank}")
     x = np.arange(45 * 3, dtype=np.float32).reshape(45, 3)
     emb = hxt.infer(lambda b: b["image"] * 2 + b["index"][:, None], x, batch_size=4, device="cpu", distributed=True)
+    colour, record = embedded()
+    np.save(mine / "colour.npy", colour)
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_bleep.items()}, str(mine / "weights.safetensors"))
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_again.items()}, str(mine / "weights_again.safetensors"))
     save_file({f"sampler.{k}": v.contiguous() for k, v in w_samp.items()}, str(mine / "sampler.safetensors"))
     np.save(mine / "infer.npy", emb)
-    (mine / "history.json").write_text(json.dumps({"bleep": h_bleep, "sampler": h_samp}))
+    (mine / "history.json").write_text(
+        json.dumps({"bleep": h_bleep, "sampler": h_samp, "embed_world_size": record["world_size"]})
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -77,6 +77,19 @@ def test_sharded_inference_gathers_every_row(runs):
         np.testing.assert_array_equal(got, x * 2 + np.arange(45)[:, None])
 
 
+def test_embed_patches_shards_and_gathers(runs):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _ddp_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    single, record = _ddp_worker.embedded()  # one process: every patch here
+    assert record["world_size"] == 1
+    for r in (0, 1):
+        np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour.npy"), single, rtol=1e-6, atol=1e-6)
+        assert json.loads((runs[0] / f"rank{r}" / "history.json").read_text())["embed_world_size"] == 2
+
+
 def test_ddp_equals_one_process_with_the_same_global_batch(runs, tmp_path):
     """BLEEP gathers its embeddings across the ranks: the 2-process model is the 1-process one up to rounding."""
     sys.path.insert(0, str(WORKER.parent))
