@@ -422,6 +422,11 @@ def fit(
         *Distributed training* below); ``None``: when one with more than one process is initialised (e.g.
         :func:`init_distributed` under ``torchrun``). ``False`` trains in this process alone.
 
+    Returns
+    -------
+    History dict (JSON-able): ``train_loss`` and ``val_loss`` per epoch, ``best_epoch`` (0-based, or
+    ``None``), ``best_val_loss``, ``epochs_run``, ``stopped_early``; and ``world_size`` when distributed.
+
     Notes
     -----
     **Distributed training** (every rank calls :func:`fit` with the same arguments and data):
@@ -429,7 +434,9 @@ def fit(
     - ``batch_size`` is the *global* batch. Without ``batch_sampler`` every rank draws the same shuffled
       batches as one process would (same seed) and takes its share of each (``numpy.array_split``); a
       contrastive loss calls :func:`gather_batch` on its embeddings to use the whole global batch as
-      negatives. With ``batch_sampler`` the batches are kept whole (e.g. mclSTExp's spatial sentences) and
+      negatives. A loss that is a mean over the rank's own spots is averaged over the ranks: the one-process
+      mean when the shares are equal (a global batch not divisible by the world size weighs the ranks
+      equally). With ``batch_sampler`` the batches are kept whole (e.g. mclSTExp's spatial sentences) and
       dealt round-robin, padded by repeating the first ones to a multiple of the world size: one step then
       trains ``world_size`` batches (as gradient accumulation over them in one process).
     - gradients are averaged by DistributedDataParallel; the validation batches are dealt round-robin and the
@@ -442,11 +449,6 @@ def fit(
     Against one process with the same ``batch_size`` the gradient of each step is the same up to float
     rounding (summation order), so without dropout the weights agree to rounding, amplified by training;
     dropout draws other masks per rank.
-
-    Returns
-    -------
-    History dict (JSON-able): ``train_loss`` and ``val_loss`` per epoch, ``best_epoch`` (0-based, or
-    ``None``), ``best_val_loss``, ``epochs_run``, ``stopped_early``.
     """
     import torch
     from torch.utils.data import DataLoader
