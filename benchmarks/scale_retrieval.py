@@ -11,10 +11,10 @@ function behind ``hx.tl.impute`` for retrieval models; k = 50, weighting ``'aver
   the exact search ran in full, the mean absolute difference of the predictions.
 
 Data (real her2st structure, synthetic size): the 785-gene panel's log1p(normalize_total 1e4) expression of all
-36 her2st sections is standardised and projected on its first 64 principal components (fitted on the
-spots of the 35 sections other than C2): these are the "real embeddings" (a linear stand-in for an expression
+35 her2st sections with counts is standardised and projected on its first 64 principal components (fitted on
+the spots of the 34 sections other than C2): these are the "real embeddings" (a linear stand-in for an expression
 encoder; 64 dimensions rather than BLEEP's 256 so that 10^7 references fit in memory: 2.56 GB). A reference of
-n spots draws n real spots of those 35 sections with replacement and adds Gaussian noise with half the
+n spots draws n real spots of those 34 sections with replacement and adds Gaussian noise with half the
 standard deviation of each component; its values are the drawn spots' expression of the 16 most variable
 panel genes. Queries are C2's spots drawn the same way (never in the reference). The same seed gives the same
 data for every index at one size. The exact search runs up to 10^6 references (10^7 would take ~10x the
@@ -253,11 +253,12 @@ def main() -> None:
         "protocol": (
             f"{args.n_query:,} queries, k={K}, weighting 'average', {args.dim}-d embeddings: PCA of the standardised "
             f"log1p 785-gene panel expression of {data['n_sections']} her2st sections, reference = real spots of the "
-            f"35 sections other than C2 ({data['n_real_reference_spots']:,}) drawn with replacement + Gaussian noise "
+            f"{data['n_sections'] - 1} sections other than C2 ({data['n_real_reference_spots']:,}) drawn with "
+            "replacement + Gaussian noise "
             "(half the std of each component), queries = C2 spots drawn the same way; values = 16 genes. Time and "
             "peak memory of one `retrieve` call (index build included) in a fresh process; recall@50 against the "
-            f"exact search on {args.recall_queries:,} of the queries; mean abs diff of their predictions (log1p "
-            "scale) where the exact search ran in full."
+            f"exact search on the first {args.recall_queries:,} queries; mean abs difference of the predictions of "
+            f"the first {5 * args.recall_queries:,} queries (log1p scale) where the exact search ran in full."
         ),
         "rows": rows,
     }
