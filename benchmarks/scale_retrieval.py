@@ -227,13 +227,31 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args)))
         return
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = tmp / "base.npz"
         log("real embeddings: her2st panel expression -> PCA")
         data = real_embeddings(args.data_dir, args.dim, base)
         log(f"{data}")
-        rows = []
+        out = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "threads": args.threads,
+            "data": data,
+            "protocol": (
+                f"{args.n_query:,} queries, k={K}, weighting 'average', {args.dim}-d embeddings: PCA of the "
+                f"standardised log1p 785-gene panel expression of {data['n_sections']} her2st sections, reference = "
+                f"real spots of the {data['n_sections'] - 1} sections other than C2 "
+                f"({data['n_real_reference_spots']:,}) drawn with replacement + Gaussian noise (half the std of each "
+                "component), queries = C2 spots drawn the same way; values = 16 genes. Time and peak memory of one "
+                "`retrieve` call (index build included) in a fresh process; recall@50 against the exact search on "
+                f"the first {args.recall_queries:,} queries; mean abs difference of the predictions of the first "
+                f"{5 * args.recall_queries:,} queries (log1p scale) where the exact search ran in full."
+            ),
+            "rows": [],
+        }
         for n in (int(s) for s in args.sizes):
             indexes = ["exact"] * (n <= args.exact_max) + ["faiss-ivf"] + ["faiss-hnsw"] * (n <= args.hnsw_max)
             for index in indexes:
@@ -244,28 +262,10 @@ def main() -> None:
                 if index != "exact" and exact_pred.exists() and own.exists():
                     rec["mean_abs_diff_vs_exact"] = round(float(np.abs(np.load(own) - np.load(exact_pred)).mean()), 5)
                 log(f"  {rec}")
-                rows.append(rec)
-    out = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": args.threads,
-        "data": data,
-        "protocol": (
-            f"{args.n_query:,} queries, k={K}, weighting 'average', {args.dim}-d embeddings: PCA of the standardised "
-            f"log1p 785-gene panel expression of {data['n_sections']} her2st sections, reference = real spots of the "
-            f"{data['n_sections'] - 1} sections other than C2 ({data['n_real_reference_spots']:,}) drawn with "
-            "replacement + Gaussian noise "
-            "(half the std of each component), queries = C2 spots drawn the same way; values = 16 genes. Time and "
-            "peak memory of one `retrieve` call (index build included) in a fresh process; recall@50 against the "
-            f"exact search on the first {args.recall_queries:,} queries; mean abs difference of the predictions of "
-            f"the first {5 * args.recall_queries:,} queries (log1p scale) where the exact search ran in full."
-        ),
-        "rows": rows,
-    }
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    write_md(out, dest.with_suffix(".md"))
+                out["rows"].append(rec)
+                # written after every measurement: an interrupted run keeps what it measured
+                dest.with_suffix(".json").write_text(json.dumps(out, indent=1))
+                write_md(out, dest.with_suffix(".md"))
     log(f"wrote {dest.with_suffix('.json')} and .md")
 
 
