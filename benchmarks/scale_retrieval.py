@@ -252,20 +252,30 @@ def main() -> None:
             ),
             "rows": [],
         }
+        jobs = []
         for n in (int(s) for s in args.sizes):
-            indexes = ["exact"] * (n <= args.exact_max) + ["faiss-ivf"] + ["faiss-hnsw"] * (n <= args.hnsw_max)
-            for index in indexes:
-                log(f"n_reference={n:,} index={index} ...")
-                rec = run_one(base, n, index, args, tmp)
-                exact_pred = tmp / f"pred_{n}_exact.npy"
-                own = tmp / f"pred_{n}_{index}.npy"
-                if index != "exact" and exact_pred.exists() and own.exists():
-                    rec["mean_abs_diff_vs_exact"] = round(float(np.abs(np.load(own) - np.load(exact_pred)).mean()), 5)
-                log(f"  {rec}")
-                out["rows"].append(rec)
-                # written after every measurement: an interrupted run keeps what it measured
-                dest.with_suffix(".json").write_text(json.dumps(out, indent=1))
-                write_md(out, dest.with_suffix(".md"))
+            jobs += (
+                [(n, "exact")] * (n <= args.exact_max) + [(n, "faiss-ivf")] + [(n, "faiss-hnsw")] * (n <= args.hnsw_max)
+            )
+        # the slowest measurement (the largest exact search) last: an interrupted run keeps the others
+        largest_exact = max((j for j in jobs if j[1] == "exact"), default=None)
+        jobs = [j for j in jobs if j != largest_exact] + ([largest_exact] if largest_exact else [])
+        for n, index in jobs:
+            log(f"n_reference={n:,} index={index} ...")
+            rec = run_one(base, n, index, args, tmp)
+            log(f"  {rec}")
+            out["rows"].append(rec)
+            for r in out["rows"]:
+                exact_pred, own = (
+                    tmp / f"pred_{r['n_reference']}_exact.npy",
+                    tmp / f"pred_{r['n_reference']}_{r['index']}.npy",
+                )
+                if r["index"] != "exact" and exact_pred.exists() and own.exists():
+                    r["mean_abs_diff_vs_exact"] = round(float(np.abs(np.load(own) - np.load(exact_pred)).mean()), 5)
+            out["rows"].sort(key=lambda r: (r["n_reference"], ["exact", "faiss-ivf", "faiss-hnsw"].index(r["index"])))
+            # written after every measurement: an interrupted run keeps what it measured
+            dest.with_suffix(".json").write_text(json.dumps(out, indent=1))
+            write_md(out, dest.with_suffix(".md"))
     log(f"wrote {dest.with_suffix('.json')} and .md")
 
 
