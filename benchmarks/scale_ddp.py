@@ -213,7 +213,9 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "protocol": (
             "train her2st C3..C6, test C2; handcrafted frozen features (112 µm, 112 px); 785-gene panel, log1p "
-            "targets; fit_bleep n_ensemble=1 (other frozen defaults) / fit_mclstexp defaults; random_state=0; "
+            "targets; fit_bleep n_ensemble=1 (other frozen defaults)"
+            + ("" if args.no_mclstexp else " / fit_mclstexp defaults")
+            + "; random_state=0; "
             "1 process vs torchrun 2 processes (gloo, 1 thread each); retrieval reference = the training spots"
         ),
         "n_train": int(train.n_obs),
