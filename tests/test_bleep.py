@@ -131,6 +131,22 @@ def test_save_load_impute_identical(tmp_path, synth3, fitted):
         hx.tl.load_model(tmp_path)
 
 
+def test_impute_with_faiss_index(synth3, fitted):
+    pytest.importorskip("faiss")
+    train, model = fitted
+    test = synth3[synth3.obs["library_id"] == "S2"].copy()
+    exact = hx.tl.impute(test, model, reference=train, k=10)
+    approx = hx.tl.impute(test, model, reference=train, k=10, index="faiss-ivf", index_params={"nprobe": 1000})
+    np.testing.assert_allclose(approx.layers["bleep"], exact.layers["bleep"], rtol=1e-4, atol=1e-5)
+    params = approx.uns["bleep"]["params"]
+    assert params["index"] == "faiss-ivf" and params["index_params"]["nprobe"] == params["index_params"]["nlist"]
+    assert exact.uns["bleep"]["params"]["index"] == "exact" and "index_params" not in exact.uns["bleep"]["params"]
+    hnsw = hx.tl.impute(test, model, reference=train, k=10, index="faiss-hnsw")
+    assert np.corrcoef(hnsw.layers["bleep"].ravel(), exact.layers["bleep"].ravel())[0, 1] > 0.99
+    with pytest.raises(ValueError, match="`index` must be one of"):
+        hx.tl.impute(test, model, index="faiss")
+
+
 @pytest.mark.parametrize("method", ["simple", "average", "weighted", "inverse_distance", "inverse_distance_l2"])
 def test_chunked_retrieval_equals_unchunked(method):
     rng = np.random.default_rng(0)

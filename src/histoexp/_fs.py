@@ -341,5 +341,13 @@ def write_h5ad(adata, path: str | os.PathLike, *, overwrite: bool = False, **kwa
     ------
     FileExistsError
         ``path`` exists and ``overwrite=False``, or ``path`` is a folder.
+
+    Notes
+    -----
+    Under torch.distributed (``torchrun``) only rank 0 writes; the other ranks return ``path`` at once.
     """
+    from ._distributed import is_main_process
+
+    if not is_main_process():
+        return Path(path)
     return atomic_write(path, lambda p: adata.write_h5ad(p, **kwargs), overwrite=overwrite, arg="path")

@@ -480,6 +480,9 @@ def cmd_fit(args) -> int:
 
     import histoexp as hx
 
+    # under torchrun (WORLD_SIZE > 1): DDP training and sharded embedding; rank 0 writes the model and reports
+    if hx.train.init_distributed() and not hx.train.is_main_process():
+        args.quiet = True
     _positive("--patch-px", args.patch_px)
     _positive("--epochs", args.epochs)
     weights = _weights_arg(args.weights)
@@ -525,7 +528,8 @@ def cmd_fit(args) -> int:
             fit_kw["epochs"] = args.epochs
         model = hx.tl.fit_bleep(ref, device=args.device, **fit_kw)
     model.save(output, overwrite=args.overwrite)
-    print(f"{args.method} model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
+    if hx.train.is_main_process():
+        print(f"{args.method} model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
     return 0
 
 

@@ -20,6 +20,7 @@ checkpoint whose files do not match ``state.json`` refuses to resume instead of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -32,11 +33,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._distributed import gather_batch, init_distributed, is_main_process
 from ._fs import _fsync_dir, _fsync_file, atomic_write
 from ._settings import logger, settings
 from ._utils import progress as _progress
 
-__all__ = ["SpotDataset", "data_fingerprint", "fit", "infer", "split_by_library", "to_device", "torch_threads"]
+__all__ = [
+    "SpotDataset",
+    "data_fingerprint",
+    "fit",
+    "gather_batch",
+    "infer",
+    "init_distributed",
+    "is_main_process",
+    "split_by_library",
+    "to_device",
+    "torch_threads",
+]
 
 _STATE = "state.json"
 _LAST = "last.safetensors"
@@ -177,8 +190,9 @@ def _as_dataset(data):
     raise TypeError(f"Training data must be a torch Dataset, a tensor or a tuple of tensors, got {type(data)}.")
 
 
-def _epoch_seed(random_state: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(random_state), int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def _epoch_seed(random_state: int, epoch: int, *more: int) -> int:
+    entropy = [int(random_state), int(epoch), *map(int, more)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _state_dict_cpu(model) -> dict:
@@ -337,6 +351,7 @@ def fit(
     progress: bool = True,
     desc: str = "training",
     fingerprint: str | None = None,
+    distributed: bool | None = None,
 ) -> dict:
     """Train ``model`` by minimising ``loss_fn`` with early stopping on the validation loss.
 
@@ -402,17 +417,54 @@ def fit(
     fingerprint
         Identifies the training data (e.g. :func:`data_fingerprint` of the inputs and targets); stored
         in the checkpoint, and a resume with another fingerprint raises :class:`ValueError`.
+    distributed
+        Train with DistributedDataParallel over the ranks of the torch.distributed process group (see
+        *Distributed training* below); ``None``: when one with more than one process is initialised (e.g.
+        :func:`init_distributed` under ``torchrun``). ``False`` trains in this process alone.
 
     Returns
     -------
     History dict (JSON-able): ``train_loss`` and ``val_loss`` per epoch, ``best_epoch`` (0-based, or
-    ``None``), ``best_val_loss``, ``epochs_run``, ``stopped_early``.
+    ``None``), ``best_val_loss``, ``epochs_run``, ``stopped_early``; and ``world_size`` when distributed.
+
+    Notes
+    -----
+    **Distributed training** (every rank calls :func:`fit` with the same arguments and data):
+
+    - ``batch_size`` is the *global* batch. Without ``batch_sampler`` every rank draws the same shuffled
+      batches as one process would (same seed) and takes its share of each (``numpy.array_split``); a
+      contrastive loss calls :func:`gather_batch` on its embeddings to use the whole global batch as
+      negatives. A loss that is a mean over the rank's own spots is averaged over the ranks: the one-process
+      mean when the shares are equal (a global batch not divisible by the world size weighs the ranks
+      equally). With ``batch_sampler`` the batches are kept whole (e.g. mclSTExp's spatial sentences) and
+      dealt round-robin, padded by repeating the first ones to a multiple of the world size: one step then
+      trains ``world_size`` batches (as gradient accumulation over them in one process).
+    - gradients are averaged by DistributedDataParallel; the validation batches are dealt round-robin and the
+      validation loss is summed over the ranks, so every rank sees the same loss and stops at the same epoch;
+    - dropout and augmentation noise come from the seed ``(random_state, epoch, rank)`` (shuffling from the
+      shared ``(random_state, epoch)``);
+    - checkpoints are written by rank 0; a resume needs the same world size.
+
+    "Same model": for the same seed, data and world size, runs give bitwise the same weights on every rank.
+    Against one process with the same ``batch_size`` the gradient of each step is the same up to float
+    rounding (summation order), so without dropout the weights agree to rounding, amplified by training;
+    dropout draws other masks per rank.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from . import _distributed as _dist
+
     if epochs < 1:
         raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
+    if distributed is None:
+        distributed = _dist.is_distributed()
+    elif distributed and not _dist.is_distributed():
+        raise ValueError(
+            "`distributed=True` needs an initialised torch.distributed process group with more than one process "
+            "(start with torchrun and call histoexp.train.init_distributed())."
+        )
+    world, rank = (_dist.world_size(), _dist.rank()) if distributed else (1, 0)
     device = settings.resolve_device(device) if not isinstance(device, torch.device) else device
     train_ds, val_ds = _as_dataset(train_data), _as_dataset(val_data)
     if val_ds is not None and len(val_ds) == 0:
@@ -448,6 +500,7 @@ def fit(
         "drop_last": bool(drop_last),
         "n_train": len(train_ds),
         "n_val": 0 if val_ds is None else len(val_ds),
+        "world_size": world,
     }
     state = {
         "epoch": -1,
@@ -463,13 +516,12 @@ def fit(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and ckpt is None:
         raise ValueError("`resume=True` needs `checkpoint_dir`.")
+    if rank != 0:
+        _dist.barrier()  # rank 0 first: it may finish an interrupted save (renames) before the others read
     if resume and (ckpt / _STATE).is_file():
         saved, blobs = _read_checkpoint(ckpt)
-        diff = {
-            k: (saved["hparams"].get(k), v)
-            for k, v in hparams.items()
-            if k not in ("epochs", "patience") and saved["hparams"].get(k) != v
-        }
+        old = {"world_size": 1, **saved["hparams"]}  # checkpoints from before distributed training
+        diff = {k: (old.get(k), v) for k, v in hparams.items() if k not in ("epochs", "patience") and old.get(k) != v}
         if diff:
             raise ValueError(f"Cannot resume from {ckpt}: hyper-parameters differ (saved, now): {diff}.")
         if saved.get("fingerprint") != fingerprint:
@@ -493,6 +545,17 @@ def fit(
         _check_checkpoint_dir(ckpt)
         if resume:
             logger.info("No checkpoint in %s: training from scratch.", ckpt)
+    if distributed and rank == 0:
+        _dist.barrier()
+    # under DDP the loss is computed in the wrapper's forward, so gradients are averaged over the ranks
+    step_module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev_ids = None
+        if device.type == "cuda":
+            dev_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        step_module = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=dev_ids)
 
     def run_epoch(loader, train: bool) -> float:
         total, count = 0.0, 0
@@ -500,7 +563,7 @@ def fit(
         for batch in loader:
             batch = to_device(batch, device)
             with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(model, batch)
+                loss = step_module(batch) if train and distributed else loss_fn(model, batch)
             if train:
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -513,12 +576,18 @@ def fit(
             n = _batch_len(batch)
             total += float(loss.detach()) * n
             count += n
+        if distributed:  # the mean over every rank's spots: the same number on all ranks
+            total, count = _dist.all_reduce_sum([total, count])
         return total / max(count, 1)
 
     fork_devices = [device] if device.type == "cuda" else []
     start = state["epoch"] + 1
     bar = _progress(
-        range(start, epochs), desc=desc, total=epochs, initial=start, disable=not progress or not settings.progress
+        range(start, epochs),
+        desc=desc,
+        total=epochs,
+        initial=start,
+        disable=not progress or not settings.progress or rank != 0,
     )
     for epoch in bar:
         if patience is not None and val_ds is not None and state["bad_epochs"] >= patience:
@@ -532,9 +601,13 @@ def fit(
             break
         seed = _epoch_seed(random_state, epoch)
         with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
+            # noise (dropout, augmentation) differs per rank; the shuffling generator is shared
+            torch.manual_seed(seed if not distributed else _epoch_seed(random_state, epoch, rank))
             gen = torch.Generator().manual_seed(seed)
-            if batch_sampler is None:
+            if distributed:
+                mine = _rank_batches(len(train_ds), batch_size, drop_last, gen, batch_sampler, epoch, world, rank)
+                train_loader = DataLoader(train_ds, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_fn)
+            elif batch_sampler is None:
                 train_loader = DataLoader(
                     train_ds,
                     batch_size=batch_size,
@@ -551,12 +624,20 @@ def fit(
                     num_workers=num_workers,
                     collate_fn=collate_fn,
                 )
-            train_loss = run_epoch(train_loader, True)
+            with _dist._gathering(distributed and batch_sampler is None):
+                train_loss = run_epoch(train_loader, True)
             val_loss = None
             if val_ds is not None:
-                val_loader = DataLoader(
-                    val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
-                )
+                if distributed:  # the one-process validation batches, dealt round-robin
+                    starts = range(0, len(val_ds), batch_size)
+                    val_batches = [list(range(a, min(a + batch_size, len(val_ds)))) for a in starts][rank::world]
+                    val_loader = DataLoader(
+                        val_ds, batch_sampler=val_batches, num_workers=num_workers, collate_fn=collate_fn
+                    )
+                else:
+                    val_loader = DataLoader(
+                        val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+                    )
                 val_loss = run_epoch(val_loader, False)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"Training loss is {train_loss} at epoch {epoch}; lower `lr`.")
@@ -575,7 +656,7 @@ def fit(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(postfix)
         logger.debug("%s epoch %d: %s", desc, epoch, postfix)
-        if ckpt is not None:
+        if ckpt is not None and rank == 0:
             _save_checkpoint(
                 ckpt, model, opt, scaler, state | {"hparams": hparams, "fingerprint": fingerprint}, best_weights
             )
@@ -595,7 +676,7 @@ def fit(
     if best_weights is not None:
         model.load_state_dict({k: v.to(device) for k, v in best_weights.items()})
     model.eval()
-    return {
+    history = {
         "train_loss": [float(x) for x in state["train_loss"]],
         "val_loss": [float(x) for x in state["val_loss"]],
         "best_epoch": state["best_epoch"],
@@ -603,6 +684,46 @@ def fit(
         "epochs_run": state["epoch"] + 1,
         "stopped_early": bool(state["stopped_early"]),
     }
+    if distributed:
+        history["world_size"] = world
+    return history
+
+
+def _LossModule(net, loss_fn):
+    """``forward(batch) = loss_fn(net, batch)``: what DistributedDataParallel wraps (built lazily: torch)."""
+    from torch import nn
+
+    class LossModule(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch):
+            return loss_fn(self.net, batch)
+
+    return LossModule()
+
+
+def _rank_batches(n, batch_size, drop_last, gen, batch_sampler, epoch, world, rank) -> list[list[int]]:
+    """Return the training batches of rank ``rank`` for one epoch (see :func:`fit`, *Distributed training*)."""
+    from torch.utils.data import DataLoader
+
+    if batch_sampler is None:
+        # the batches one process draws: an index-only DataLoader consumes the generator the same way
+        loader = DataLoader(range(n), batch_size=batch_size, shuffle=True, generator=gen, drop_last=drop_last)
+        full = [b.numpy() for b in loader]
+        if full and len(full[-1]) < world:  # a rank would get an empty share
+            full = full[:-1]
+        if not full:
+            raise ValueError(f"{n} training spots cannot be split across {world} processes.")
+        return [np.array_split(b, world)[rank].tolist() for b in full]
+    full = [[int(i) for i in b] for b in batch_sampler(gen, epoch)]
+    if not full:
+        raise ValueError("`batch_sampler` returned no batches.")
+    n_full = len(full)
+    while len(full) % world:  # every rank must run the same number of steps: repeat the first batches
+        full.append(full[(len(full) - n_full) % n_full])
+    return full[rank::world]
 
 
 def _batch_len(batch) -> int:
@@ -736,6 +857,7 @@ def infer(
     num_workers: int | None = None,
     progress: bool = True,
     desc: str = "inference",
+    distributed: bool = False,
 ) -> np.ndarray:
     """Run the one inference loop: ``fn`` over the batches of ``data``, in order, results concatenated.
 
@@ -762,6 +884,10 @@ def infer(
         Show a progress bar (also subject to ``hx.settings.progress``).
     desc
         Progress bar label.
+    distributed
+        A collective call under torch.distributed (every rank calls it with the same data): each rank runs
+        ``fn`` on one contiguous block of the rows and every rank returns all the rows, gathered in order.
+        Ignored without a process group of more than one process.
 
     Returns
     -------
@@ -772,7 +898,25 @@ def infer(
 
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    from . import _distributed as _dist
+
     ds = data if isinstance(data, SpotDataset) else SpotDataset(images=data)
+    if distributed and _dist.is_distributed() and len(ds) >= _dist.world_size():  # (fewer rows: each rank all)
+        world, rank = _dist.world_size(), _dist.rank()
+        bounds = np.linspace(0, len(ds), world + 1).astype(int)
+        shard = copy.copy(ds)  # shares the arrays; only the rows differ
+        shard.rows = ds.rows[bounds[rank] : bounds[rank + 1]]
+        local = infer(
+            fn,
+            shard,
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
+            num_workers=num_workers,
+            progress=progress and rank == 0,
+            desc=f"{desc} (rank 0 of {world})",
+        )
+        return _dist.all_gather_rows(local)
     dev = settings.resolve_device(device) if not isinstance(device, torch.device) else device
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
     workers = settings.num_workers if num_workers is None else int(num_workers)

@@ -284,8 +284,13 @@ class ExpressionModel:
         """Write the model folder: ``config.json``, ``model.safetensors`` (and ``arrays.safetensors``).
 
         No pickle: weights and arrays are safetensors, everything else JSON. An existing model folder is
-        replaced only with ``overwrite=True``.
+        replaced only with ``overwrite=True``. Under torch.distributed only rank 0 writes (the weights are the
+        same on every rank after :func:`histoexp.train.fit`); the other ranks return the path at once.
         """
+        from .._distributed import is_main_process
+
+        if not is_main_process():
+            return Path(path)
         if self.n_ensemble == 1:
             weights = dict(self.net.state_dict())
         else:

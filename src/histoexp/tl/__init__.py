@@ -8,7 +8,7 @@ from ._evaluate import summarize as summarize_metrics
 from ._mclstexp import fit_mclstexp
 from ._nh2st import fit_nh2st
 from ._predict import impute, load_model
-from ._retrieval import register_weighting, retrieval_weightings
+from ._retrieval import nearest_neighbours, register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 from ._slides import impute_slide, impute_slides, read_slide_list
 from ._zeroshot import fit_zeroshot
@@ -27,6 +27,7 @@ __all__ = [
     "impute_slide",
     "impute_slides",
     "load_model",
+    "nearest_neighbours",
     "read_slide_list",
     "register_weighting",
     "retrieval_weightings",

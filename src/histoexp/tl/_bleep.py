@@ -176,6 +176,7 @@ def fit_bleep(
         :func:`histoexp.tl.load_model`); predict with :func:`histoexp.tl.impute`.
     """
     from ..models.bleep import BleepModel, augment_dihedral, bleep_loss
+    from ..train import gather_batch
 
     check_positive(projection_dim=projection_dim, temperature=temperature)
     if not 0 <= dropout < 1:
@@ -219,7 +220,9 @@ def fit_bleep(
         x = batch["image"]
         if not frozen:
             x = data.preprocess(augment_dihedral(x) if net.training and augment else x)
-        return bleep_loss(net.encode_image(x), net.encode_expression(batch["expression"]), net.temperature)
+        # under torchrun: the whole global batch as in-batch negatives (identity in one process)
+        img, spot = gather_batch(net.encode_image(x)), gather_batch(net.encode_expression(batch["expression"]))
+        return bleep_loss(img, spot, net.temperature)
 
     nets, history = train_members(
         data, make_net, loss_fn, desc="BLEEP", random_state=random_state, checkpoint_dir=checkpoint_dir, resume=resume

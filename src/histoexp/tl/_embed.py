@@ -26,12 +26,14 @@ def run_encoder(
     num_workers: int | None = None,
     amp: bool | None = None,
     desc: str | None = None,
+    distributed: bool = False,
 ) -> np.ndarray:
     """Embed every patch of a PatchSource with ``encoder``; float32 array (len(src), encoder.dim).
 
     Patches stream through the one inference loop (:func:`histoexp.train.infer`: a DataLoader of uint8
     batches, AMP autocast on CUDA when ``amp``); resizing and normalisation run on ``device`` in torch; the
-    module runs in eval mode.
+    module runs in eval mode. ``distributed``: a collective call under torch.distributed, each rank embeds a
+    block of the patches and every rank returns all of them (see :func:`histoexp.train.infer`).
     """
     from ..train import infer
 
@@ -57,6 +59,7 @@ def run_encoder(
         amp=amp,
         num_workers=num_workers,
         desc=desc or f"embedding ({encoder.name})",
+        distributed=distributed,
     )
 
 
@@ -73,6 +76,7 @@ def embed_patches(
     key_added: str | None = None,
     overwrite: bool = False,
     copy: bool = False,
+    distributed: bool | None = None,
 ) -> AnnData | None:
     """Embed the patch of every spot with an image encoder.
 
@@ -110,6 +114,12 @@ def embed_patches(
         Replace an existing ``obsm[key_added]``.
     copy
         Return a modified copy instead of writing in place.
+    distributed
+        Under ``torchrun`` (a torch.distributed process group of more than one process, see
+        :func:`histoexp.train.init_distributed`) each rank embeds one contiguous block of the spots and the
+        blocks are gathered, so every rank ends with the whole ``obsm[key_added]`` (write files from rank 0: the
+        writers of histoexp do so by themselves). A collective call: every rank must call it on the same data.
+        ``None``: when such a process group is initialised; ``False``: every rank embeds everything.
 
     Returns
     -------
@@ -162,7 +172,18 @@ def embed_patches(
         dev,
         " with AMP" if use_amp else "",
     )
-    feats = run_encoder(enc, src, batch_size=int(batch_size), device=dev, num_workers=num_workers, amp=use_amp)
+    from .._distributed import is_distributed, world_size
+
+    distributed = is_distributed() if distributed is None else bool(distributed) and is_distributed()
+    feats = run_encoder(
+        enc,
+        src,
+        batch_size=int(batch_size),
+        device=dev,
+        num_workers=num_workers,
+        amp=use_amp,
+        distributed=distributed,
+    )
     if not np.isfinite(feats).all():
         logger.warning("Encoder %r produced %d non-finite values.", enc.name, int((~np.isfinite(feats)).sum()))
 
@@ -186,6 +207,7 @@ def embed_patches(
         "batch_size": int(batch_size),
         "device": str(dev),
         "amp": use_amp,
+        "world_size": world_size() if distributed else 1,
         "config": cfg,
     }
     hx_uns = adata.uns.setdefault("histoexp", {})

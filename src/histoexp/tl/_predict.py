@@ -231,6 +231,8 @@ def impute(
     patches_key: str | None = None,
     batch_size: int = 256,
     chunk_size: int | None = None,
+    index: str = "exact",
+    index_params: dict | None = None,
     to_X: bool = False,
     device: str | None = None,
 ) -> AnnData:
@@ -309,6 +311,16 @@ def impute(
         Spots per forward pass of the image branch.
     chunk_size
         Query spots per retrieval block (``None``: automatic, ~256 MiB of similarities).
+    index
+        Retrieval neighbour search: ``'exact'`` (default; chunked, memory bounded per block of queries), or an
+        approximate faiss index for references of millions of spots (optional dependency,
+        ``pip install histoexp[ann]``): ``'faiss-ivf'`` (inverted lists) or ``'faiss-hnsw'`` (graph). Both rank
+        by the same cosine similarity as the exact search; see
+        :func:`histoexp.tl.nearest_neighbours` for their parameters and ``docs/distributed.md``
+        for recall and speed measured against the exact search.
+    index_params
+        Parameters of the faiss index, e.g. ``{'nprobe': 64}`` (``None``: the defaults); recorded in
+        ``uns[key_added]['params']`` with the index.
     to_X
         Also put the predictions in ``X`` (for scanpy functions that read ``X`` only).
     device
@@ -347,7 +359,17 @@ def impute(
         for member in range(model.n_ensemble):
             q_emb = model.encode_images(images, batch_size=batch_size, member=member)
             bank_emb = model.encode_reference(spots, member=member)
-            p, c = retrieve(q_emb, bank_emb, values, k=k, method=method, chunk_size=chunk_size, device=dev)
+            p, c = retrieve(
+                q_emb,
+                bank_emb,
+                values,
+                k=k,
+                method=method,
+                chunk_size=chunk_size,
+                device=dev,
+                index=index,
+                index_params=index_params,
+            )
             pred, conf = (p, c) if pred is None else (pred + p, conf + c)
         if model.n_ensemble > 1:
             pred /= model.n_ensemble
@@ -358,9 +380,16 @@ def impute(
             n_reference=len(spots),
             center_reference=center_reference,
             reference="model" if reference is None else f"{len(_as_refs(reference))} AnnData",
+            index=index,
         )
+        if index != "exact":
+            from ._retrieval import _index_params
+
+            params["index_params"] = _index_params(index, index_params, len(spots))
     else:
         given = {"reference": reference, "k": k, "method": method, "center_reference": center_reference}
+        given["index"] = None if index == "exact" else index
+        given["index_params"] = index_params
         wrong = [name for name, v in given.items() if v is not None]
         if wrong:
             raise ValueError(

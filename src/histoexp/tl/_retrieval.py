@@ -8,6 +8,12 @@ independently of the others, so the result does not depend on the chunk size.
 
 Weightings (:data:`WEIGHTINGS`; add one with :func:`register_weighting`) receive a :class:`TopK` and
 return ``(chunk, k)`` non-negative weights (normalised afterwards).
+
+The neighbour search is exact by default (the similarity blocks above). For references of millions of spots,
+``index='faiss-ivf'`` or ``'faiss-hnsw'`` search an approximate index of the optional dependency faiss
+(``pip install histoexp[ann]``, i.e. ``faiss-cpu``), built over the L2-normalised reference embeddings with the
+inner-product metric: the same cosine ranking as the exact search, only approximate. The weightings then
+run unchanged on the neighbours found (they recompute their distances from the raw vectors).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .._utils import progress
 
 _SIM_BUDGET_BYTES = 256 * 2**20  # size of one similarity block
 _GATHER_BUDGET_BYTES = 128 * 2**20  # size of one gathered (rows, k, d) block (L1 distances)
+_ADD_BLOCK = 1 << 18  # reference rows normalised and added to a faiss index at a time
 
 
 @dataclass
@@ -173,6 +180,94 @@ def _inverse_l2(t: TopK):
 
 METHODS = tuple(WEIGHTINGS)
 
+#: Neighbour searches of :func:`retrieve`: exact (default) and the approximate faiss indexes.
+INDEXES = ("exact", "faiss-ivf", "faiss-hnsw")
+#: Parameters of the faiss indexes and their defaults (``None``: chosen from the reference size, see
+#: :func:`_index_params`).
+INDEX_DEFAULTS = {
+    "faiss-ivf": {"nlist": None, "nprobe": 32, "train_size": None},
+    "faiss-hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+}
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(
+            "`index='faiss-ivf'`/`'faiss-hnsw'` needs faiss: `pip install histoexp[ann]` (or `pip install faiss-cpu`); "
+            "`index='exact'` (the default) needs nothing more."
+        ) from err
+    return faiss
+
+
+def _index_params(index: str, params: dict | None, n_bank: int) -> dict:
+    """Resolve (and validate) the parameters of a faiss index for a reference of ``n_bank`` spots."""
+    defaults = INDEX_DEFAULTS[index]
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"`index_params` for {index!r} accepts {sorted(defaults)}, got unknown {unknown}.")
+    out = {**defaults, **{k: v for k, v in params.items() if v is not None}}
+    if index == "faiss-ivf":
+        if out["nlist"] is None:
+            # ~sqrt(n) lists (faiss' guide: 4..16 sqrt(n) for the best speed at search, but k-means and the
+            # assignment of every spot then cost 4..16 times more on a CPU), and >= 39 training spots per list
+            out["nlist"] = int(max(1, min(round(np.sqrt(n_bank)), n_bank // 39)))
+        if out["train_size"] is None:
+            out["train_size"] = int(min(n_bank, 64 * out["nlist"]))
+        out["nprobe"] = min(int(out["nprobe"]), int(out["nlist"]))
+    for name, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"`index_params[{name!r}]` must be an integer >= 1, got {v!r}.")
+    return {k: int(v) for k, v in out.items()}
+
+
+class _FaissSearch:
+    """An approximate cosine top-k search over the reference (faiss, inner product of normalised vectors)."""
+
+    def __init__(self, bank: np.ndarray, bank_norm: np.ndarray, index: str, params: dict, block: int) -> None:
+        faiss = _import_faiss()
+        n, d = bank.shape
+        self.params = _index_params(index, params, n)
+        p = self.params
+        self.bank, self.bank_norm = bank, np.maximum(bank_norm, 1e-12)
+        if index == "faiss-ivf":
+            quantizer = faiss.IndexFlatIP(d)
+            self.index = faiss.IndexIVFFlat(quantizer, d, p["nlist"], faiss.METRIC_INNER_PRODUCT)
+            # k-means on an evenly spaced subset (deterministic); faiss seeds its own k-means
+            rows = np.linspace(0, n - 1, p["train_size"]).astype(np.int64)
+            self.index.train(self._normed(rows))
+            self.index.nprobe = p["nprobe"]
+        else:
+            self.index = faiss.IndexHNSWFlat(d, p["M"], faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = p["ef_construction"]
+            self.index.hnsw.efSearch = p["ef_search"]
+        self._quantizer = self.index.quantizer if index == "faiss-ivf" else None  # keep it alive
+        for a in range(0, n, block):  # normalised copies one block at a time: faiss holds the only full copy
+            self.index.add(self._normed(np.arange(a, min(a + block, n))))
+
+    def _normed(self, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.bank[rows] / self.bank_norm[rows, None], dtype=np.float32)
+
+    def __call__(self, q_raw, k: int):
+        import torch
+
+        q = q_raw.detach().cpu().numpy().astype(np.float32)
+        q = np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
+        sims, idx = self.index.search(q, k)
+        short = np.flatnonzero((idx < 0).any(1))  # fewer than k found (IVF lists probed too small): exact rows
+        if len(short):
+            logger.debug("faiss found fewer than %d neighbours for %d queries: exact search for them.", k, len(short))
+            step = auto_chunk_size(len(self.bank))
+            for a in range(0, len(short), step):
+                rows = short[a : a + step]
+                exact = torch.from_numpy((q[rows] @ self.bank.T) / self.bank_norm[None, :])
+                top, ids = torch.topk(exact, k, dim=1)
+                sims[rows], idx[rows] = top.numpy(), ids.numpy()
+        dev = q_raw.device
+        return torch.from_numpy(sims).to(dev), torch.from_numpy(idx.astype(np.int64)).to(dev)
+
 
 def auto_chunk_size(n_bank: int) -> int:
     """Query rows per chunk so that one float32 ``(chunk, n_bank)`` block stays within 256 MiB."""
@@ -189,6 +284,8 @@ def retrieve(
     chunk_size: int | None = None,
     device=None,
     desc: str = "retrieval",
+    index: str = "exact",
+    index_params: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict values for each query row from its top-k most similar bank rows.
 
@@ -216,6 +313,11 @@ def retrieve(
         Torch device for the similarity products (``None``: CPU).
     desc
         Progress bar label.
+    index
+        Neighbour search: ``'exact'`` (default), ``'faiss-ivf'`` or ``'faiss-hnsw'`` (approximate, see
+        :func:`histoexp.tl.nearest_neighbours`).
+    index_params
+        Parameters of a faiss index (see :func:`histoexp.tl.nearest_neighbours`).
 
     Returns
     -------
@@ -223,7 +325,6 @@ def retrieve(
     cosine similarity of the neighbours used (top 1 for 'simple', top k otherwise).
     """
     import torch
-    import torch.nn.functional as F
 
     if method not in WEIGHTINGS:
         raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
@@ -244,12 +345,7 @@ def retrieve(
         logger.warning("k=%d is larger than the reference (%d spots); using k=%d.", k, n_bank, n_bank)
         k = n_bank
     device = torch.device("cpu") if device is None else torch.device(device)
-    chunk_size = auto_chunk_size(n_bank) if chunk_size is None else int(chunk_size)
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-    bank_raw = torch.as_tensor(np.asarray(bank_emb, dtype=np.float32), device=device)
-    bank_norm = bank_raw.norm(dim=-1)
-    bank_n = F.normalize(bank_raw, dim=-1)
+    bank_raw, bank_norm, search, chunk_size = _searcher(bank_emb, index, index_params, chunk_size, device)
     values = np.asarray(bank_values, dtype=np.float32)
     n_query = query_emb.shape[0]
     pred = np.empty((n_query, values.shape[1]), dtype=np.float32)
@@ -259,8 +355,7 @@ def retrieve(
     for a in progress(starts, desc=desc, total=len(starts), leave=False):
         b = min(a + chunk_size, n_query)
         q_raw = torch.as_tensor(np.asarray(query_emb[a:b], dtype=np.float32), device=device)
-        sims = F.normalize(q_raw, dim=-1) @ bank_n.T
-        top, idx = torch.topk(sims, k, dim=1)
+        top, idx = search(q_raw, k)
         conf[a:b] = top.mean(1).cpu().numpy()
         w = weigh(TopK(top, idx, q_raw, bank_raw, q_raw.norm(dim=-1), bank_norm))
         w = w / w.sum(1, keepdim=True)
@@ -268,3 +363,87 @@ def retrieve(
         W = sp.csr_matrix((w.cpu().numpy().ravel(), (rows, idx.cpu().numpy().ravel())), shape=(b - a, n_bank))
         pred[a:b] = W @ values
     return pred, conf
+
+
+def _searcher(bank_emb, index: str, index_params: dict | None, chunk_size: int | None, device):
+    """Return ``(bank tensor, bank norms, search(q_raw, k) -> (cos, idx), chunk size)`` for ``index``."""
+    import torch
+    import torch.nn.functional as F
+
+    if index not in INDEXES:
+        raise ValueError(f"`index` must be one of {INDEXES}, got {index!r}.")
+    if index == "exact" and index_params:
+        raise ValueError("`index_params` apply to the faiss indexes, not to `index='exact'`.")
+    n_bank = len(bank_emb)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n_bank) if index == "exact" else 16384
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
+    bank_raw = torch.as_tensor(np.asarray(bank_emb, dtype=np.float32), device=device)
+    bank_norm = bank_raw.norm(dim=-1)
+    if index == "exact":
+        bank_n = F.normalize(bank_raw, dim=-1)
+
+        def search(q_raw, k):
+            return torch.topk(F.normalize(q_raw, dim=-1) @ bank_n.T, k, dim=1)
+
+        return bank_raw, bank_norm, search, chunk_size
+    bank_np = np.asarray(bank_emb, dtype=np.float32)
+    search = _FaissSearch(bank_np, bank_norm.cpu().numpy(), index, index_params, block=_ADD_BLOCK)
+    return bank_raw, bank_norm, search, chunk_size
+
+
+def nearest_neighbours(
+    query_emb: np.ndarray,
+    bank_emb: np.ndarray,
+    k: int,
+    *,
+    index: str = "exact",
+    index_params: dict | None = None,
+    chunk_size: int | None = None,
+    device=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` reference rows of each query row by cosine similarity, exact or from an approximate index.
+
+    Parameters
+    ----------
+    query_emb, bank_emb
+        ``(n_query, d)`` and ``(n_reference, d)`` embeddings (not normalised).
+    k
+        Neighbours per query (at most ``n_reference``).
+    index
+        ``'exact'``: chunked matrix products and top-k (memory bounded by the chunk). ``'faiss-ivf'``: faiss
+        ``IndexIVFFlat`` (inverted lists of the normalised vectors, inner product): k-means into ``nlist``
+        lists (default ``round(sqrt(n_reference))``, at most ``n_reference // 39``) trained on ``train_size``
+        evenly spaced reference rows (default ``64 * nlist``), ``nprobe`` lists searched per query (default
+        32); deterministic. ``'faiss-hnsw'``: faiss ``IndexHNSWFlat`` (graph; ``M`` 32, ``ef_construction``
+        80, ``ef_search`` 128); faster to query at high recall but slow to build, and its parallel build is
+        not bit-reproducible. Queries for which an IVF search finds fewer than ``k`` rows are searched
+        exactly. ``benchmarks/scale_retrieval.py`` reports recall against the exact search.
+    index_params
+        Overrides of those parameters (``dict``; ``None`` values keep the default).
+    chunk_size
+        Query rows per block (``None``: automatic).
+    device
+        Torch device of the exact search (``None``: CPU). The faiss indexes run on the CPU.
+
+    Returns
+    -------
+    ``(cos (n_query, k) float32, idx (n_query, k) int64)``, each row by decreasing similarity.
+    """
+    import torch
+
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(bank_emb):
+        raise ValueError(f"`k` must be an integer in [1, {len(bank_emb)}], got {k!r}.")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    _, _, search, chunk_size = _searcher(bank_emb, index, index_params, chunk_size, device)
+    n = len(query_emb)
+    cos = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for a in range(0, n, chunk_size):
+        b = min(a + chunk_size, n)
+        q = torch.as_tensor(np.asarray(query_emb[a:b], dtype=np.float32), device=device)
+        top, ids = search(q, int(k))
+        cos[a:b], idx[a:b] = top.cpu().numpy(), ids.cpu().numpy()
+    return cos, idx

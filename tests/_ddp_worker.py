@@ -1,0 +1,119 @@
+"""Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=2 _ddp_worker.py OUT``.
+
+Trains BLEEP (split batches, embeddings gathered across ranks) and a small regression net with a custom
+batch sampler (whole batches per rank) on synthetic data, embeds rows with the sharded inference loop, and
+saves what the test compares: per-rank weights and histories (the test's own files, under OUT/rank<r>/), a
+model folder and checkpoints through histoexp's writers, which must appear for rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import histoexp as hx
+from histoexp import train as hxt
+
+
+def features(adata) -> np.ndarray:
+    """Noisy image-like features: the synthetic sections' hidden drivers plus random directions."""
+    rng = np.random.default_rng(1)
+    drivers = adata.obs[["density", "tint"]].to_numpy(dtype=np.float32)
+    return np.c_[drivers, rng.normal(size=(adata.n_obs, 4))].astype(np.float32)
+
+
+def bleep(out: Path, tag: str):
+    adata = hx.datasets.synthetic(n_sections=3, n_side=10, n_genes=12, random_state=0)
+    adata.obsm["X_feat"] = features(adata)
+    model = hx.tl.fit_bleep(
+        adata,
+        genes="all",
+        use_rep="X_feat",
+        projection_dim=16,
+        dropout=0.0,
+        n_ensemble=1,
+        epochs=4,
+        batch_size=32,
+        patience=None,
+        checkpoint_dir=out / f"ckpt_{tag}",
+        random_state=0,
+        device="cpu",
+    )
+    model.save(out / f"model_{tag}")
+    return model.net.state_dict(), adata.uns["bleep"]["history"]
+
+
+def sampler_fit(out: Path, tag: str):
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.normal(size=(90, 5)).astype(np.float32))
+    y = x @ torch.from_numpy(g.normal(size=(5, 3)).astype(np.float32))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))
+
+    def batches(gen, epoch):  # 7 whole batches of 10 spots (a multiple of neither the world size nor n)
+        perm = torch.randperm(90, generator=gen).tolist()
+        return [perm[i : i + 10] for i in range(0, 70, 10)]
+
+    def loss_fn(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    hist = hxt.fit(
+        net,
+        (x, y),
+        (x[:20], y[:20]),
+        loss_fn=loss_fn,
+        epochs=3,
+        patience=None,
+        batch_sampler=batches,
+        device="cpu",
+        random_state=3,
+        progress=False,
+    )
+    return net.state_dict(), hist
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def embedded() -> tuple[np.ndarray, dict]:
+    """``hx.tl.embed_patches`` of small synthetic patches (sharded across the ranks under torchrun)."""
+    adata = hx.datasets.synthetic(n_sections=1, n_side=7, random_state=2)
+    hx.pp.extract_patches(adata, patch_px=16, store="memory")
+    hx.tl.embed_patches(adata, MeanColour(), key_added="X_colour", batch_size=5, device="cpu")
+    return adata.obsm["X_colour"], dict(adata.uns["histoexp"]["embeddings"]["X_colour"])
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    hx.settings.progress = False
+    assert hxt.init_distributed() is True
+    rank = torch.distributed.get_rank()
+    mine = out / f"rank{rank}"
+    mine.mkdir(parents=True, exist_ok=True)
+    w_bleep, h_bleep = bleep(out, f"rank{rank}")
+    w_again, _ = bleep(out, f"again_rank{rank}")  # the same seed once more in the same process group
+    w_samp, h_samp = sampler_fit(out, f"rank{rank}")
+    x = np.arange(45 * 3, dtype=np.float32).reshape(45, 3)
+    emb = hxt.infer(lambda b: b["image"] * 2 + b["index"][:, None], x, batch_size=4, device="cpu", distributed=True)
+    colour, record = embedded()
+    np.save(mine / "colour.npy", colour)
+    save_file({f"bleep.{k}": v.contiguous() for k, v in w_bleep.items()}, str(mine / "weights.safetensors"))
+    save_file({f"bleep.{k}": v.contiguous() for k, v in w_again.items()}, str(mine / "weights_again.safetensors"))
+    save_file({f"sampler.{k}": v.contiguous() for k, v in w_samp.items()}, str(mine / "sampler.safetensors"))
+    np.save(mine / "infer.npy", emb)
+    (mine / "history.json").write_text(
+        json.dumps({"bleep": h_bleep, "sampler": h_samp, "embed_world_size": record["world_size"]})
+    )
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
