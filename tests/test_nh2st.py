@@ -238,3 +238,70 @@ def test_her2st_smoke(her2st_c2):
     assert 6 < n_nb <= 9  # interior spots have 9 (themselves and 8 around), edge spots fewer
     pred = hx.tl.impute(ad, model)
     assert pred.layers["nh2st"].shape == (ad.n_obs, 20) and np.isfinite(pred.layers["nh2st"]).all()
+
+
+def test_cut_windows_matches_embed_neighbourhood_layout(nbhd):
+    """The context patch cut in the net gives the windows embed_neighbourhood embeds, in the same order."""
+    import torch
+
+    from histoexp.models.nh2st import cut_windows
+    from histoexp.tl._embed import _context_source, _GridWindows
+
+    ctx, rec, _, _ = _context_source(nbhd, "patches", 3)
+    idx = np.array([0, 7, 42])
+    cut = cut_windows(torch.from_numpy(np.asarray(ctx.batch(idx))), 3).numpy()
+    ref = _GridWindows(ctx, 3, int(rec["patch_px"])).batch((idx[:, None] * 9 + np.arange(9)).ravel())
+    np.testing.assert_array_equal(cut.reshape(ref.shape), ref)
+    # the centre window is the spot's own patch
+    np.testing.assert_array_equal(cut[:, 4], np.asarray(hx.pp.get_patches(nbhd).batch(idx)))
+    with pytest.raises(ValueError, match="divisible"):
+        cut_windows(torch.zeros(1, 10, 10, 3), 3)
+
+
+FINETUNE = {
+    "genes": "all",
+    "finetune_encoder": True,
+    "encoder": "resnet18",
+    "weights": None,
+    "encoder_kwargs": {"transform": {"input_size": 16}},
+    "grid": 3,
+    "epochs": 2,
+    "batch_size": 32,
+    "dim": 16,
+    "heads": 2,
+}
+
+
+def test_finetune_end_to_end_on_cpu(nbhd, tmp_path):
+    """End to end: context patches cut into windows, one encoder for spot and windows; save/load/resume/tiles."""
+    import torch
+
+    train, query = _split(nbhd)
+    model = fit(train, checkpoint_dir=tmp_path / "ck", **FINETUNE)
+    assert model.mode == "finetune" and model.config["history"]["epochs_run"] == 2
+    assert model.config["patches"]["context_px"] == 3 * SPACING and model.config["window_dim"] == 512
+    assert train.uns["nh2st"]["params"]["mode"] == "finetune" and "extra_reps" not in model.config
+    pred = hx.tl.impute(query, model)
+    assert pred.layers["nh2st"].shape == (query.n_obs, nbhd.n_vars) and np.isfinite(pred.layers["nh2st"]).all()
+    model.save(tmp_path / "m")
+    loaded = hx.tl.load_model(tmp_path / "m")
+    np.testing.assert_array_equal(pred.layers["nh2st"], hx.tl.impute(query, loaded).layers["nh2st"])
+    # an interrupted run resumed from its checkpoint gives the uninterrupted model
+    part = train.copy()
+    fit(part, checkpoint_dir=tmp_path / "ck2", overwrite=True, **{**FINETUNE, "epochs": 1})
+    res = fit(part, checkpoint_dir=tmp_path / "ck2", resume=True, overwrite=True, **FINETUNE)
+    sa, sr = model.net.state_dict(), res.net.state_dict()
+    assert all(torch.equal(sa[k], sr[k]) for k in sa)
+    # H&E-only tiles: the context comes from the image around each tile
+    img = nbhd.uns["spatial"]["S3"]["images"]["hires"]
+    tiles = hx.pp.tile_tissue(img, tile_um=SPACING, mpp=1.0, min_tissue=0.0)
+    hx.pp.extract_patches(tiles, size_um=SPACING, patch_px=SPACING)
+    out = hx.tl.impute(tiles, loaded)
+    assert out.layers["nh2st"].shape == (tiles.n_obs, nbhd.n_vars) and np.isfinite(out.layers["nh2st"]).all()
+    # without the neighbour branch the spot patches themselves are read
+    m = fit(train, overwrite=True, neighbours=False, **{**FINETUNE, "epochs": 1})
+    assert np.isfinite(hx.tl.impute(query, m).layers["nh2st"]).all()
+    with pytest.raises(ValueError, match="`grid`"):
+        fit(train, overwrite=True, **{**FINETUNE, "grid": 4})
+    with pytest.raises(ValueError, match="n_pcs"):
+        fit(train, overwrite=True, n_pcs=4, **FINETUNE)

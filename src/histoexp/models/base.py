@@ -244,6 +244,15 @@ class ExpressionModel:
             return self.preprocess(x)
         return x
 
+    def patch_source(self, adata, patches_key: str | None = None):
+        """Return what a fine-tuned model's image branch reads of ``adata``: its spot patches (a method may override).
+
+        ``patches_key`` ``None``: the key the model was trained with.
+        """
+        from ..pp import get_patches
+
+        return get_patches(adata, key=patches_key or (self.config.get("patches") or {}).get("key", "patches"))
+
     def check_images(self, images: Any) -> None:
         """Raise unless ``images`` is what the image branch reads (features of the right width, or patches)."""
         if self.mode == "frozen":

@@ -20,7 +20,7 @@ from torch import nn
 from .base import RegressionModel, register_model
 from .heads import FeatureInput
 
-__all__ = ["CrossFusion", "HypergraphConv", "NH2STModel", "NH2STNet", "info_nce", "knn_hypergraph"]
+__all__ = ["CrossFusion", "HypergraphConv", "NH2STModel", "NH2STNet", "cut_windows", "info_nce", "knn_hypergraph"]
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, negative_weight: float = 0.1):
@@ -118,25 +118,54 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class NH2STNet(nn.Module):
-    """NH2ST's two branches on frozen features.
+def cut_windows(context: torch.Tensor, grid: int) -> torch.Tensor:
+    """Cut ``(B, grid*px, grid*px, C)`` context patches into ``(B, grid**2, px, px, C)`` windows (row-major)."""
+    b, h, w, c = context.shape
+    if h != w or h % grid:
+        raise ValueError(f"Context patches must be square with a side divisible by {grid}, got {tuple(context.shape)}.")
+    px = h // grid
+    x = context.reshape(b, grid, px, grid, px, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid * grid, px, px, c)
 
-    - Image encoder (shared by the spot and its windows): :class:`~histoexp.models.heads.FeatureInput`
-      (standardised, optionally whitened PCA) -> Linear -> GELU -> Linear, ``dim`` wide.
+
+def patch_input(patches: torch.Tensor, preprocess, grid: int | None) -> torch.Tensor:
+    """uint8 patches -> the input of a fine-tuned :class:`NH2STNet`.
+
+    ``grid`` ``None``: spot patches ``(B, px, px, 3)`` -> ``(B, 3, S, S)``. Otherwise context patches
+    ``(B, grid*px, grid*px, 3)`` -> windows ``(B, grid**2, 3, S, S)``, each preprocessed as one patch.
+    """
+    if grid is None:
+        return preprocess(patches)
+    win = cut_windows(patches, grid)
+    x = preprocess(win.flatten(0, 1))
+    return x.reshape(*win.shape[:2], *x.shape[1:])
+
+
+class NH2STNet(nn.Module):
+    """NH2ST's two branches, on frozen features or on patches through a trainable encoder.
+
+    - Image encoder (shared by the spot and its windows): frozen features through
+      :class:`~histoexp.models.heads.FeatureInput` (standardised, optionally whitened PCA), or patches through
+      the trainable ``encoder``; then Linear -> GELU -> Linear, ``dim`` wide.
     - Gene encoder (spot and neighbour expression): Linear -> GELU -> Linear (the paper: two linear layers).
-    - Neighbour branch: the ``grid**2`` window tokens -> hypergraph from each window's ``k`` most similar
-      windows plus self loops -> :class:`HGNN`; the neighbours' expression tokens go through the gene encoder
-      and an HGNN over the same hypergraph, restricted to windows holding a spot.
+    - Neighbour branch: the ``grid**2`` window tokens (with ``pool='attention'`` plus a learned embedding of
+      each window's place in the grid) -> hypergraph from each window's ``k`` most similar windows plus self
+      loops -> :class:`HGNN`;
+      the neighbours' expression tokens go through the gene encoder and an HGNN over the same hypergraph,
+      restricted to windows holding a spot.
     - Cross-attention (:class:`CrossFusion`) image->gene and gene->image in both branches, for the
-      contrastive terms only: on the spot's tokens, and on one token per neighbourhood (the mean of the
-      window tokens; the mean of the tokens of the windows holding a spot).
+      contrastive terms only: on the spot's tokens, and on one token per neighbourhood (the pooled window
+      tokens; the mean of the tokens of the windows holding a spot).
+    - Pooling of the window tokens into one neighbourhood token: ``'mean'``, or ``'attention'`` (the spot's
+      token attends over its window tokens, one :class:`CrossFusion` layer, so the spot chooses which
+      surroundings matter).
     - Decoder: MLP on the image features only, before any fusion with genes: the spot token concatenated
-      with the mean of its neighbourhood tokens (``neighbours=True``), or the spot token alone.
+      with the neighbourhood token (``neighbours=True``), or the spot token alone.
 
     Parameters
     ----------
     feature_dim
-        Width of one window's (and the spot's) frozen features.
+        Width of one window's (and the spot's) features: frozen features, or the encoder's output.
     n_genes
         Number of genes.
     grid
@@ -147,6 +176,10 @@ class NH2STNet(nn.Module):
         Whitened principal components of the frozen features (``None``: standardised features).
     neighbours, cross_attention
         Switches of the ablation: without the neighbour branch the input is the spot's features only.
+    pool
+        ``'mean'`` or ``'attention'`` (see above).
+    encoder
+        Trainable image encoder ``(N, 3, S, S) -> (N, feature_dim)`` (end to end); ``None``: frozen features.
     """
 
     def __init__(
@@ -162,17 +195,26 @@ class NH2STNet(nn.Module):
         n_pcs: int | None = None,
         neighbours: bool = True,
         cross_attention: bool = True,
+        pool: str = "mean",
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.feature_dim, self.grid, self.k = int(feature_dim), int(grid), int(k)
+        if pool not in ("mean", "attention"):
+            raise ValueError(f"`pool` must be 'mean' or 'attention', got {pool!r}.")
+        if n_pcs is not None and encoder is not None:
+            raise ValueError("`n_pcs` applies to frozen features only.")
+        self.feature_dim, self.grid, self.k, self.pool = int(feature_dim), int(grid), int(k), pool
         self.use_neighbours, self.use_cross = bool(neighbours), bool(cross_attention)
-        self.features = FeatureInput(feature_dim, n_pcs, whiten=True)
-        self.image_encoder = nn.Sequential(
-            nn.Linear(self.features.out_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim)
-        )
+        self.encoder = encoder
+        self.features = None if encoder is not None else FeatureInput(feature_dim, n_pcs, whiten=True)
+        in_dim = self.feature_dim if encoder is not None else self.features.out_dim
+        self.image_encoder = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.gene_encoder = nn.Sequential(nn.Linear(n_genes, dim), nn.GELU(), nn.Linear(dim, dim))
         if self.use_neighbours:
             self.image_graph, self.gene_graph = HGNN(dim, dropout), HGNN(dim, dropout)
+            if pool == "attention":  # the spot attends over its windows, knowing where each lies
+                self.window_position = nn.Parameter(torch.zeros(self.grid**2, dim))
+                self.pooling = CrossFusion(dim, heads, dropout)
         if self.use_cross:
             self.cross = CrossFusion(dim, heads, dropout)
         in_dec = 2 * dim if self.use_neighbours else dim
@@ -186,30 +228,47 @@ class NH2STNet(nn.Module):
         return self.feature_dim * (1 + self.grid**2 if self.use_neighbours else 1)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.encoder is not None:
+            # preprocessed patches: (B, 3, S, S), or with neighbours the windows (B, grid**2, 3, S, S)
+            if not self.use_neighbours:
+                return self.encoder(x), None
+            b, n = x.shape[:2]
+            feats = self.encoder(x.flatten(0, 1)).reshape(b, n, -1)
+            return feats[:, n // 2], feats  # the centre window is the spot's own patch
         d = self.feature_dim
-        own = x[:, :d]
+        own = x[:, :d].float()
         if not self.use_neighbours:
             return own, None
-        return own, x[:, d:].reshape(len(x), self.grid**2, d)
+        return own, x[:, d:].float().reshape(len(x), self.grid**2, d)
+
+    def _tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(feats if self.features is None else self.features(feats))
 
     def encode_image(self, x: torch.Tensor):
         """Spot token ``(B, dim)`` and (with neighbours) window tokens ``(B, grid**2, dim)`` after the HGNN."""
-        own, win = self._split(x.float())
-        q = self.image_encoder(self.features(own))
+        own, win = self._split(x)
+        q = self._tokens(own)
         if win is None:
             return q, None, None
         b, n, d = win.shape
-        tokens = self.image_encoder(self.features(win.reshape(b * n, d))).reshape(b, n, -1)
-        inc = knn_hypergraph(tokens, k=self.k)
+        tokens = self._tokens(win.reshape(b * n, d)).reshape(b, n, -1)
+        inc = knn_hypergraph(tokens, k=self.k)  # similarity of the windows' content, not of their place
+        if self.pool == "attention":
+            tokens = tokens + self.window_position
         return q, self.image_graph(tokens, inc), inc
 
-    def _decode(self, q: torch.Tensor, nb: torch.Tensor | None) -> torch.Tensor:
-        return self.decoder(q if nb is None else torch.cat([q, nb.mean(1)], dim=-1))
+    def _neighbourhood(self, q: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+        if self.pool == "attention":
+            return self.pooling(q[:, None], nb)[:, 0]
+        return nb.mean(1)
+
+    def _decode(self, q: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        return self.decoder(q if ctx is None else torch.cat([q, ctx], dim=-1))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted expression from the frozen input rows (image only)."""
+        """Predicted expression from the image inputs (frozen rows or preprocessed patches)."""
         q, nb, _ = self.encode_image(x)
-        return self._decode(q, nb)
+        return self._decode(q, None if nb is None else self._neighbourhood(q, nb))
 
     def losses(
         self,
@@ -223,7 +282,8 @@ class NH2STNet(nn.Module):
         """Return the terms of a batch: ``mse``, ``query`` and ``neighbour`` InfoNCE, their weighted ``total``."""
         x, expr = batch["image"], batch["expression"]
         q, nb, inc = self.encode_image(x)
-        pred = self._decode(q, nb)
+        ctx = None if nb is None else self._neighbourhood(q, nb)
+        pred = self._decode(q, ctx)
         out = {"mse": F.mse_loss(pred.float(), expr.float())}
         total = out["mse"]
         if contrastive:
@@ -241,7 +301,7 @@ class NH2STNet(nn.Module):
                 ng[mask] = self.gene_encoder(nexpr[mask]).to(ng.dtype)
                 ng = self.gene_graph(ng, inc * mask.float()[:, :, None] * mask.float()[:, None, :])
                 # one token per neighbourhood (as the public code, which flattens the graph output before fusing)
-                ni, ng = nb.mean(1, keepdim=True), _masked_mean(ng, mask)[:, None]
+                ni, ng = ctx[:, None], _masked_mean(ng, mask)[:, None]
                 if self.use_cross:
                     ni, ng = self.cross(ni, ng), self.cross(ng, ni)
                 out["neighbour"] = info_nce(ni[:, 0], ng[:, 0], temperature, negative_weight)
@@ -256,15 +316,14 @@ class NH2STModel(RegressionModel):
 
     A :class:`~histoexp.models.base.RegressionModel` whose frozen input is the spot's features
     (``obsm[use_rep]``) followed by its neighbourhood's window features (``obsm[extra_reps[0]]``, from
-    :func:`histoexp.tl.embed_neighbourhood`) when trained with the neighbour branch.
+    :func:`histoexp.tl.embed_neighbourhood`) when trained with the neighbour branch. Fine-tuned end to end, it
+    reads each spot's context patch (:meth:`patch_source`) and cuts it into the windows.
     """
 
     method = "nh2st"
 
     @classmethod
     def build_net(cls, config: dict, encoder: nn.Module | None = None) -> NH2STNet:  # noqa: D102
-        if encoder is not None:
-            raise ValueError("NH2ST in histoexp reads frozen features only.")
         return NH2STNet(
             config["window_dim"],
             len(config["genes"]),
@@ -276,7 +335,29 @@ class NH2STModel(RegressionModel):
             n_pcs=config.get("n_pcs"),
             neighbours=config["neighbours"],
             cross_attention=config["cross_attention"],
+            pool=config.get("pool", "mean"),
+            encoder=encoder,
         )
+
+    def _image_batch(self, batch: dict) -> torch.Tensor:
+        if self.mode != "finetune":
+            return batch["image"]
+        if self.preprocess is None:
+            raise RuntimeError("This fine-tuned model has no image preprocessing.")
+        return patch_input(batch["image"], self.preprocess, self.config["grid"] if self.config["neighbours"] else None)
+
+    def patch_source(self, adata, patches_key: str | None = None):
+        """Return what a fine-tuned model reads of ``adata``: each spot's context patch (``grid`` windows wide).
+
+        The context takes the geometry of the spot patches under ``patches_key`` (default: the training key);
+        without the neighbour branch, the spot patches themselves.
+        """
+        if not self.config["neighbours"]:
+            return super().patch_source(adata, patches_key)
+        from ..tl._embed import _context_source
+
+        key = patches_key or (self.config.get("patches") or {}).get("key", "patches")
+        return _context_source(adata, key, int(self.config["grid"]))[0]
 
     def _repr_extra(self) -> str:
         c = self.config

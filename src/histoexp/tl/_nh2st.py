@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: averaged (as ``fit_bleep``: one network trained on a few thousand spots is noisy). Not tuned on her2st
 #: (``benchmarks/her2st_nh2st.py`` reports what they give there).
 FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-3, "patience": 10, "n_ensemble": 5}
+#: Defaults for end-to-end fine-tuning (GPU): BLEEP's fine-tuning settings with a batch of 32 spots, each with
+#: ``grid**2`` windows through the encoder (800 patches a step at grid 5); one member.
+FINETUNE_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-3, "patience": 5, "n_ensemble": 1}
 
 
 def grid_neighbours(coords: np.ndarray, sections: np.ndarray, window_px: dict[str, float], grid: int) -> np.ndarray:
@@ -65,6 +68,12 @@ def fit_nh2st(
     use_rep: str | None = None,
     context_rep: str | None = None,
     encoder: str = "resnet50",
+    weights: str | None = "default",
+    encoder_kwargs: dict | None = None,
+    finetune_encoder: bool | None = None,
+    patches_key: str = "patches",
+    grid: int = 5,
+    augment: bool = True,
     neighbours: bool = True,
     contrastive: bool = True,
     cross_attention: bool = True,
@@ -75,6 +84,7 @@ def fit_nh2st(
     temperature: float = 0.05,
     negative_weight: float = 0.1,
     neighbour_weight: float = 0.5,
+    pool: Literal["mean", "attention"] = "mean",
     n_pcs: int | None = None,
     n_ensemble: int | None = None,
     epochs: int | None = None,
@@ -205,8 +215,9 @@ def fit_nh2st(
         :func:`histoexp.tl.load_model`); predict with :func:`histoexp.tl.impute` (the query needs
         ``obsm[use_rep]`` and, with ``neighbours``, ``obsm[context_rep]``).
     """
-    from ..models.nh2st import NH2STModel
-    from ..train import SpotDataset, data_fingerprint
+    from ..models.bleep import augment_dihedral
+    from ..models.nh2st import NH2STModel, patch_input
+    from ..train import SpotDataset
 
     check_positive(dim=dim, heads=heads, temperature=temperature, neighbour_weight=neighbour_weight)
     for name, v in (("neighbours", neighbours), ("contrastive", contrastive), ("cross_attention", cross_attention)):
@@ -220,6 +231,8 @@ def fit_nh2st(
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
     if not 0 <= negative_weight <= 1:
         raise ValueError(f"`negative_weight` must be in [0, 1], got {negative_weight!r}.")
+    if pool not in ("mean", "attention"):
+        raise ValueError(f"`pool` must be 'mean' or 'attention', got {pool!r}.")
     hp = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
     hp.update(patience=patience, n_ensemble=n_ensemble)
     data = prepare_fit(
@@ -232,69 +245,55 @@ def fit_nh2st(
         normalize=normalize,
         use_rep=use_rep,
         encoder=encoder,
-        finetune_encoder=False,
+        weights=weights,
+        encoder_kwargs=encoder_kwargs,
+        finetune_encoder=finetune_encoder,
+        patches_key=patches_key,
         library_key=library_key,
         val_fraction=val_fraction,
         random_state=random_state,
         device=device,
-        defaults=(FROZEN_DEFAULTS, None),
+        defaults=(FROZEN_DEFAULTS, FINETUNE_DEFAULTS),
         hparams=hp,
     )
-    d = data.images.shape[1]
-    grid, nb = 1, None
+    frozen = data.mode == "frozen"
+    if frozen:
+        d = data.images.shape[1]
+        grid, window_px = _frozen_neighbourhood(adata, data, context_rep) if neighbours else (1, None)
+    else:
+        if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1 or grid % 2 == 0:
+            raise ValueError(f"`grid` must be an odd positive integer (the spot is the centre window), got {grid!r}.")
+        grid, d, window_px = (int(grid), None, None) if neighbours else (1, None, None)
+        if neighbours:
+            from ._embed import _context_source
+
+            # each spot's context patch (grid windows wide) read once a batch and cut into windows in the net
+            data.images, _, _, window_px = _context_source(adata, patches_key, grid)
+            data.config["patches"]["context_px"] = int(data.images.patch_px)
+    nb = None
     if neighbours:
-        ctx = context_rep if context_rep is not None else f"{data.config['use_rep']}_grid"
-        if ctx not in adata.obsm:
-            raise KeyError(
-                f"NH2ST's neighbour branch reads window features from adata.obsm[{ctx!r}] (`context_rep`), which is "
-                f"missing (obsm has {list(adata.obsm)}): run hx.tl.embed_neighbourhood(adata, encoder=...) with the "
-                "encoder of `use_rep`, pass `context_rep=`, or `neighbours=False`."
-            )
-        rec = _embedding_record(adata, ctx) or {}
-        if "grid" not in rec or "window_px_fullres" not in rec:
-            raise ValueError(
-                f"adata.obsm[{ctx!r}] has no neighbourhood record in uns['histoexp']['embeddings'] (grid, window "
-                "size): compute it with hx.tl.embed_neighbourhood."
-            )
-        grid = int(rec["grid"])
-        win = np.asarray(adata.obsm[ctx], dtype=np.float32)
-        if win.shape != (adata.n_obs, grid * grid * d) or not np.isfinite(win).all():
-            raise ValueError(
-                f"adata.obsm[{ctx!r}] must be finite with shape ({adata.n_obs}, {grid * grid * d}) "
-                f"({grid}x{grid} windows of the {d} features of `use_rep`), got {win.shape}."
-            )
-        sp_rec = data.config.get("embedding") or {}
-        for field in ("encoder", "weights"):
-            if field in sp_rec and field in rec and str(sp_rec[field]) != str(rec[field]):
-                raise ValueError(
-                    f"`use_rep` and `context_rep` come from different encoders ({field} {sp_rec[field]!r} vs "
-                    f"{rec[field]!r}): the windows must go through the spot's image encoder."
-                )
         if "spatial" not in adata.obsm:
             raise KeyError("adata.obsm['spatial'] (spot centres) is missing: the neighbour branch needs it.")
         sections = (
             adata.obs[data.library_key].astype(str).to_numpy()
             if data.library_key is not None
-            else np.full(adata.n_obs, next(iter(rec["window_px_fullres"])))
+            else np.full(adata.n_obs, next(iter(window_px)))
         )
-        missing = sorted(set(sections) - set(rec["window_px_fullres"]))
+        missing = sorted(set(sections) - set(window_px))
         if missing:
-            raise ValueError(f"adata.obsm[{ctx!r}] records no window size for sections {missing}.")
-        nb = grid_neighbours(adata.obsm["spatial"], sections, rec["window_px_fullres"], grid)
+            raise ValueError(f"No window size is recorded for sections {missing}.")
+        nb = grid_neighbours(adata.obsm["spatial"], sections, window_px, grid)
         split = np.zeros(adata.n_obs, dtype=np.int8)
         split[data.val_idx] = 1
         nb[(nb >= 0) & (split[np.maximum(nb, 0)] != split[:, None])] = -1  # no expression across the split
-        data.images = np.concatenate([data.images, win], axis=1)
-        # the platform's convention: feature_dim is the whole input row, extra_reps the obsm read after use_rep
-        data.config.update(
-            feature_dim=int(data.images.shape[1]), extra_reps={ctx: {"dim": int(win.shape[1]), "embedding": rec}}
-        )
-        data.config["data_fingerprint"] = data_fingerprint(data.images, data.expr, data.train_idx, data.val_idx)
-    set_n_pcs(data, n_pcs)
-    if n_pcs is not None and n_pcs > d:
-        raise ValueError(f"`n_pcs` must be at most the {d} features of `use_rep`, got {n_pcs}.")
+    if frozen:
+        set_n_pcs(data, n_pcs)
+        if n_pcs is not None and n_pcs > d:
+            raise ValueError(f"`n_pcs` must be at most the {d} features of `use_rep`, got {n_pcs}.")
+    elif n_pcs is not None:
+        raise ValueError("`n_pcs` applies to frozen features only (finetune_encoder=False).")
     data.config.update(
-        window_dim=int(d),
+        window_dim=None if d is None else int(d),
         grid=grid,
         dim=int(dim),
         heads=int(heads),
@@ -303,18 +302,27 @@ def fit_nh2st(
         neighbours=bool(neighbours),
         contrastive=bool(contrastive),
         cross_attention=bool(cross_attention),
+        pool=pool,
         temperature=float(temperature),
         negative_weight=float(negative_weight),
         neighbour_weight=float(neighbour_weight),
     )
 
     def make_net():
-        net = NH2STModel.build_net(data.config)
-        tr = data.images[data.train_idx]
-        net.features.fit(tr.reshape(-1, d) if neighbours else tr, random_state=random_state)  # own + windows
-        return net
+        if frozen:
+            net = NH2STModel.build_net(data.config)
+            tr = data.images[data.train_idx]
+            net.features.fit(tr.reshape(-1, d) if neighbours else tr, random_state=random_state)  # own + windows
+            return net
+        enc = data.new_encoder()
+        data.config["window_dim"] = data.config["feature_dim"]
+        return NH2STModel.build_net(data.config, enc)
 
     def loss_fn(net, batch):
+        if not frozen:
+            x = batch["image"]
+            x = augment_dihedral(x) if net.training and augment else x  # the whole context: windows stay in place
+            batch = {**batch, "image": patch_input(x, data.preprocess, grid if neighbours else None)}
         return net.losses(
             batch,
             contrastive=contrastive,
@@ -339,13 +347,61 @@ def fit_nh2st(
     )
     params = {
         k_: data.config[k_]
-        for k_ in ("grid", "dim", "heads", "dropout", "k", "neighbours", "contrastive", "cross_attention", "n_pcs")
+        for k_ in ("grid", "dim", "heads", "dropout", "k", "neighbours", "contrastive", "cross_attention", "pool")
     }
-    params.update(temperature=temperature, negative_weight=negative_weight, neighbour_weight=neighbour_weight)
-    params["context_rep"] = next(iter(data.config["extra_reps"])) if neighbours else None
+    params.update(
+        n_pcs=data.config.get("n_pcs"),
+        temperature=temperature,
+        negative_weight=negative_weight,
+        neighbour_weight=neighbour_weight,
+        mode=data.mode,
+        augment=bool(augment) if not frozen else None,
+    )
+    params["context_rep"] = next(iter(data.config["extra_reps"])) if neighbours and frozen else None
     if nb is not None:
         params["mean_neighbour_spots"] = float((nb >= 0).sum(1).mean())
     data.config.update(params={**data.params, **params}, history=history)
-    model = NH2STModel(nets, data.config)
+    model = NH2STModel(nets, data.config, preprocess=data.preprocess)
     write_fit_keys(data, key_added, params=params, history=history)
     return model
+
+
+def _frozen_neighbourhood(adata: AnnData, data, context_rep: str | None) -> tuple[int, dict]:
+    """Append the windows' frozen features to ``data.images``; return the grid and the window sizes."""
+    from ..train import data_fingerprint
+
+    d = data.images.shape[1]
+    ctx = context_rep if context_rep is not None else f"{data.config['use_rep']}_grid"
+    if ctx not in adata.obsm:
+        raise KeyError(
+            f"NH2ST's neighbour branch reads window features from adata.obsm[{ctx!r}] (`context_rep`), which is "
+            f"missing (obsm has {list(adata.obsm)}): run hx.tl.embed_neighbourhood(adata, encoder=...) with the "
+            "encoder of `use_rep`, pass `context_rep=`, or `neighbours=False`."
+        )
+    rec = _embedding_record(adata, ctx) or {}
+    if "grid" not in rec or "window_px_fullres" not in rec:
+        raise ValueError(
+            f"adata.obsm[{ctx!r}] has no neighbourhood record in uns['histoexp']['embeddings'] (grid, window "
+            "size): compute it with hx.tl.embed_neighbourhood."
+        )
+    grid = int(rec["grid"])
+    win = np.asarray(adata.obsm[ctx], dtype=np.float32)
+    if win.shape != (adata.n_obs, grid * grid * d) or not np.isfinite(win).all():
+        raise ValueError(
+            f"adata.obsm[{ctx!r}] must be finite with shape ({adata.n_obs}, {grid * grid * d}) "
+            f"({grid}x{grid} windows of the {d} features of `use_rep`), got {win.shape}."
+        )
+    sp_rec = data.config.get("embedding") or {}
+    for field in ("encoder", "weights"):
+        if field in sp_rec and field in rec and str(sp_rec[field]) != str(rec[field]):
+            raise ValueError(
+                f"`use_rep` and `context_rep` come from different encoders ({field} {sp_rec[field]!r} vs "
+                f"{rec[field]!r}): the windows must go through the spot's image encoder."
+            )
+    data.images = np.concatenate([data.images, win], axis=1)
+    # the platform's convention: feature_dim is the whole input row, extra_reps the obsm read after use_rep
+    data.config.update(
+        feature_dim=int(data.images.shape[1]), extra_reps={ctx: {"dim": int(win.shape[1]), "embedding": rec}}
+    )
+    data.config["data_fingerprint"] = data_fingerprint(data.images, data.expr, data.train_idx, data.val_idx)
+    return grid, {str(k): float(v) for k, v in rec["window_px_fullres"].items()}

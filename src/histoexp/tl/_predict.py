@@ -56,12 +56,10 @@ def _query_images(query: AnnData, model, patches_key: str | None):
                 m_rec = cfg.get("embedding")
             parts.append(_query_rep(query, rep, int(width), m_rec, (cfg.get("encoder") or {}).get("name")))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-    from ..pp import get_patches
-
     geo = cfg.get("patches") or {}
     key = patches_key or geo.get("key", "patches")
     try:
-        src = get_patches(query, key=key)
+        src = model.patch_source(query, key)
     except (KeyError, ValueError) as err:
         raise KeyError(
             f"The model was fine-tuned end to end and reads patches, but the query has none under {key!r} ({err}). "
@@ -69,7 +67,9 @@ def _query_images(query: AnnData, model, patches_key: str | None):
             f"patch_px={geo.get('patch_px')}) first."
         ) from err
     for field in ("patch_px", "mpp"):
-        want, got = geo.get(field), getattr(src, field, None)
+        # a model reading context patches (NH2ST's windows) records their side as context_px
+        want = geo.get("context_px", geo.get(field)) if field == "patch_px" else geo.get(field)
+        got = getattr(src, field, None)
         if want is not None and got is not None and not np.isclose(float(want), float(got)):
             logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
     return src
