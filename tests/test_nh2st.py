@@ -305,3 +305,20 @@ def test_finetune_end_to_end_on_cpu(nbhd, tmp_path):
         fit(train, overwrite=True, **{**FINETUNE, "grid": 4})
     with pytest.raises(ValueError, match="n_pcs"):
         fit(train, overwrite=True, n_pcs=4, **FINETUNE)
+
+
+def test_embed_query_computes_what_the_model_reads(nbhd):
+    """A query with patches only gets the spot and window features of the model's records, then predicts."""
+    ad = nbhd[nbhd.obs["library_id"].isin(["S2", "S3"]).to_numpy()].copy()
+    hx.tl.embed_patches(ad, "handcrafted", key_added="X_hc")
+    hx.tl.embed_neighbourhood(ad, "handcrafted", grid=3, key_added="X_hc_grid")
+    train, query = _split(ad)
+    model = fit(train, genes="all", use_rep="X_hc", epochs=2, dim=16, heads=2)
+    want = hx.tl.impute(query, model).layers["nh2st"]
+    bare = query.copy()
+    for key in ("X_hc", "X_hc_grid"):
+        del bare.obsm[key]
+        bare.uns["histoexp"]["embeddings"].pop(key)
+    assert hx.tl.embed_query(bare, model) == ["X_hc", "X_hc_grid"]
+    assert hx.tl.embed_query(bare, model) == []  # present: kept
+    np.testing.assert_allclose(hx.tl.impute(bare, model).layers["nh2st"], want, rtol=1e-5, atol=1e-6)

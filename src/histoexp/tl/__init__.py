@@ -2,7 +2,7 @@
 
 from ._bleep import fit_bleep
 from ._domains import spatial_domains
-from ._embed import embed_neighbourhood, embed_patches
+from ._embed import embed_neighbourhood, embed_patches, embed_query
 from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
 from ._mclstexp import fit_mclstexp
@@ -16,6 +16,7 @@ from ._zeroshot import fit_zeroshot
 __all__ = [
     "embed_neighbourhood",
     "embed_patches",
+    "embed_query",
     "evaluate",
     "fit_bleep",
     "fit_mclstexp",

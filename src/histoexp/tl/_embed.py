@@ -1,4 +1,4 @@
-"""Patch embeddings: :func:`embed_patches`."""
+"""Patch embeddings: :func:`embed_patches`, :func:`embed_neighbourhood`, :func:`embed_query`."""
 
 from __future__ import annotations
 
@@ -405,3 +405,54 @@ def embed_neighbourhood(
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
     return adata if copy else None
+
+
+def embed_query(
+    query: AnnData,
+    model,
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+    num_workers: int | None = None,
+) -> list[str]:
+    """Compute the image features a frozen-feature model reads, as it was trained on (missing ones only).
+
+    ``obsm[model.use_rep]`` with :func:`embed_patches` and each neighbourhood input of the model (NH2ST's
+    windows) with :func:`embed_neighbourhood`, with the encoder, weights and grid of the training records.
+    Features already in ``obsm`` are kept (:func:`histoexp.tl.impute` checks that their records match the
+    model). A fine-tuned model reads patches: nothing to compute.
+
+    Parameters
+    ----------
+    query
+        Spots or tiles with patches (:func:`histoexp.pp.extract_patches` at the model's geometry,
+        ``model.image_spec()``).
+    model
+        A histoexp model.
+    batch_size, device, num_workers
+        As in :func:`embed_patches`.
+
+    Returns
+    -------
+    The ``obsm`` keys computed.
+    """
+    if model.mode != "frozen":
+        return []
+    spec = model.image_spec()
+    extra = dict(model.config.get("extra_reps") or {})
+    other = [rep for rep, info in extra.items() if "grid" not in (info.get("embedding") or {})]
+    if other:
+        raise ValueError(
+            f"The model also reads obsm {other}, which histoexp cannot compute from patches here: add them to the "
+            "query as for the training data."
+        )
+    kw = {"weights": spec["weights"], "batch_size": batch_size, "device": device, "num_workers": num_workers}
+    done = []
+    if model.use_rep not in query.obsm:
+        embed_patches(query, spec["encoder"], key_added=model.use_rep, **kw)
+        done.append(model.use_rep)
+    for rep, info in extra.items():
+        if rep not in query.obsm:
+            embed_neighbourhood(query, spec["encoder"], grid=int(info["embedding"]["grid"]), key_added=rep, **kw)
+            done.append(rep)
+    return done

@@ -117,9 +117,13 @@ def fit_nh2st(
 
     Deviations from the paper and its code, on purpose:
 
-    - **frozen features** (the only mode here; the original fine-tunes a self-supervised ResNet-18 end to
-      end): the image encoder is an MLP on standardised frozen features (optionally ``n_pcs`` whitened
-      PCs), and the windows' features are computed once per spot by :func:`embed_neighbourhood`;
+    - **two modes**. Frozen features (``finetune_encoder=False``, the default on CPU): the image encoder is an
+      MLP on standardised frozen features (optionally ``n_pcs`` whitened PCs), and the windows' features are
+      computed once per spot by :func:`embed_neighbourhood`. End to end (``finetune_encoder=True``, the default
+      on GPU; the original fine-tunes a self-supervised ResNet-18): each spot's context patch (``grid``
+      windows wide, the geometry of the patches under ``patches_key``) is read once per batch, flipped and
+      rotated as a whole (``augment``), cut into its ``grid**2`` windows, and every window goes through the
+      one trainable ``encoder`` (the centre window is the spot's patch), then the same MLP;
     - **what the decoder reads**: the public code decodes the target patch's features alone, so the
       neighbours act only through the encoder they share with it, trained end to end. With frozen features
       that path carries no information about the surroundings, so the decoder here reads the spot's image
@@ -173,8 +177,19 @@ def fit_nh2st(
     context_rep
         ``obsm`` key of the neighbourhood windows' features (``None``: ``f'{use_rep}_grid'``, the default key
         of :func:`embed_neighbourhood`); its record gives the grid and the window size.
-    encoder
-        Encoder name whose ``X_<encoder>`` features are used when ``use_rep`` is ``None``.
+    encoder, weights, encoder_kwargs
+        Image encoder registry name, weights and more arguments of :func:`histoexp.models.get_encoder`,
+        fine-tuned end to end (finetune mode); in frozen mode the name whose ``X_<encoder>`` features are used
+        when ``use_rep`` is ``None``.
+    finetune_encoder
+        Train the image encoder end to end on patches (``None``: when the device is a GPU).
+    patches_key
+        Key of :func:`histoexp.pp.extract_patches` whose geometry the windows take (finetune mode).
+    grid
+        Windows per side of the neighbourhood in finetune mode (odd; NH2ST: 5). Frozen features carry their
+        own grid (the record of ``context_rep``).
+    augment
+        Random flips and 90° rotations of each context patch while fine-tuning.
     neighbours, contrastive, cross_attention
         The neighbour branch, the two InfoNCE terms, and the cross-attention fusion (all on by default).
     dim, heads, dropout
@@ -185,6 +200,10 @@ def fit_nh2st(
         InfoNCE temperature and the factor on the negative logits (NH2ST: 0.05, 0.1).
     neighbour_weight
         Weight of the neighbour InfoNCE (NH2ST: 0.5; the query InfoNCE and the MSE weigh 1).
+    pool
+        How the window tokens become the one neighbourhood token the decoder reads: ``'mean'``, or
+        ``'attention'`` (the spot's token attends over its windows, which carry a learned embedding of their
+        place in the grid).
     n_pcs
         Whitened principal components of the frozen features (fitted on the training spots' windows and own
         features); ``None``: standardised features.
@@ -192,7 +211,7 @@ def fit_nh2st(
         Independently trained members (seeds ``random_state + i``) whose predictions are averaged
         (``None``: 5). Training time grows linearly with it.
     epochs, batch_size, lr, weight_decay, patience
-        Training settings; ``None``: :data:`FROZEN_DEFAULTS`.
+        Training settings; ``None``: :data:`FROZEN_DEFAULTS` or :data:`FINETUNE_DEFAULTS`.
     val_fraction
         Fraction of sections (or of one section's spots, in a spatial stripe) for early stopping.
     library_key
