@@ -18,12 +18,18 @@ Methods:
   alpha by leave-one-section-out inside the training sections) on those features concatenated;
 - ``bleep[own]``: ``hx.tl.fit_bleep`` defaults (five heads) + ``impute`` (k=50, average);
 - ``mclstexp[own]``: ``hx.tl.fit_mclstexp`` defaults + ``impute`` (its defaults);
-- ``nh2st``: ``hx.tl.fit_nh2st`` on ``own`` + ``grid``, its defaults except ``n_ensemble`` (``--n-ensemble``,
-  default 1: one model per row, to keep the run near 15 min on 2 CPU cores);
-- ``nh2st-no-neighbours`` / ``nh2st-no-contrastive`` / ``nh2st-no-cross-attention``: the ablation, the same
-  call with ``neighbours=False`` / ``contrastive=False`` / ``cross_attention=False``;
-- ``nh2st-no-neighbours x5``: the no-neighbour variant with five members (``fit_nh2st``'s default), to show what
-  the ensemble adds at a small cost.
+- ``nh2st``: ``hx.tl.fit_nh2st`` on ``own`` + ``grid`` with its defaults (five members averaged;
+  ``--n-ensemble`` changes that for every NH2ST row);
+- the ablation, the same call with one switch changed: ``nh2st-pool-mean`` / ``nh2st-pool-attention`` (the
+  pooling that is not the default), ``nh2st-no-neighbours`` (``neighbours=False``), ``nh2st-no-contrastive``
+  (``contrastive=False``), ``nh2st-no-cross-attention`` (``cross_attention=False``);
+- ``nh2st-e2e[resnet18]`` (``--e2e-epochs N``, on the folds of ``--e2e-folds``): end to end, a randomly
+  initialised ResNet-18 (no weights can be downloaded here) on 56 px windows (112 µm), ``grid=5``, ``N``
+  epochs on CPU; a check that the path runs on real data, far from the paper's regime.
+
+``--inner`` runs the model selection instead: leave-one-section-out over C3..C6 only (C2 is never seen),
+NH2ST with ``pool='mean'`` and ``pool='attention'``, with and without the contrastive terms; it writes
+``her2st_nh2st_inner.{json,md}``. The defaults of ``fit_nh2st`` were chosen on that table.
 
 Usage::
 
@@ -50,13 +56,29 @@ sys.path.insert(0, str(HERE))
 from her2st import KEYS, LABELS, machine  # noqa: E402
 from her2st_bleep import SECTIONS, load_sections  # noqa: E402
 
-ABLATION = {
-    "nh2st": {},
-    "nh2st-no-neighbours": {"neighbours": False},
-    "nh2st-no-contrastive": {"contrastive": False},
-    "nh2st-no-cross-attention": {"cross_attention": False},
-    # what averaging five members (fit_nh2st's default) brings, on the cheap variant (CPU time)
-    "nh2st-no-neighbours x5": {"neighbours": False, "n_ensemble": 5},
+
+def ablation() -> dict[str, dict]:
+    """The NH2ST rows: the defaults, then one switch changed each."""
+    import inspect
+
+    pool = inspect.signature(hx.tl.fit_nh2st).parameters["pool"].default
+    other = "mean" if pool == "attention" else "attention"
+    return {
+        "nh2st": {},
+        f"nh2st-pool-{other}": {"pool": other},
+        "nh2st-no-neighbours": {"neighbours": False},
+        "nh2st-no-contrastive": {"contrastive": False},
+        "nh2st-no-cross-attention": {"cross_attention": False},
+    }
+
+
+#: the model selection (``--inner``): pooling x contrastive terms
+INNER = {
+    "pool-mean": {"pool": "mean"},
+    "pool-mean-no-contrastive": {"pool": "mean", "contrastive": False},
+    "pool-attention": {"pool": "attention"},
+    "pool-attention-no-contrastive": {"pool": "attention", "contrastive": False},
+    "no-neighbours": {"neighbours": False},
 }
 
 
@@ -110,30 +132,37 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="NH2ST epochs (default: fit_nh2st's, early stopping)")
-    p.add_argument(
-        "--n-ensemble", type=int, default=1, help="NH2ST members of the ablation rows (fit_nh2st's default: 5)"
-    )
+    p.add_argument("--n-ensemble", type=int, default=5, help="NH2ST members of every NH2ST row (default 5)")
+    p.add_argument("--inner", action="store_true", help="model selection over C3..C6 only (C2 never seen)")
+    p.add_argument("--e2e-epochs", type=int, default=0, help="epochs of the end-to-end row (0: no such row)")
+    p.add_argument("--e2e-folds", default="C2", help="comma-separated test sections of the end-to-end row")
     p.add_argument("--cache", default=None, help="folder where the features are also saved (npy)")
     p.add_argument("--no-ablation", action="store_true", help="only the full NH2ST")
-    p.add_argument("--out", default=str(HERE / "results" / "her2st_nh2st"))
+    p.add_argument("--out", default=None, help="results path without suffix (default results/her2st_nh2st[_inner])")
     args = p.parse_args()
+    if args.out is None:
+        args.out = str(HERE / "results" / ("her2st_nh2st_inner" if args.inner else "her2st_nh2st"))
     hx.settings.progress = False
     hx.settings.device = "cpu"
     t_start = time.time()
     adata, panel, _ = load_sections(args.data_dir, bank=False)
     timings = features(adata, Path(args.cache) if args.cache else None)
+    sections = SECTIONS
+    if args.inner:
+        sections = [s for s in SECTIONS if s != "C2"]
+        adata = adata[adata.obs["library_id"].astype(str) != "C2"].copy()
     adata.obsm["X_own+ctx3"] = np.hstack([adata.obsm["X_own"], adata.obsm["X_ctx3"]])
     adata.obsm["X_own+grid"] = np.hstack([adata.obsm["X_own"], adata.obsm["X_own_grid"]])
     truth_all = hx.pp.expression_matrix(adata, panel)
     lib = adata.obs["library_id"].astype(str).to_numpy()
     nh2st_kw = {"epochs": args.epochs, "random_state": args.seed}
-    variants = {"nh2st": {}} if args.no_ablation else ABLATION
+    variants = INNER if args.inner else {"nh2st": {}} if args.no_ablation else ablation()
     folds: list[dict] = []
-    for test in SECTIONS:
+    for test in sections:
         tr, te = lib != test, lib == test
         train, query = adata[tr].copy(), adata[te].copy()
         y_tr, y_te = truth_all[tr], truth_all[te]
-        fold = {"test": test, "train": [s for s in SECTIONS if s != test], "n_test": int(te.sum()), "methods": {}}
+        fold = {"test": test, "train": [s for s in sections if s != test], "n_test": int(te.sum()), "methods": {}}
 
         def record(method, pred, fit_s, predict_s, fold=fold, y_te=y_te, test=test, **extra):
             s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, y_te, panel), n_top=50)
@@ -155,26 +184,27 @@ def main() -> None:
             record(label, pred, fit_s, time.time() - t)
             return model
 
-        record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), 0.0, 0.0)
-        for rep in ("own", "own+ctx3", "own+grid"):
+        if not args.inner:
+            record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), 0.0, 0.0)
+            for rep in ("own", "own+ctx3", "own+grid"):
+                timed(
+                    lambda tr, rep=rep: hx.tl.fit_ridge(tr, genes=panel, use_rep=f"X_{rep}", random_state=args.seed),
+                    "ridge",
+                    f"ridge[{rep}]",
+                )
+                train.uns.pop("ridge", None)
             timed(
-                lambda tr, rep=rep: hx.tl.fit_ridge(tr, genes=panel, use_rep=f"X_{rep}", random_state=args.seed),
-                "ridge",
-                f"ridge[{rep}]",
+                lambda tr: hx.tl.fit_bleep(
+                    tr, genes=panel, use_rep="X_own", random_state=args.seed, finetune_encoder=False
+                ),
+                "bleep",
+                "bleep[own]",
             )
-            train.uns.pop("ridge", None)
-        timed(
-            lambda tr: hx.tl.fit_bleep(
-                tr, genes=panel, use_rep="X_own", random_state=args.seed, finetune_encoder=False
-            ),
-            "bleep",
-            "bleep[own]",
-        )
-        timed(
-            lambda tr: hx.tl.fit_mclstexp(tr, genes=panel, use_rep="X_own", random_state=args.seed),
-            "mclstexp",
-            "mclstexp[own]",
-        )
+            timed(
+                lambda tr: hx.tl.fit_mclstexp(tr, genes=panel, use_rep="X_own", random_state=args.seed),
+                "mclstexp",
+                "mclstexp[own]",
+            )
         for label, kw in variants.items():
             model = timed(
                 lambda tr, kw=kw: hx.tl.fit_nh2st(
@@ -184,13 +214,25 @@ def main() -> None:
                     context_rep="X_own_grid",
                     overwrite=True,
                     **nh2st_kw,
-                    **{"n_ensemble": args.n_ensemble, **kw},
+                    n_ensemble=args.n_ensemble,
+                    **kw,
                 ),
                 "nh2st",
                 label,
             )
             h = model.config["history"]
             fold["methods"][label].update(epochs_run=h["epochs_run"], best_epoch=h["best_epoch"])
+        if args.e2e_epochs and test in args.e2e_folds.split(",") and not args.inner:
+            e2e = {"finetune_encoder": True, "encoder": "resnet18", "weights": None, "epochs": args.e2e_epochs}
+            e2e["encoder_kwargs"] = {"transform": {"input_size": 56}}  # no upsampling to 224 px on CPU
+            e2e.update(patches_key="p56", patience=args.e2e_epochs, n_ensemble=1, random_state=args.seed)
+            for ad_ in (train, query):  # 112 µm windows at 56 px: 25 windows a spot through the CNN on CPU
+                hx.pp.extract_patches(ad_, size_um=112, patch_px=56, store="none", key_added="p56", overwrite=True)
+            timed(
+                lambda tr, e2e=e2e: hx.tl.fit_nh2st(tr, genes=panel, overwrite=True, **e2e),
+                "nh2st",
+                "nh2st-e2e[resnet18]",
+            )
         folds.append(fold)
         write(folds, args, panel, nh2st_kw, timings, t_start, final=False)
 
@@ -199,9 +241,12 @@ def main() -> None:
 
 def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> None:
     """Write the JSON and Markdown results of the folds so far (after every fold: an interrupted run keeps them)."""
-    methods = list(folds[0]["methods"])
+    methods = list(dict.fromkeys(m for f in folds for m in f["methods"]))  # a row may run on some folds only
     cols = (*KEYS, "fit_s")
-    mean = {m: {k: float(np.mean([f["methods"][m][k] for f in folds])) for k in cols} for m in methods}
+    mean = {
+        m: {k: float(np.mean([f["methods"][m][k] for f in folds if m in f["methods"]])) for k in cols} for m in methods
+    }
+    n_folds = {m: sum(m in f["methods"] for f in folds) for m in methods}
     timings = {**timings, "total": time.time() - t_start}
     result = {
         "benchmark": "her2st NH2ST leave-one-section-out (C2..C6)",
@@ -209,7 +254,7 @@ def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> Non
         "machine": machine(),
         "command": "python benchmarks/her2st_nh2st.py " + " ".join(sys.argv[1:]),
         "settings": {
-            "sections": SECTIONS,
+            "sections": [f["test"] for f in folds],
             "n_panel_genes": len(panel),
             "targets": "log1p(normalize_total 1e4), her2st 785-gene panel, unsmoothed",
             "features": {
@@ -219,7 +264,8 @@ def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> Non
             },
             "nh2st": {
                 **{k: v if v is not None else "fit_nh2st default" for k, v in nh2st_kw.items()},
-                "n_ensemble": f"{args.n_ensemble} (rows without 'x5'), 5 ('x5')",
+                "n_ensemble": args.n_ensemble,
+                "e2e": {"epochs": args.e2e_epochs, "folds": args.e2e_folds} if args.e2e_epochs else None,
             },
             "metrics": "hx.tl.evaluate definitions: PCC@H = mean of the 50 best-predicted genes; HVG/HEG-50 = "
             "highest variance / mean of the test truth; constant predictions count as r=0",
@@ -235,12 +281,14 @@ def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> Non
     mc = result["machine"]
     labels = {**LABELS, "fit_s": "fit s"}
     lines = [
-        "# her2st: NH2ST, leave-one-section-out, with the other methods and an ablation",
+        "# her2st: NH2ST, leave-one-section-out, "
+        + ("model selection on C3..C6 (C2 never seen)" if args.inner else "with the other methods and an ablation"),
         "",
         f"{result['date']} · {mc['platform']}, {mc['cpu_count']} CPU cores, torch {mc['torch']}, "
         f"histoexp {mc['histoexp']} · `{result['command'].strip()}` · {timings['total']:.0f} s",
         "",
-        f"Train on four of C2..C6, predict the fifth; {len(panel)}-gene panel, log1p(normalize_total 1e4), unsmoothed "
+        f"Train on all but one of {', '.join(f['test'] for f in folds)}, predict it; "
+        f"{len(panel)}-gene panel, log1p(normalize_total 1e4), unsmoothed "
         f"targets; frozen handcrafted features. Mean over {len(folds)} fold(s)"
         + ("" if final else " (run incomplete)")
         + ":",
@@ -249,7 +297,8 @@ def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> Non
         "| --- | " + " | ".join("---:" for _ in cols) + " |",
     ]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{mean[m][k]:.3f}" for k in cols) + " |")
+        label = m if n_folds[m] == len(folds) else f"{m} ({n_folds[m]} fold{'s' if n_folds[m] > 1 else ''})"
+        lines.append(f"| {label} | " + " | ".join(f"{mean[m][k]:.3f}" for k in cols) + " |")
     lines += [
         "",
         "PCC@M per fold (test section):",
@@ -258,7 +307,8 @@ def write(folds, args, panel, nh2st_kw, timings, t_start, *, final: bool) -> Non
         "| --- | " + " | ".join("---:" for _ in folds) + " |",
     ]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{f['methods'][m]['pcc_mean']:.3f}" for f in folds) + " |")
+        cells = (f"{f['methods'][m]['pcc_mean']:.3f}" if m in f["methods"] else "–" for f in folds)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     if final:

@@ -322,3 +322,24 @@ def test_embed_query_computes_what_the_model_reads(nbhd):
     assert hx.tl.embed_query(bare, model) == ["X_hc", "X_hc_grid"]
     assert hx.tl.embed_query(bare, model) == []  # present: kept
     np.testing.assert_allclose(hx.tl.impute(bare, model).layers["nh2st"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_targets_rings():
+    """Square grid: a spot and its 8 neighbours; hexagonal grid: 6; never across sections."""
+    from histoexp.tl._nh2st import smooth_targets
+
+    xy = np.array([(x, y) for y in range(5) for x in range(5)], dtype=float) * 200.0
+    expr = np.arange(25, dtype=np.float64)[:, None] * np.array([[1.0, 2.0]])
+    out = smooth_targets(expr, xy, np.zeros(25, dtype=str))
+    centre = 12  # neighbours 6,7,8,11,13,16,17,18: the mean is the centre's value on a linear ramp
+    np.testing.assert_allclose(out[centre], expr[centre])
+    np.testing.assert_allclose(out[0], expr[[0, 1, 5, 6]].mean(0))  # corner
+    hexa = np.array([(x + 0.5 * (y % 2), y * np.sqrt(3) / 2) for y in range(5) for x in range(5)]) * 100.0
+    one = np.zeros((25, 1))
+    one[12] = 7.0
+    got = smooth_targets(one, hexa, np.zeros(25, dtype=str))
+    assert np.isclose(got[12, 0], 1.0) and (got[:, 0] > 0).sum() == 7  # itself + 6 around, weight 1/7 each
+    two = smooth_targets(expr[:4], np.vstack([xy[:2], xy[:2]]), np.array(["a", "a", "b", "b"]))
+    np.testing.assert_allclose(two[:, 0], [0.5, 0.5, 2.5, 2.5])  # sections apart even at the same positions
+    with pytest.raises(ValueError, match="rows"):
+        smooth_targets(expr, xy[:3], np.zeros(3, dtype=str))

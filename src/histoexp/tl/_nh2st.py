@@ -59,6 +59,31 @@ def grid_neighbours(coords: np.ndarray, sections: np.ndarray, window_px: dict[st
     return out
 
 
+def smooth_targets(expr: np.ndarray, coords: np.ndarray, sections: np.ndarray) -> np.ndarray:
+    """Each spot's targets averaged with its ring of nearest spots of the same section (NH2ST's 3x3 smoothing).
+
+    The ring is every spot within 1.5 times the section's median nearest-spot distance: the 8 around a spot
+    of a square grid (legacy ST), the 6 of a hexagonal one (Visium); fewer at the tissue edge.
+    """
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=np.float64)[:, :2]
+    sections = np.asarray(sections)
+    if not len(expr) == len(coords) == len(sections):
+        raise ValueError(f"expr, coords and sections differ in rows: {len(expr)}, {len(coords)}, {len(sections)}.")
+    out = np.empty_like(expr)
+    for lib in np.unique(sections):
+        idx = np.flatnonzero(sections == lib)
+        if len(idx) < 2:
+            out[idx] = expr[idx]
+            continue
+        tree = cKDTree(coords[idx])
+        pitch = float(np.median(tree.query(coords[idx], k=2)[0][:, 1]))
+        for a, near in enumerate(tree.query_ball_point(coords[idx], r=1.5 * pitch)):
+            out[idx[a]] = expr[idx[np.asarray(near)]].mean(0)
+    return out
+
+
 def fit_nh2st(
     adata: AnnData,
     *,
@@ -85,6 +110,7 @@ def fit_nh2st(
     negative_weight: float = 0.1,
     neighbour_weight: float = 0.5,
     pool: Literal["mean", "attention"] = "mean",
+    smooth: bool = False,
     n_pcs: int | None = None,
     n_ensemble: int | None = None,
     epochs: int | None = None,
@@ -236,10 +262,11 @@ def fit_nh2st(
     """
     from ..models.bleep import augment_dihedral
     from ..models.nh2st import NH2STModel, patch_input
-    from ..train import SpotDataset
+    from ..train import SpotDataset, data_fingerprint
 
     check_positive(dim=dim, heads=heads, temperature=temperature, neighbour_weight=neighbour_weight)
-    for name, v in (("neighbours", neighbours), ("contrastive", contrastive), ("cross_attention", cross_attention)):
+    switches = {"neighbours": neighbours, "contrastive": contrastive, "cross_attention": cross_attention}
+    for name, v in {**switches, "smooth": smooth}.items():
         if not isinstance(v, (bool, np.bool_)):
             raise TypeError(f"`{name}` must be True or False, got {v!r}.")
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim % heads:
@@ -289,6 +316,17 @@ def fit_nh2st(
             # each spot's context patch (grid windows wide) read once a batch and cut into windows in the net
             data.images, _, _, window_px = _context_source(adata, patches_key, grid)
             data.config["patches"]["context_px"] = int(data.images.patch_px)
+    if smooth:  # training targets only: what impute predicts is still compared with the measured spot
+        if data.coords is None:
+            raise KeyError("adata.obsm['spatial'] (spot centres) is missing: `smooth=True` needs it.")
+        labels = (
+            adata.obs[data.library_key].astype(str).to_numpy()
+            if data.library_key is not None
+            else np.zeros(adata.n_obs, dtype=str)
+        )
+        data.expr = smooth_targets(data.expr, data.coords, labels).astype(np.float32)
+        fp = np.frombuffer(str(data.config["data_fingerprint"]).encode(), dtype=np.uint8)
+        data.config["data_fingerprint"] = data_fingerprint(fp, data.expr)  # no resume across smoothing
     nb = None
     if neighbours:
         if "spatial" not in adata.obsm:
@@ -322,6 +360,7 @@ def fit_nh2st(
         contrastive=bool(contrastive),
         cross_attention=bool(cross_attention),
         pool=pool,
+        smooth=bool(smooth),
         temperature=float(temperature),
         negative_weight=float(negative_weight),
         neighbour_weight=float(neighbour_weight),
@@ -364,10 +403,8 @@ def fit_nh2st(
         resume=resume,
         datasets=datasets,
     )
-    params = {
-        k_: data.config[k_]
-        for k_ in ("grid", "dim", "heads", "dropout", "k", "neighbours", "contrastive", "cross_attention", "pool")
-    }
+    keys = ("grid", "dim", "heads", "dropout", "k", "neighbours", "contrastive", "cross_attention", "pool", "smooth")
+    params = {k_: data.config[k_] for k_ in keys}
     params.update(
         n_pcs=data.config.get("n_pcs"),
         temperature=temperature,
