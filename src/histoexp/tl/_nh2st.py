@@ -163,8 +163,9 @@ def fit_nh2st(
       projection of the other modality (as in the public code, whose tokens are single vectors too);
     - **targets are not smoothed**: the original averages each spot's targets over its 3x3 neighbours for
       training and evaluation. Smoothing removes counting noise and adds neighbourhood signal to the target,
-      which inflates correlations and favours context models; we train and evaluate on the measured spot
-      (log1p(normalize_total 1e4)), as every other histoexp method;
+      which inflates correlations and favours context models; we evaluate on the measured spot
+      (log1p(normalize_total 1e4)), as every other histoexp method, and train on it by default (``smooth=True``
+      trains on the smoothed targets, :func:`smooth_targets`; predictions are still of the measured spot);
     - sizes for CPU: ``dim=64`` tokens, ``heads=4``, one cross-attention layer shared by all four fusions
       (the paper: 512, 8); AdamW (``lr`` 1e-3, ``weight_decay`` 1e-3, batch 128, up to 100 epochs with early
       stopping on whole validation sections, ``patience`` 10) instead of Adam 5e-4 / StepLR / batch 8 /
@@ -230,6 +231,9 @@ def fit_nh2st(
         How the window tokens become the one neighbourhood token the decoder reads: ``'mean'``, or
         ``'attention'`` (the spot's token attends over its windows, which carry a learned embedding of their
         place in the grid).
+    smooth
+        Train on targets averaged over each spot and its ring of nearest spots (NH2ST's smoothing; the 8 around
+        a legacy ST spot, the 6 around a Visium spot). Evaluation is not affected.
     n_pcs
         Whitened principal components of the frozen features (fitted on the training spots' windows and own
         features); ``None``: standardised features.
