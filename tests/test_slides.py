@@ -327,6 +327,10 @@ def test_impute_slides_index_checked_before_any_slide(bleep_setup, slide_setup, 
 
     assert ad.read_h5ad(out / "S0.h5ad").uns["bleep"]["params"]["index"] == "faiss-hnsw"
     assert json.loads((out / "histoexp_slides.json").read_text())["params"]["index"] == "faiss-hnsw"
+    with pytest.raises(ValueError, match="differs in `index`"):  # resumed with the exact search: refused
+        hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_a, k=5)
+    with pytest.raises(ValueError, match="lacks"):  # a reference without the model genes: before any output
+        hx.tl.impute_slides(slides, model, tmp_path / "o1", mpp=2.0, reference=ref_a[:, 20:].copy())
     with pytest.raises(ValueError, match="index_params"):
         hx.tl.impute_slides(slides, model, tmp_path / "o2", mpp=2.0, index="faiss-ivf", index_params={"nprob": 3})
     with pytest.raises(ValueError, match="retrieval"):
@@ -338,7 +342,7 @@ def test_impute_slides_index_checked_before_any_slide(bleep_setup, slide_setup, 
         hx.tl.impute_slides(slides, model, tmp_path / "o4", mpp=2.0, index="faiss-ivf")
     with pytest.raises(ImportError, match=r"histoexp\[ann\]"):
         hx.tl.impute_slide(paths[0], model, mpp=2.0, index="faiss-ivf")
-    assert not any((tmp_path / f"o{i}").exists() for i in (2, 3, 4))  # refused before any work
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))  # refused before any work
 
 
 def test_cli_impute_reference_and_index(bleep_setup, tmp_path, capsys, monkeypatch):

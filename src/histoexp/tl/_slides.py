@@ -445,12 +445,12 @@ def impute_slides(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir`: {str(out)!r} is a file; expected a folder.")
-    out.mkdir(parents=True, exist_ok=True)
-
     prepared = None
-    if retrieval:  # the bank (and its embeddings) once for every slide
+    if retrieval:  # the bank (and its embeddings) once for every slide; a bad reference fails before any output
         prepared = prepare_reference(model, reference, genes=genes)
         retrieval["reference"] = prepared
+    out.mkdir(parents=True, exist_ok=True)
+
     params = jsonable(
         {
             "tile_um": tile_um,
@@ -461,7 +461,7 @@ def impute_slides(
             "mpp": mpp,
             "keep_features": bool(keep_features),
             "reference": None if reference is None else {"sha256": prepared.fingerprint(), "n_spots": prepared.n_spots},
-            "index": index,
+            "index": None if index == "exact" else index,  # None is left out: the default keeps older run ids
             "index_params": index_params or None,
         }
     )
