@@ -227,7 +227,7 @@ class PreparedReference:
                     continue
                 a = np.ascontiguousarray(a)
                 h.update(f"{a.dtype.str}{a.shape}".encode())
-                h.update(a.astype(str).astype("S").tobytes() if a.dtype.kind in "OU" else memoryview(a).cast("B"))
+                h.update("\n".join(map(str, a)).encode() if a.dtype.kind in "OU" else memoryview(a).cast("B"))
             h.update("\n".join(self.genes).encode())
             h.update(repr(self.center).encode())
             self._fingerprint = h.hexdigest()[:16]
