@@ -15,8 +15,15 @@ gradient of the same 256 spots. Rows:
 - ``DDP again``: the same DDP run repeated: same seed and world size give bitwise the same weights (sha256);
 - ``dropout=0.1`` (BLEEP's default): dropout noise is drawn per rank, so the models differ; their accuracy on
   C2 is compared;
-- mclSTExp (``fit_mclstexp`` defaults, spatial sentences of 256 spots): under DDP whole sentences go to each
-  rank, so a step trains 2 sentences (as gradient accumulation over 2 in one process): accuracy compared.
+- mclSTExp (``fit_mclstexp`` frozen defaults but ``n_ensemble=1``: sentence = a shuffled batch of 128 spots, no
+  dropout in the model): under DDP each rank holds 64 spots of the sentence; the loss gathers the sentence
+  (the spot transformer attends over all 128, the contrastive loss spans every rank's images), so "same" is as
+  for BLEEP with dropout 0; the DDP run is repeated for the bitwise check;
+- zero-shot (``fit_zeroshot`` SGN form, ``dropout=0``, other frozen defaults; all 785 panel genes as seen genes,
+  gene embeddings: ``hx.pp.gene_embeddings`` co-expression of the training sections C3..C6, 64 dimensions; the
+  panel genes without one (no counts in C3..C6) are left out of its training and of its scores):
+  its loss's Pearson term spans the gathered global batch; predicted on C2 as a supervised model (no zero-shot
+  claim: this row checks DDP, not unseen genes).
 
 Wall time: ``fit_*`` only (not the imports or data loading), from each process; the model file is written by
 rank 0 (``model.save``). The machine is shared: times are indicative.
@@ -72,8 +79,18 @@ def worker(args) -> None:
             finetune_encoder=False,
             random_state=0,
         )
+    elif args.method == "mclstexp":
+        model = hx.tl.fit_mclstexp(
+            train, genes=panel, use_rep="X_handcrafted", n_ensemble=1, finetune_encoder=False, random_state=0
+        )
     else:
-        model = hx.tl.fit_mclstexp(train, genes=panel, use_rep="X_handcrafted", finetune_encoder=False, random_state=0)
+        import pandas as pd
+
+        table = pd.read_csv(args.gene_table, index_col=0)
+        genes = [g for g in panel if g in table.index]  # co-expression leaves out genes without counts
+        model = hx.tl.fit_zeroshot(
+            train, gene_embeddings=table, genes=genes, use_rep="X_handcrafted", dropout=args.dropout, random_state=0
+        )
     secs = time.perf_counter() - t0
     model.save(args.model_out)  # rank 0 writes; the others return at once
     if hx.train.is_main_process():
@@ -91,7 +108,7 @@ def launch(tmp: Path, tag: str, *, nproc: int, method: str, dropout: float) -> d
     model_dir, info = tmp / f"model_{tag}", tmp / f"info_{tag}.json"
     script = [str(Path(__file__).resolve()), "--worker", "--train", str(tmp / "train.h5ad")]
     script += ["--panel", str(tmp / "panel.json"), "--method", method, "--dropout", str(dropout)]
-    script += ["--model-out", str(model_dir), "--info-out", str(info)]
+    script += ["--model-out", str(model_dir), "--info-out", str(info), "--gene-table", str(tmp / "genes.csv")]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
@@ -125,10 +142,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
     p.add_argument("--cache", default=None, help="folder caching the handcrafted features (npy)")
-    p.add_argument("--no-mclstexp", action="store_true")
+    p.add_argument("--no-mclstexp", action="store_true", help="BLEEP rows only")
+    p.add_argument("--no-zeroshot", action="store_true", help="no zero-shot rows")
     p.add_argument("--out", default=str(HERE / "results" / "scale_ddp"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--train", "--panel", "--method", "--model-out", "--info-out"):
+    for name in ("--train", "--panel", "--method", "--model-out", "--info-out", "--gene-table"):
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--dropout", type=float, default=0.1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,6 +182,9 @@ def main() -> None:
         tmp = Path(tmp)
         hx.io.write_h5ad(train, tmp / "train.h5ad")
         (tmp / "panel.json").write_text(json.dumps(panel))
+        if not args.no_zeroshot:
+            emb = hx.pp.gene_embeddings(train, method="coexpression", genes=panel, n_components=64, random_state=0)
+            emb.to_csv(tmp / "genes.csv")
         runs = [
             ("bleep dropout=0, 1 process", 1, "bleep", 0.0),
             ("bleep dropout=0, DDP 2 processes", 2, "bleep", 0.0),
@@ -172,13 +193,26 @@ def main() -> None:
             ("bleep dropout=0.1, DDP 2 processes", 2, "bleep", 0.1),
         ]
         if not args.no_mclstexp:
-            runs += [("mclstexp, 1 process", 1, "mclstexp", 0.0), ("mclstexp, DDP 2 processes", 2, "mclstexp", 0.0)]
+            runs += [
+                ("mclstexp, 1 process", 1, "mclstexp", 0.0),
+                ("mclstexp, DDP 2 processes", 2, "mclstexp", 0.0),
+                ("mclstexp, DDP 2 processes again", 2, "mclstexp", 0.0),
+            ]
+        if not args.no_zeroshot:
+            runs += [
+                ("zeroshot dropout=0, 1 process", 1, "zeroshot", 0.0),
+                ("zeroshot dropout=0, DDP 2 processes", 2, "zeroshot", 0.0),
+            ]
         for i, (label, nproc, method, dropout) in enumerate(runs):
             log(f"{label} ...")
             rec = launch(tmp, f"run{i}", nproc=nproc, method=method, dropout=dropout)
             model = hx.tl.load_model(rec["model_dir"])
-            pred = hx.tl.impute(query, model).layers[model.method]
-            m = metrics(pred, truth, panel)
+            pred = hx.tl.impute(query, model)
+            pred = pred[:, [g for g in panel if g in pred.var_names]]
+            m = metrics(
+                pred.layers[model.method], truth[:, [panel.index(g) for g in pred.var_names]], list(pred.var_names)
+            )
+            pred = pred.layers[model.method]
             rec.update(label=label, method=method, dropout=dropout, pcc_panel=m["pcc_panel"], pcc_hvg50=m["pcc_hvg50"])
             rec["sha256"] = sha(weights(rec["model_dir"]))
             preds[label] = pred
@@ -205,6 +239,9 @@ def main() -> None:
     ]
     if not args.no_mclstexp:
         comparisons.append(compare("mclstexp, 1 process", "mclstexp, DDP 2 processes"))
+        comparisons.append(compare("mclstexp, DDP 2 processes", "mclstexp, DDP 2 processes again"))
+    if not args.no_zeroshot:
+        comparisons.append(compare("zeroshot dropout=0, 1 process", "zeroshot dropout=0, DDP 2 processes"))
     for r in rows:
         r.pop("weights")
         r.pop("model_dir")
@@ -214,7 +251,8 @@ def main() -> None:
         "protocol": (
             "train her2st C3..C6, test C2; handcrafted frozen features (112 µm, 112 px); 785-gene panel, log1p "
             "targets; fit_bleep n_ensemble=1 (other frozen defaults)"
-            + ("" if args.no_mclstexp else " / fit_mclstexp defaults")
+            + ("" if args.no_mclstexp else " / fit_mclstexp n_ensemble=1 (other frozen defaults)")
+            + ("" if args.no_zeroshot else " / fit_zeroshot dropout=0 (genes: the panel, co-expression embeddings)")
             + "; random_state=0; "
             "1 process vs torchrun 2 processes (gloo, 1 thread each); retrieval reference = the training spots"
         ),

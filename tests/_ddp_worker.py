@@ -1,6 +1,7 @@
 """Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=2 _ddp_worker.py OUT``.
 
-Trains BLEEP (split batches, embeddings gathered across ranks) and a small regression net with a custom
+Trains BLEEP (split batches, embeddings gathered across ranks), mclSTExp and zero-shot (split batches, the
+sentence / the batch-level loss gathered across ranks), a small regression net with a custom
 batch sampler (whole batches per rank) on synthetic data, embeds rows with the sharded inference loop, and
 saves what the test compares: per-rank weights and histories (the test's own files, under OUT/rank<r>/), a
 model folder and checkpoints through histoexp's writers, which must appear for rank 0 only.
@@ -13,10 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import save_file
 
 import histoexp as hx
+from histoexp import _distributed
 from histoexp import train as hxt
 
 
@@ -46,6 +49,50 @@ def bleep(out: Path, tag: str):
     )
     model.save(out / f"model_{tag}")
     return model.net.state_dict(), adata.uns["bleep"]["history"]
+
+
+def mclstexp(tag: str):
+    """mclSTExp on synthetic sections (sentence = global batch: split across the ranks, gathered in the loss)."""
+    adata = hx.datasets.synthetic(n_sections=3, n_side=10, n_genes=12, random_state=0)
+    adata.obsm["X_feat"] = features(adata)
+    model = hx.tl.fit_mclstexp(
+        adata,
+        genes="all",
+        use_rep="X_feat",
+        projection_dim=16,
+        n_layers=1,
+        n_heads=2,
+        head_dim=8,
+        n_ensemble=1,
+        epochs=3,
+        batch_size=32,
+        patience=None,
+        random_state=0,
+        device="cpu",
+    )
+    return model.net.state_dict(), adata.uns["mclstexp"]["history"]
+
+
+def zeroshot(tag: str, genes_per_step: int | None = None):
+    """Zero-shot (SGN form) on synthetic sections: the batch-level Pearson loss over the gathered rows."""
+    adata = hx.datasets.synthetic(n_sections=3, n_side=10, n_genes=12, random_state=0)
+    adata.obsm["X_feat"] = features(adata)
+    table = pd.DataFrame(np.random.default_rng(3).normal(size=(12, 6)), index=adata.var_names.copy())
+    model = hx.tl.fit_zeroshot(
+        adata,
+        gene_embeddings=table,
+        genes="all",
+        use_rep="X_feat",
+        dim=16,
+        dropout=0.0,
+        genes_per_step=genes_per_step,
+        epochs=3,
+        batch_size=32,
+        patience=None,
+        random_state=0,
+        device="cpu",
+    )
+    return model.net.state_dict(), adata.uns["zeroshot"]["history"]
 
 
 def sampler_fit(out: Path, tag: str):
@@ -101,6 +148,11 @@ def main() -> None:
     w_bleep, h_bleep = bleep(out, f"rank{rank}")
     w_again, _ = bleep(out, f"again_rank{rank}")  # the same seed once more in the same process group
     w_samp, h_samp = sampler_fit(out, f"rank{rank}")
+    w_mcl, h_mcl = mclstexp(f"rank{rank}")
+    w_zs, h_zs = zeroshot(f"rank{rank}")
+    zeroshot(f"draws_rank{rank}", genes_per_step=5)  # genes drawn per step: rank 0's draw on every rank
+    with _distributed._gathering(True):
+        drawn = _distributed.broadcast_batch(torch.tensor([10 + rank]))
     x = np.arange(45 * 3, dtype=np.float32).reshape(45, 3)
     emb = hxt.infer(lambda b: b["image"] * 2 + b["index"][:, None], x, batch_size=4, device="cpu", distributed=True)
     colour, record = embedded()
@@ -108,10 +160,11 @@ def main() -> None:
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_bleep.items()}, str(mine / "weights.safetensors"))
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_again.items()}, str(mine / "weights_again.safetensors"))
     save_file({f"sampler.{k}": v.contiguous() for k, v in w_samp.items()}, str(mine / "sampler.safetensors"))
+    save_file({f"mclstexp.{k}": v.contiguous() for k, v in w_mcl.items()}, str(mine / "mclstexp.safetensors"))
+    save_file({f"zeroshot.{k}": v.contiguous() for k, v in w_zs.items()}, str(mine / "zeroshot.safetensors"))
     np.save(mine / "infer.npy", emb)
-    (mine / "history.json").write_text(
-        json.dumps({"bleep": h_bleep, "sampler": h_samp, "embed_world_size": record["world_size"]})
-    )
+    hist = {"bleep": h_bleep, "sampler": h_samp, "mclstexp": h_mcl, "zeroshot": h_zs, "broadcast": drawn.tolist()}
+    (mine / "history.json").write_text(json.dumps({**hist, "embed_world_size": record["world_size"]}))
     torch.distributed.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import histoexp as hx
+from histoexp import _distributed
 from histoexp import train as hxt
 from histoexp.train import _rank_batches
 
@@ -105,6 +106,36 @@ def test_ddp_equals_one_process_with_the_same_global_batch(runs, tmp_path):
     assert diff < 1e-5
     h = json.loads((runs[0] / "rank0" / "history.json").read_text())["bleep"]
     np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mclstexp", "zeroshot"])
+def test_mclstexp_and_zeroshot_ddp_equal_one_process(runs, method):
+    """mclSTExp's sentence and zero-shot's batch Pearson span the global batch under DDP: same model as one process."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _ddp_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    hx.settings.progress = False
+    with hxt.torch_threads(1):
+        single, hist = getattr(_ddp_worker, method)("single")
+    ddp = [_weights(runs[0], r, f"{method}.safetensors") for r in (0, 1)]
+    assert _equal(ddp[0], ddp[1]), "the ranks hold different weights"
+    diff = max(float((ddp[0][f"{method}.{k}"] - v).abs().max()) for k, v in single.items())
+    assert diff < 1e-5, diff
+    h = json.loads((runs[0] / "rank0" / "history.json").read_text())[method]
+    assert h["world_size"] == 2
+    np.testing.assert_allclose(h["train_loss"], hist["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=1e-5)
+
+
+def test_broadcast_batch_gives_rank0s_value(runs):
+    # zero-shot's per-step gene draw: rank 0's on every rank, so the gathered rows share their columns
+    for r in (0, 1):
+        assert json.loads((runs[0] / f"rank{r}" / "history.json").read_text())["broadcast"] == [10]
+    assert hxt.gather_batch is _distributed.gather_batch
+    t = torch.arange(3)
+    assert _distributed.broadcast_batch(t) is t  # one process: unchanged
 
 
 def test_rank_batches_partition_the_one_process_batches():

@@ -182,7 +182,7 @@ def test_impute_slides_resumes_and_reports_failures(slide_setup, tmp_path):
     assert (res3.drop(index="broken")["status"] == "skipped").all()
 
     # other parameters into the same folder: refused; a file histoexp did not write: never replaced
-    with pytest.raises(ValueError, match="another model or other parameters"):
+    with pytest.raises(ValueError, match="differs in `min_tissue`"):
         hx.tl.impute_slides(csv, model, out, min_tissue=0.9)
     (out / "S0.done.json").unlink()
     (out / "S0.h5ad").write_bytes(b"user data")
@@ -249,6 +249,163 @@ def test_cli_impute_many_slides_resumes_and_fails_per_slide(slide_setup, tmp_pat
     printed = capsys.readouterr().out
     assert "1 computed, 3 already done, 0 failed" in printed
     assert os.path.exists(out / "zz_broken.done.json")
+
+
+# --------------------------------------------------------------------------------------------- retrieval references
+@pytest.fixture(scope="module")
+def bleep_setup(slide_setup):
+    """A small BLEEP model on the synthetic sections of ``slide_setup`` and two count-only references."""
+    _, paths = slide_setup
+    old = hx.settings.progress
+    hx.settings.progress = False
+    ad = hx.datasets.synthetic(n_sections=3, random_state=0)
+    hx.pp.extract_patches(ad, patch_px=32, store="memory")
+    hx.tl.embed_patches(ad, encoder="handcrafted", weights=None)
+    genes = list(ad.var_names[:10])
+    model = hx.tl.fit_bleep(ad, use_rep="X_handcrafted", genes=genes, epochs=3, n_ensemble=2, random_state=0)
+    hx.settings.progress = old
+    ref_a = ad[ad.obs["library_id"] != "S2"].copy()
+    del ref_a.obsm["patches"]
+    ref_a.uns.pop("spatial", None)  # retrieval references need counts only
+    ref_b = ref_a[ref_a.obs["library_id"] == "S0"].copy()  # same genes, fewer spots
+    return model, paths, ref_a, ref_b
+
+
+def test_impute_slides_reference_prepared_once_and_recorded(bleep_setup, tmp_path, monkeypatch):
+    from histoexp.tl import _predict
+
+    model, paths, ref_a, ref_b = bleep_setup
+    banks, encodes = [], []
+    real_bank, real_encode = _predict._reference_bank, type(model).encode_reference
+    monkeypatch.setattr(_predict, "_reference_bank", lambda *a, **k: banks.append(1) or real_bank(*a, **k))
+    monkeypatch.setattr(
+        type(model), "encode_reference", lambda self, *a, **k: encodes.append(1) or real_encode(self, *a, **k)
+    )
+    out = tmp_path / "out"
+    slides = [str(p) for p in paths]
+    res = hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_a, genes="all", k=5)
+    assert (res["status"] == "done").all()
+    assert len(banks) == 1 and len(encodes) == model.n_ensemble  # once for the three slides, not per slide
+    import anndata as ad
+
+    got = ad.read_h5ad(out / "S1.h5ad")
+    assert list(got.var_names) == list(ref_a.var_names)  # genes='all': every reference gene
+    assert "prepared, sha256" in got.uns["bleep"]["params"]["reference"]
+    monkeypatch.undo()
+    # the prepared bank predicts what a plain impute_slide with the reference predicts
+    one = hx.tl.impute_slide(paths[1], model, mpp=2.0, reference=ref_a, genes="all", k=5)
+    np.testing.assert_allclose(np.asarray(got.layers["bleep"]), one.layers["bleep"], rtol=1e-5, atol=1e-6)
+    rec = json.loads((out / "histoexp_slides.json").read_text())
+    assert rec["params"]["reference"]["n_spots"] == ref_a.n_obs and len(rec["params"]["reference"]["sha256"]) == 16
+    # the same reference again (another copy of the same data): everything skipped
+    again = hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_a.copy(), genes="all", k=5)
+    assert (again["status"] == "skipped").all()
+    # another reference into the same folder: refused, naming it; nothing rewritten
+    before = (out / "S1.h5ad").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="differs in `reference`"):
+        hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_b, genes="all", k=5)
+    with pytest.raises(ValueError, match="differs in `reference`"):  # the model's own reference is another one
+        hx.tl.impute_slides(slides, model, out, mpp=2.0, genes="all", k=5)
+    assert (out / "S1.h5ad").stat().st_mtime_ns == before
+    # overwrite=True: every slide recomputed with the new reference
+    redo = hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_b, genes="all", k=5, overwrite=True)
+    assert (redo["status"] == "done").all()
+    new = ad.read_h5ad(out / "S1.h5ad")
+    assert not np.allclose(np.asarray(new.layers["bleep"]), np.asarray(got.layers["bleep"]))
+    assert json.loads((out / "histoexp_slides.json").read_text())["run_id"] != rec["run_id"]
+
+
+def test_impute_slides_index_checked_before_any_slide(bleep_setup, slide_setup, tmp_path, monkeypatch):
+    model, paths, ref_a, _ = bleep_setup
+    ridge, _ = slide_setup
+    slides = [str(p) for p in paths]
+    pytest.importorskip("faiss")
+    out = tmp_path / "out"
+    res = hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_a, k=5, index="faiss-hnsw")
+    assert (res["status"] == "done").all()
+    import anndata as ad
+
+    assert ad.read_h5ad(out / "S0.h5ad").uns["bleep"]["params"]["index"] == "faiss-hnsw"
+    assert json.loads((out / "histoexp_slides.json").read_text())["params"]["index"] == "faiss-hnsw"
+    with pytest.raises(ValueError, match="differs in `index`"):  # resumed with the exact search: refused
+        hx.tl.impute_slides(slides, model, out, mpp=2.0, reference=ref_a, k=5)
+    with pytest.raises(ValueError, match="lacks"):  # a reference without the model genes: before any output
+        hx.tl.impute_slides(slides, model, tmp_path / "o1", mpp=2.0, reference=ref_a[:, 20:].copy())
+    with pytest.raises(ValueError, match="index_params"):
+        hx.tl.impute_slides(slides, model, tmp_path / "o2", mpp=2.0, index="faiss-ivf", index_params={"nprob": 3})
+    with pytest.raises(ValueError, match="retrieval"):
+        hx.tl.impute_slides(slides, ridge, tmp_path / "o3", mpp=2.0, index="faiss-ivf")
+    with pytest.raises(ValueError, match="retrieval"):
+        hx.tl.impute_slides(slides, ridge, tmp_path / "o3", mpp=2.0, reference=ref_a)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
+    with pytest.raises(ImportError, match=r"histoexp\[ann\]"):
+        hx.tl.impute_slides(slides, model, tmp_path / "o4", mpp=2.0, index="faiss-ivf")
+    with pytest.raises(ImportError, match=r"histoexp\[ann\]"):
+        hx.tl.impute_slide(paths[0], model, mpp=2.0, index="faiss-ivf")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))  # refused before any work
+
+
+def test_cli_impute_reference_and_index(bleep_setup, tmp_path, capsys, monkeypatch):
+    from histoexp.cli import main
+
+    model, paths, ref_a, ref_b = bleep_setup
+    model_dir = tmp_path / "model"
+    model.save(model_dir)
+    ra, rb = tmp_path / "ref_a.h5ad", tmp_path / "ref_b.h5ad"
+    ref_a.write_h5ad(ra)
+    ref_b.write_h5ad(rb)
+    csv = _manifest(tmp_path, paths)
+    out = tmp_path / "out"
+    reads = []
+    import anndata as ad
+
+    real_read = ad.read_h5ad
+    monkeypatch.setattr(ad, "read_h5ad", lambda p, *a, **k: reads.append(str(p)) or real_read(p, *a, **k))
+    base = ["impute", str(model_dir), str(csv), "-o", str(out), "-q", "--k", "5"]
+    assert main([*base, "--reference", str(ra), "--index", "faiss-ivf", "--index-params", "nprobe=2,nlist=4"]) == 0
+    assert reads == [str(ra)]  # the reference read once for the three slides
+    monkeypatch.undo()
+    pred = ad.read_h5ad(out / "S0.h5ad")
+    params = pred.uns["bleep"]["params"]
+    assert params["index"] == "faiss-ivf"
+    assert params["index_params"]["nprobe"] == 2 and params["index_params"]["nlist"] == 4
+    capsys.readouterr()
+    # resumed with another reference: a clear error, the outputs untouched
+    assert main([*base, "--reference", str(rb), "--index", "faiss-ivf", "--index-params", "nprobe=2,nlist=4"]) == 1
+    assert "differs in `reference`" in capsys.readouterr().err
+    # bad --index-params / a regression model / no faiss: errors naming the option, before any work
+    assert main([*base, "--index", "faiss-ivf", "--index-params", "nprobe"]) == 1
+    assert "--index-params 'nprobe'" in capsys.readouterr().err
+    assert main([*base, "--index-params", "nprobe=3"]) == 1
+    assert "not to the exact search" in capsys.readouterr().err
+    assert main([*base, "--index", "faiss-hnsw", "--index-params", "nprobe=3"]) == 1
+    assert "--index-params" in capsys.readouterr().err
+    # a single .h5ad query: the index reaches impute and is recorded
+    q = tmp_path / "q.h5ad"
+    hx.datasets.synthetic(n_sections=1, random_state=4).write_h5ad(q)
+    assert main(["impute", str(model_dir), str(q), "-o", str(tmp_path / "o4"), "--index", "faiss-hnsw", "-q"]) == 0
+    assert ad.read_h5ad(tmp_path / "o4" / "predictions.h5ad").uns["bleep"]["params"]["index"] == "faiss-hnsw"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
+    assert main(["impute", str(model_dir), str(q), "-o", str(tmp_path / "o5"), "--index", "faiss-hnsw", "-q"]) == 1
+    assert "pip install 'histoexp[ann]'" in capsys.readouterr().err
+    assert main([*base[:3], "-o", str(tmp_path / "o6"), "-q", "--index", "faiss-ivf"]) == 1
+    assert "pip install 'histoexp[ann]'" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
+
+
+def test_cli_index_and_reference_refused_for_regression_models(slide_setup, tmp_path, capsys):
+    from histoexp.cli import main
+
+    ridge, paths = slide_setup
+    model_dir = tmp_path / "ridge"
+    ridge.save(model_dir)
+    csv = _manifest(tmp_path, paths)
+    out = tmp_path / "out"
+    assert main(["impute", str(model_dir), str(csv), "-o", str(out), "-q", "--index", "faiss-ivf"]) == 1
+    assert "--index applies to retrieval models" in capsys.readouterr().err
+    assert main(["impute", str(model_dir), str(csv), "-o", str(out), "-q", "--reference", str(csv)]) == 1
+    assert "--reference applies to retrieval models" in capsys.readouterr().err
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------- Visium HD bins

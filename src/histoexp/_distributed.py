@@ -20,6 +20,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
     "barrier",
+    "broadcast_batch",
     "gather_batch",
     "init_distributed",
     "is_distributed",
@@ -201,6 +202,21 @@ def gather_batch(t):
     if not _GATHER.get() or not is_distributed():
         return t
     return _gather_autograd().apply(t)
+
+
+def broadcast_batch(t):
+    """Inside a loss function: rank 0's ``t`` on every rank when training splits each global batch.
+
+    For random choices a loss makes per step (e.g. the genes a step trains on): with the batch split across the
+    ranks, every rank must make rank 0's choice so that the gathered rows (:func:`gather_batch`) line up; the
+    per-rank random streams of :func:`histoexp.train.fit` would otherwise differ. ``t`` unchanged where
+    :func:`gather_batch` returns its input.
+    """
+    if not _GATHER.get() or not is_distributed():
+        return t
+    src = t.contiguous().to(_comm_device())
+    _dist().broadcast(src, 0)
+    return src.to(t.device)
 
 
 @contextlib.contextmanager

@@ -182,6 +182,39 @@ def _genes_arg(value: str | None):
     raise CLIError(f"--genes {value!r}: expected 'her2st', 'all', a number, a file or a comma-separated list.")
 
 
+def _index_args(args, model) -> dict:
+    """``--index`` / ``--index-params`` -> impute's ``index``/``index_params``; checked before any work."""
+    params: dict = {}
+    if args.index_params:
+        for item in args.index_params.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip().isdigit():
+                raise CLIError(
+                    f"--index-params {args.index_params!r}: expected KEY=N pairs, e.g. nprobe=64,nlist=1024."
+                )
+            params[key.strip()] = int(value)
+        if args.index == "exact":
+            raise CLIError("--index-params apply to --index faiss-ivf or faiss-hnsw, not to the exact search.")
+    if args.index == "exact":
+        return {}
+    if model.kind != "retrieval":
+        raise CLIError(f"--index applies to retrieval models; {model.method!r} predicts from the image alone.")
+    from histoexp.tl._retrieval import _import_faiss, _index_params
+
+    try:
+        _import_faiss()
+    except ImportError:
+        raise CLIError(
+            f"--index {args.index} needs faiss: pip install 'histoexp[ann]' (or pip install faiss-cpu); "
+            "--index exact (the default) needs nothing more."
+        ) from None
+    try:
+        _index_params(args.index, params, 1 << 20)
+    except ValueError as err:
+        raise CLIError(f"--index-params: {str(err).replace('`index_params`', 'the parameters')}") from None
+    return {"index": args.index, "index_params": params or None}
+
+
 def _read_h5ad(path: str | os.PathLike):
     import anndata as ad
 
@@ -558,10 +591,19 @@ def cmd_impute_slides(args, model_dir: Path) -> int:
                 raise CLIError(f"{opt} {str(path)!r} is also a slide; choose another output folder.")
         if path.exists() and not path.is_dir():
             raise CLIError(f"{opt} {str(path)!r} is a file, not a folder; choose another output folder.")
-    if args.reference:
-        raise CLIError("--reference is not supported with many slides yet; the model's own reference is used.")
+    for path in args.reference or []:
+        if not Path(path).exists():
+            raise CLIError(f"--reference {str(path)!r} does not exist.")
+        if _same_path(out, Path(path)):
+            raise CLIError(f"--output {str(out)!r} is also the input --reference; choose another output folder.")
     model = hx.tl.load_model(model_dir)
-    retrieval = {"k": args.k, "method": args.method} if model.kind == "retrieval" else {}
+    if model.kind != "retrieval" and args.reference:
+        raise CLIError(f"--reference applies to retrieval models; {model.method!r} predicts from the image alone.")
+    index_kw = _index_args(args, model)  # a regression model with --index, or no faiss: an error before any slide
+    retrieval = {"k": args.k, "method": args.method, **index_kw} if model.kind == "retrieval" else {}
+    if args.reference:  # read once for every slide (impute_slides prepares the bank once, too)
+        refs = [_read_h5ad(p) for p in args.reference]
+        retrieval["reference"] = refs[0] if len(refs) == 1 else refs
     n = len(table) if shard is None else len(table.iloc[shard[0] :: shard[1]])
     print(
         f"histoexp impute: {n} of {len(table)} slides"
@@ -641,6 +683,7 @@ def cmd_impute(args) -> int:
     step = _Steps(4, quiet=args.quiet)
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
+    index_kw = _index_args(args, model)  # before reading anything large
     emb = model.image_spec()
     if qpath.suffix == ".h5ad" and model.mode != "frozen":
         raise CLIError("the CLI imputes .h5ad queries with frozen-feature models only; use hx.tl.impute from Python.")
@@ -652,6 +695,7 @@ def cmd_impute(args) -> int:
         if references is not None and len(references) == 1:
             references = references[0]
         retrieval = {"k": args.k, "method": args.method, "reference": references} if model.kind == "retrieval" else {}
+        retrieval.update(index_kw)
         key = model.method
         step(f"tiles over the tissue -> patches read from the slide -> {emb['encoder']} -> {key}")
         try:
@@ -695,7 +739,9 @@ def cmd_impute(args) -> int:
         if references is not None:
             raise CLIError(f"--reference applies to retrieval models; {key!r} predicts from the image alone.")
         retrieval = {}
-    step(f"predicting ({key}" + (f", {args.method}, k={args.k})" if retrieval else ")"))
+    retrieval.update(index_kw)
+    index_note = f", index {args.index}" if args.index != "exact" else ""
+    step(f"predicting ({key}" + (f", {args.method}, k={args.k}{index_note})" if retrieval else ")"))
     pred = hx.tl.impute(query, model, genes=_genes_arg(args.genes), device=args.device, **retrieval)
     return _write_prediction(pred, key, out, args, step, args.overwrite, plt)
 
@@ -852,6 +898,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default=None, help="genes to predict: all | A,B,C | file (default: model genes)")
     p.add_argument("--k", type=int, default=50, help="neighbours averaged (default 50)")
     p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
+    p.add_argument(
+        "--index",
+        default="exact",
+        choices=["exact", "faiss-ivf", "faiss-hnsw"],
+        help="retrieval neighbour search: exact (default) or an approximate faiss index for references of millions "
+        "of spots (needs histoexp[ann])",
+    )
+    p.add_argument(
+        "--index-params",
+        default=None,
+        metavar="KEY=N,...",
+        help="faiss index parameters, e.g. nprobe=64 (faiss-ivf: nlist, nprobe, train_size; faiss-hnsw: M, "
+        "ef_construction, ef_search); default: chosen from the reference size",
+    )
     p.add_argument("--n-maps", type=int, default=4, help="gene maps to draw (best or most variable genes)")
     _add_overwrite(p)
     _add_common(p)

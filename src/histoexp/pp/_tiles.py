@@ -19,49 +19,75 @@ __all__ = ["tile_tissue", "tissue_mask"]
 
 #: longest side of the thumbnail on which tissue is detected (and stored as ``'hires'``, the same size as read_st's)
 THUMBNAIL_PX = HIRES_MAX_SIDE
-#: minimum saturation threshold: below it nothing counts as tissue, even if Otsu says so (blank glass)
+#: floors of the thresholds: below them nothing counts as tissue, even if Otsu says so (blank glass)
 MIN_SATURATION = 0.05
-#: mean saturation above which the lower Otsu class is not glass (it holds pale tissue): split it again
+MIN_OPTICAL_DENSITY = 0.1
+#: the lowest of three Otsu classes is glass when its mean is at most this (saturation / optical density);
+#: otherwise the image holds no glass (a crop inside the tissue) and only the floor separates tissue from blank
 GLASS_SATURATION = 0.1
+GLASS_OPTICAL_DENSITY = 0.15
+
+
+def _glass_threshold(feature: np.ndarray, floor: float, glass: float) -> float:
+    """Threshold between glass and tissue of one smoothed feature (higher on tissue).
+
+    Three-class Otsu (``skimage.filters.threshold_multiotsu``) separates glass, pale tissue (stroma, fat
+    margins) and dense tissue (nuclei); the lower threshold is glass | tissue when the lowest class looks like
+    glass. Two-class Otsu would split pale from dense tissue whenever tissue fills most of the image.
+    """
+    from skimage.filters import threshold_multiotsu, threshold_otsu
+
+    if np.ptp(feature) == 0:
+        return floor
+    try:
+        low = float(threshold_multiotsu(feature, classes=3)[0])
+    except ValueError:  # too few distinct values for three classes
+        low = float(threshold_otsu(feature))
+    below = feature[feature <= low]
+    if below.size and below.mean() > glass:
+        low = floor  # the lowest class is tissue too: no glass in the image
+    return max(low, floor)
 
 
 def tissue_mask(
     thumb: np.ndarray, *, sigma: float = 2.0, min_object_px: int = 64, max_hole_px: int = 1024
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, dict]:
     """Detect tissue on an RGB thumbnail.
 
-    Method: HSV saturation ``(max - min) / max`` of the RGB channels (as ``skimage.color.rgb2hsv``;
-    stained tissue is coloured, glass and background are grey/white), smoothed by a Gaussian of
-    ``sigma`` thumbnail pixels (``skimage.filters.gaussian``) and thresholded by Otsu
-    (``skimage.filters.threshold_otsu``). When tissue covers most of the thumbnail Otsu may split
-    pale stroma from dense nuclei instead of glass from tissue; so while the lower class is still
-    coloured (mean saturation > :data:`GLASS_SATURATION`), Otsu is applied again to the lower class
-    (at most twice). The threshold is at least :data:`MIN_SATURATION`. Then
-    ``skimage.morphology.remove_small_objects`` (debris, specks, < ``min_object_px``) and
-    ``remove_small_holes`` (fat vacuoles, tears, < ``max_hole_px``).
+    Method: two stain signals per pixel, each smoothed by a Gaussian of ``sigma`` thumbnail pixels
+    (``skimage.filters.gaussian``): HSV saturation ``(max - min) / max`` of the RGB channels (as
+    ``skimage.color.rgb2hsv``; stained tissue is coloured, glass grey/white) and optical density (mean over the
+    channels of ``-log10((I + 1) / 256)``, Beer-Lambert absorbance: tinted glass is coloured but absorbs little).
+    Each is thresholded between glass and tissue by :func:`_glass_threshold` (three-class Otsu, so pale stroma is
+    not split off as background when tissue fills the image; floors :data:`MIN_SATURATION` and
+    :data:`MIN_OPTICAL_DENSITY` so a blank image has no tissue). Tissue is where both exceed their threshold,
+    then ``skimage.morphology.closing`` (a disk of ``sigma`` px: joins pale gaps between nuclei),
+    ``remove_small_holes`` (fat vacuoles, tears, < ``max_hole_px``) and ``remove_small_objects`` (debris,
+    specks, < ``min_object_px``).
 
     Returns
     -------
-    ``(mask, threshold)``: boolean mask of the thumbnail and the saturation threshold used.
+    ``(mask, thresholds)``: boolean mask of the thumbnail and the thresholds used (``'saturation'``,
+    ``'optical_density'``).
     """
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.morphology import remove_small_holes, remove_small_objects
+    from skimage.filters import gaussian
+    from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
     rgb = thumb.astype(np.float32)
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    od = -np.log10((rgb + 1.0) / 256.0).mean(-1)
     if sigma > 0:
-        sat = gaussian(sat, sigma=sigma)
-    thr = float(threshold_otsu(sat)) if np.ptp(sat) > 0 else 1.0
-    for _ in range(2):  # the lower class must be glass; if it is still coloured, split it again
-        low = sat[sat <= thr]
-        if low.size < 100 or low.mean() <= GLASS_SATURATION or np.ptp(low) == 0:
-            break
-        thr = float(threshold_otsu(low))
-    thr = max(thr, MIN_SATURATION)
-    mask = sat > thr
-    mask = remove_small_objects(mask, max_size=min_object_px)
-    mask = remove_small_holes(mask, max_size=max_hole_px)
+        sat, od = gaussian(sat, sigma=sigma), gaussian(od, sigma=sigma)
+    thr = {
+        "saturation": _glass_threshold(sat, MIN_SATURATION, GLASS_SATURATION),
+        "optical_density": _glass_threshold(od, MIN_OPTICAL_DENSITY, GLASS_OPTICAL_DENSITY),
+    }
+    mask = (sat > thr["saturation"]) & (od > thr["optical_density"])
+    if mask.any():
+        mask = closing(mask, disk(max(1, round(sigma))))
+        mask = remove_small_holes(mask, max_size=max_hole_px)
+        mask = remove_small_objects(mask, max_size=min_object_px)
     return mask, thr
 
 
@@ -78,8 +104,8 @@ def tile_tissue(
     """Lay a grid of square tiles over the tissue of an H&E slide and return them as spots.
 
     Tissue is detected on a thumbnail (longest side :data:`THUMBNAIL_PX`) by :func:`tissue_mask`
-    (Otsu threshold on smoothed HSV saturation, objects below a quarter tile removed, holes below
-    four tiles filled). The slide is cut into a
+    (glass thresholds by three-class Otsu on smoothed HSV saturation and optical density, closing, objects
+    below a quarter tile removed, holes below four tiles filled). The slide is cut into a
     grid of ``tile_um`` x ``tile_um`` tiles from its top-left corner (only whole tiles); a tile is
     kept when the tissue fraction of its area is at least ``min_tissue``.
 
@@ -115,6 +141,12 @@ def tile_tissue(
     ``spot_diameter_fullres``, ``microns_per_pixel``) and ``metadata['source_image_path']`` (the
     path, or ``''`` for an in-memory image: a numpy array is then kept as the full-resolution
     ``'hires'`` image itself so patches stay sharp); ``uns['histoexp'][key_added]`` the parameters.
+    Tissue found but no tile with ``min_tissue``: an empty AnnData (and a warning).
+
+    Raises
+    ------
+    ValueError
+        No tissue at all on the image (blank glass, an empty scan), no µm per pixel, or a bad argument.
     """
     if not (np.isfinite(tile_um) and tile_um > 0):
         raise ValueError(f"`tile_um` must be a positive number of µm, got {tile_um!r}.")
@@ -142,6 +174,11 @@ def tile_tissue(
         min_object_px=max(16, int(0.25 * tile_thumb**2)),
         max_hole_px=max(64, int(4 * tile_thumb**2)),
     )
+    if not mask.any():
+        raise ValueError(
+            "`image`: no tissue was detected (the slide looks blank: no pixel is both stained and absorbing above "
+            f"the glass thresholds {thr}); check that it is an H&E image and not an empty or overexposed scan."
+        )
 
     from PIL import Image
 
@@ -152,13 +189,15 @@ def tile_tissue(
     rr, cc = np.nonzero(frac >= min_tissue)
     n = rr.size
     logger.info(
-        "tile_tissue: %d of %d tiles of %.4g µm (%.1f px) with >= %.0f%% tissue (saturation threshold %.3f).",
+        "tile_tissue: %d of %d tiles of %.4g µm (%.1f px) with >= %.0f%% tissue (thresholds: saturation %.3f, "
+        "optical density %.3f).",
         n,
         n_rows * n_cols,
         tile_um,
         tile_px,
         100 * min_tissue,
-        thr,
+        thr["saturation"],
+        thr["optical_density"],
     )
     if n == 0:
         logger.warning("tile_tissue: no tile has >= %.0f%% tissue; the result is empty.", 100 * min_tissue)
@@ -211,8 +250,10 @@ def tile_tissue(
                 "tile_px": tile_px,
                 "mpp": res,
                 "min_tissue": float(min_tissue),
-                "method": "otsu(smoothed hsv saturation) + remove_small_objects + remove_small_holes, thumbnail",
-                "saturation_threshold": thr,
+                "method": "3-class otsu glass thresholds on smoothed hsv saturation and optical density (both), "
+                "closing + remove_small_holes + remove_small_objects, thumbnail",
+                "saturation_threshold": thr["saturation"],
+                "optical_density_threshold": thr["optical_density"],
                 "thumbnail_scale": scale,
                 "grid_shape": [n_rows, n_cols],
                 "n_tiles": n,

@@ -7,13 +7,14 @@ from ._evaluate import evaluate, gene_metrics
 from ._evaluate import summarize as summarize_metrics
 from ._mclstexp import fit_mclstexp
 from ._nh2st import fit_nh2st
-from ._predict import impute, load_model
+from ._predict import PreparedReference, impute, load_model, prepare_reference
 from ._retrieval import nearest_neighbours, register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 from ._slides import impute_slide, impute_slides, read_slide_list
 from ._zeroshot import fit_zeroshot
 
 __all__ = [
+    "PreparedReference",
     "embed_neighbourhood",
     "embed_patches",
     "embed_query",
@@ -29,6 +30,7 @@ __all__ = [
     "impute_slides",
     "load_model",
     "nearest_neighbours",
+    "prepare_reference",
     "read_slide_list",
     "register_weighting",
     "retrieval_weightings",

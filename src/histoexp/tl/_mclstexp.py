@@ -246,6 +246,7 @@ def fit_mclstexp(
     from ..models.base import ReferenceSpots
     from ..models.bleep import augment_dihedral
     from ..models.mclstexp import MclstexpModel, grid_positions, mclstexp_loss, spot_positions
+    from ..train import gather_batch
 
     if sentence not in SENTENCES:
         raise ValueError(f"`sentence` must be one of {SENTENCES}, got {sentence!r}.")
@@ -314,8 +315,12 @@ def fit_mclstexp(
         x = batch["image"]
         if not frozen:
             x = data.preprocess(augment_dihedral(x) if net.training and augment else x)
-        spots = net.encode_spots(batch["expression"], batch["coords"])
-        return mclstexp_loss(net.encode_image(x), spots, float(image_weight))
+        # under DDP with split batches the sentence is the whole global batch: every rank runs the spot
+        # transformer over all of it (attention spans the sentence) and contrasts against every rank's images,
+        # so the averaged gradient is the one-process one; in one process gather_batch returns its input
+        sentence = gather_batch(batch["expression"]), gather_batch(batch["coords"])
+        spots = net.encode_spots(*sentence)
+        return mclstexp_loss(gather_batch(net.encode_image(x)), spots, float(image_weight))
 
     sampler = None
     if sentence == "spatial":

@@ -182,6 +182,87 @@ def _reference_bank(model, reference, genes, layer, center=None):
     return ReferenceSpots(bank, coords, sections), values, list(out)
 
 
+class PreparedReference:
+    """A retrieval reference prepared once for many :func:`impute` calls with one model (many slides).
+
+    Built by :func:`prepare_reference`: the reference AnnData(s) are normalised into the model's bank once, and
+    each ensemble member's reference embeddings are computed on first use and kept, so predicting slide after
+    slide does not redo them (memory: ``n_ensemble × n_spots × embedding width`` float32 besides the bank).
+    Pass it as ``reference=`` to :func:`impute` with the same model and ``genes=None`` (the genes were fixed here).
+
+    Attributes
+    ----------
+    genes
+        The output genes.
+    n_spots
+        Reference spots in the bank.
+    n_references
+        AnnData objects the bank was built from (``None``: the model's stored reference).
+    """
+
+    def __init__(self, model, reference, genes, layer, center) -> None:
+        self.model = model
+        self.spots, self.values, self.genes = _reference_bank(model, reference, genes, layer, center=center)
+        self.n_spots = len(self.spots)
+        self.n_references = None if reference is None else len(_as_refs(reference))
+        self.center = center
+        self._emb: dict[int, np.ndarray] = {}
+        self._fingerprint: str | None = None
+
+    def embeddings(self, member: int) -> np.ndarray:
+        """Return the reference embeddings of ensemble member ``member`` (computed once)."""
+        if member not in self._emb:
+            self._emb[member] = self.model.encode_reference(self.spots, member=member)
+        return self._emb[member]
+
+    def fingerprint(self) -> str:
+        """Return a sha256 (16 hex digits) of what retrieval reads: spot inputs, predicted values, genes, sections."""
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for a in (self.spots.expression, self.values, self.spots.coords, self.spots.sections):
+                if a is None:
+                    h.update(b"none")
+                    continue
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update("\n".join(map(str, a)).encode() if a.dtype.kind in "OU" else memoryview(a).cast("B"))
+            h.update("\n".join(self.genes).encode())
+            h.update(repr(self.center).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def prepare_reference(
+    model,
+    reference: AnnData | Sequence[AnnData] | None = None,
+    *,
+    genes: Sequence[str] | str | None = None,
+    layer: str | None = None,
+    center_reference: str | bool | None = None,
+) -> PreparedReference:
+    """Prepare a retrieval model's reference once for many :func:`impute` calls (e.g. many slides).
+
+    Parameters
+    ----------
+    model
+        A retrieval model (BLEEP, mclSTExp) or its folder.
+    reference, genes, layer, center_reference
+        As in :func:`impute`.
+
+    Returns
+    -------
+    A :class:`PreparedReference` to pass as ``impute(..., reference=prepared)`` with the same model.
+    """
+    model = _as_model(model)
+    if model.kind != "retrieval":
+        raise ValueError(f"`reference` applies to retrieval models; {model.method!r} predicts from the image alone.")
+    if center_reference and reference is None:
+        raise ValueError("`center_reference` applies to an explicit `reference=`, not to the model's stored one.")
+    return PreparedReference(model, reference, genes, layer, center_reference)
+
+
 def _section_labels(adata: AnnData, i: int, column: str | None) -> np.ndarray:
     """Label each spot ``'<reference number>:<section>'`` (one section per AnnData without ``column``)."""
     if column is None:
@@ -280,7 +361,9 @@ def impute(
     reference
         Retrieval models: AnnData or list of AnnData with counts (``X`` or ``layers[layer]``) holding
         every model gene. ``None``: the training spots kept in the model (only model genes can then be
-        predicted). For an honest evaluation the query section must not be in the reference.
+        predicted). For an honest evaluation the query section must not be in the reference. A
+        :class:`PreparedReference` from :func:`prepare_reference` (same model; then ``genes``, ``layer`` and
+        ``center_reference`` stay ``None``) reuses a bank and its embeddings across calls.
     genes
         Output genes. ``None``: the model genes; ``'all'`` (retrieval): every reference gene; a list:
         those genes (retrieval: in the reference; regression: ones the model can predict).
@@ -352,13 +435,28 @@ def impute(
         method = model.retrieval_defaults["method"] if method is None else method
         if method not in WEIGHTINGS:
             raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
-        if center_reference and reference is None:
-            raise ValueError("`center_reference` applies to an explicit `reference=`, not to the model's stored one.")
-        spots, values, out_genes = _reference_bank(model, reference, genes, layer, center=center_reference)
+        prepared = reference if isinstance(reference, PreparedReference) else None
+        if prepared is not None:
+            if prepared.model is not model:
+                raise ValueError("`reference`: this PreparedReference was prepared for another model.")
+            if genes is not None or center_reference is not None or layer is not None:
+                raise ValueError(
+                    "`genes`, `layer` and `center_reference` are fixed by the PreparedReference passed as `reference`."
+                )
+            spots, values, out_genes = prepared.spots, prepared.values, list(prepared.genes)
+        else:
+            if center_reference and reference is None:
+                raise ValueError(
+                    "`center_reference` applies to an explicit `reference=`, not to the model's stored one."
+                )
+            spots, values, out_genes = _reference_bank(model, reference, genes, layer, center=center_reference)
         pred = None
         for member in range(model.n_ensemble):
             q_emb = model.encode_images(images, batch_size=batch_size, member=member)
-            bank_emb = model.encode_reference(spots, member=member)
+            if prepared is not None:
+                bank_emb = prepared.embeddings(member)
+            else:
+                bank_emb = model.encode_reference(spots, member=member)
             p, c = retrieve(
                 q_emb,
                 bank_emb,
@@ -378,8 +476,8 @@ def impute(
             method=method,
             k=1 if method == "simple" else min(k, len(spots)),
             n_reference=len(spots),
-            center_reference=center_reference,
-            reference="model" if reference is None else f"{len(_as_refs(reference))} AnnData",
+            center_reference=prepared.center if prepared is not None else center_reference,
+            reference=_reference_label(reference),
             index=index,
         )
         if index != "exact":
@@ -400,6 +498,14 @@ def impute(
         pred = model.predict(images, genes=out_genes, batch_size=batch_size, device=dev)
     params.update(n_genes=len(out_genes), n_spots=query.n_obs, to_X=bool(to_X))
     return _prediction_anndata(query, pred, out_genes, key, conf, params, model, layer, to_X)
+
+
+def _reference_label(reference) -> str:
+    if isinstance(reference, PreparedReference):
+        if reference.n_references is None:
+            return "model"
+        return f"{reference.n_references} AnnData (prepared, sha256 {reference.fingerprint()})"
+    return "model" if reference is None else f"{len(_as_refs(reference))} AnnData"
 
 
 def _prediction_anndata(query, pred, genes, key, conf, params, model, layer, to_X) -> AnnData:

@@ -55,6 +55,8 @@ def impute_slide(
     genes: Sequence[str] | str | None = None,
     k: int | None = None,
     method: str | None = None,
+    index: str = "exact",
+    index_params: dict | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     device: str | None = None,
@@ -82,8 +84,10 @@ def impute_slide(
         Minimum tissue fraction of a tile (see :func:`~histoexp.pp.tile_tissue`).
     library_id
         Section id of the result (``obs['library_id']``, ``uns['spatial']``).
-    reference, genes, k, method
-        Passed to :func:`~histoexp.tl.impute` (``reference``, ``k``, ``method``: retrieval models only).
+    reference, genes, k, method, index, index_params
+        Passed to :func:`~histoexp.tl.impute` (``reference``, ``k``, ``method``, ``index``, ``index_params``:
+        retrieval models only). ``reference`` may be a :class:`~histoexp.tl.PreparedReference` of the model
+        (:func:`~histoexp.tl.prepare_reference`; ``genes`` then ``None``) to reuse one bank across slides.
     batch_size
         Patches per forward pass of the encoder (the memory bound).
     num_workers
@@ -106,6 +110,7 @@ def impute_slide(
     from ._embed import embed_patches
     from ._predict import impute
 
+    retrieval = _retrieval_kwargs(model, reference=reference, k=k, method=method, index=index, params=index_params)
     spec = model.image_spec()
     tile_um = float(tile_um or spec.get("size_um") or ST_SPOT_DIAMETER_UM)
     t0 = time.perf_counter()
@@ -130,12 +135,7 @@ def impute_slide(
             key_added=model.use_rep,
         )
     t2 = time.perf_counter()
-    kw = {"k": k, "method": method, "reference": reference} if model.kind == "retrieval" else {}
-    if model.kind != "retrieval" and (k is not None or method is not None or reference is not None):
-        raise ValueError(
-            f"`reference`, `k` and `method` apply to retrieval models; {model.method!r} predicts from the image alone."
-        )
-    pred = impute(query, model, genes=genes, device=device, **kw)
+    pred = impute(query, model, genes=genes, device=device, **retrieval)
     t3 = time.perf_counter()
     n = int(query.n_obs)
     pred.uns.setdefault("histoexp", {})["slide"] = jsonable(
@@ -154,6 +154,28 @@ def impute_slide(
     )
     logger.info("impute_slide: %d tiles in %.1f s (%.1f tiles/s).", n, t3 - t0, n / max(t3 - t0, 1e-9))
     return pred
+
+
+def _retrieval_kwargs(model, *, reference, k, method, index, params) -> dict:
+    """Check and return the retrieval arguments of :func:`impute` before any slide is read (``{}``: regression)."""
+    if model.kind != "retrieval":
+        given = {"reference": reference, "k": k, "method": method, "index_params": params}
+        given["index"] = None if index == "exact" else index
+        wrong = [name for name, v in given.items() if v is not None]
+        if wrong:
+            raise ValueError(f"{wrong} apply to retrieval models; {model.method!r} predicts from the image alone.")
+        return {}
+    from ._retrieval import INDEXES, _import_faiss, _index_params
+
+    if index not in INDEXES:
+        raise ValueError(f"`index` must be one of {INDEXES}, got {index!r}.")
+    if index == "exact":
+        if params:
+            raise ValueError("`index_params` apply to the faiss indexes, not to `index='exact'`.")
+    else:
+        _import_faiss()  # missing faiss: an error now, not after the slide was embedded
+        _index_params(index, params, 1 << 20)  # unknown or bad parameters: likewise
+    return {"reference": reference, "k": k, "method": method, "index": index, "index_params": params}
 
 
 # --------------------------------------------------------------------------------------------- slide lists
@@ -344,9 +366,12 @@ def impute_slides(
     mpp: float | None = None,
     tile_um: float | None = None,
     min_tissue: float = 0.5,
+    reference: AnnData | Sequence[AnnData] | None = None,
     genes: Sequence[str] | str | None = None,
     k: int | None = None,
     method: str | None = None,
+    index: str = "exact",
+    index_params: dict | None = None,
     shard: tuple[int, int] | str | None = None,
     keep_features: bool = False,
     overwrite: bool = False,
@@ -377,8 +402,16 @@ def impute_slides(
         ``overwrite=True`` to recompute every slide (replacing only outputs this function wrote).
     mpp
         µm per pixel for slides whose file and manifest do not say it (a manifest's ``mpp`` column wins).
-    tile_um, min_tissue, genes, k, method, batch_size, num_workers, device
-        As in :func:`impute_slide`.
+    reference
+        Retrieval models: the reference AnnData(s) of :func:`~histoexp.tl.impute` (``None``: the model's stored
+        training spots). It is prepared once for the whole run (:func:`~histoexp.tl.prepare_reference`: the bank
+        and its embeddings), not per slide. Its content hash (sha256 of the bank, values, genes and sections) is
+        part of the run record and of every slide's completion marker: a later run into the same ``out_dir``
+        with another reference raises a ValueError naming ``reference`` (pass ``overwrite=True`` to recompute
+        every slide with the new one), so one folder never mixes predictions from two references.
+    tile_um, min_tissue, genes, k, method, index, index_params, batch_size, num_workers, device
+        As in :func:`impute_slide` (``index``, ``index_params``: the neighbour search, recorded in the run
+        record as well).
     shard
         ``(i, n)`` or ``'i/n'``: process only slides ``i, i + n, i + 2n, ...`` of the list (0-based), so ``n``
         array-job tasks share the list without talking to each other. Every task writes its own slides' files;
@@ -401,7 +434,10 @@ def impute_slides(
     """
     from .._fs import write_h5ad
     from ..image._slide import clear_cache
+    from ._predict import _as_model, prepare_reference
 
+    model = _as_model(model)
+    retrieval = _retrieval_kwargs(model, reference=reference, k=k, method=method, index=index, params=index_params)
     table = read_slide_list(slides)
     sh = parse_shard(shard)
     if sh is not None:
@@ -409,6 +445,10 @@ def impute_slides(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"`out_dir`: {str(out)!r} is a file; expected a folder.")
+    prepared = None
+    if retrieval:  # the bank (and its embeddings) once for every slide; a bad reference fails before any output
+        prepared = prepare_reference(model, reference, genes=genes)
+        retrieval["reference"] = prepared
     out.mkdir(parents=True, exist_ok=True)
 
     params = jsonable(
@@ -420,6 +460,9 @@ def impute_slides(
             "method": method,
             "mpp": mpp,
             "keep_features": bool(keep_features),
+            "reference": None if reference is None else {"sha256": prepared.fingerprint(), "n_spots": prepared.n_spots},
+            "index": None if index == "exact" else index,  # None is left out: the default keeps older run ids
+            "index_params": index_params or None,
         }
     )
     fingerprint = _model_fingerprint(model)
@@ -434,10 +477,17 @@ def impute_slides(
             old = _read_json(rec_path)
     if old is not None and old.get("run_id") != run_id:
         if not overwrite:
+            before = old.get("params") if isinstance(old.get("params"), dict) else {}
+            names = [*params, *(n for n in before if n not in params)]  # jsonable leaves out None values
+            changed = [name for name in names if before.get(name) != params.get(name)]
+            if old.get("model_fingerprint") != fingerprint:
+                changed.insert(0, "model")
+            what = ", ".join(f"`{c}`" for c in changed) or "the run record"
             raise ValueError(
-                f"`out_dir`: {str(out)!r} holds a run with another model or other parameters "
+                f"`out_dir`: {str(out)!r} holds a run that differs in {what} "
                 f"(recorded {old.get('params')}, model {old.get('model_fingerprint')}; now {params}, model "
-                f"{fingerprint}). Choose another `out_dir`, or pass overwrite=True to recompute every slide."
+                f"{fingerprint}). Its slides would mix with this run's: choose another `out_dir`, or pass "
+                "overwrite=True to recompute every slide."
             )
         _write_json(rec_path, {**record, "created_at": _now()}, overwrite=True)
 
@@ -459,9 +509,8 @@ def impute_slides(
                 kw={
                     "tile_um": tile_um,
                     "min_tissue": min_tissue,
-                    "genes": genes,
-                    "k": k,
-                    "method": method,
+                    "genes": None if prepared is not None else genes,  # a prepared bank fixes the genes
+                    **retrieval,
                     "batch_size": batch_size,
                     "num_workers": num_workers,
                     "device": device,

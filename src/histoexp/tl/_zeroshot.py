@@ -175,10 +175,11 @@ def fit_zeroshot(
     """
     import torch
 
+    from .._distributed import broadcast_batch
     from ..models.zeroshot import ZeroshotModel, zeroshot_loss
     from ..pp import select_genes
     from ..pp._gene_embeddings import match_genes
-    from ..train import data_fingerprint
+    from ..train import data_fingerprint, gather_batch
 
     check_positive(dim=dim)
     if not _is_int(dim, 1):
@@ -284,10 +285,13 @@ def fit_zeroshot(
         cols = all_cols
         if net.training and genes_per_step is not None and genes_per_step < len(gene_list):
             cols = torch.randperm(len(gene_list))[:genes_per_step]  # global RNG: seeded per epoch by train.fit
+            cols = broadcast_batch(cols)  # DDP: every rank trains rank 0's genes (the rows are gathered below)
         cols = cols.to(batch["image"].device)
         emb = net.seen[cols]
         pred = net(batch["image"], emb, cols)
-        return zeroshot_loss(pred, batch["expression"][:, cols], pcc_weight)
+        # the loss's Pearson term is over the batch's spots: under DDP over the whole global batch (every rank's
+        # rows gathered), as in one process; gather_batch returns its input in one process
+        return zeroshot_loss(gather_batch(pred), gather_batch(batch["expression"][:, cols]), pcc_weight)
 
     nets, history = train_members(
         data,
