@@ -173,3 +173,32 @@ def test_quiet_run_prints_only_results(synth_files, tmp_path):
     assert "model (10 genes, encoder handcrafted) saved to" in printed[0]
     assert "predicted 10 genes for" in printed[1]
     assert (out / "predictions.h5ad").is_file()
+
+
+@pytest.mark.parametrize("method", ["nh2st"])
+def test_fit_nh2st_and_impute(synth_files, tmp_path, method):
+    """`fit --method nh2st` on two files (the window sizes of both), impute an .h5ad and an image."""
+    from PIL import Image
+
+    a, (s0, s1) = synth_files
+    model = tmp_path / "model"
+    args = ["fit", str(s0), str(s1), "-o", str(model), "--method", method, "--epochs", "2", "--genes", "10"]
+    assert main([*args, "--patch-px", "32", "-q"]) == 0
+    m = hx.tl.load_model(model)
+    assert m.method == method and m.n_ensemble == 5
+    if method == "nh2st":
+        assert set(m.config["extra_reps"]["X_handcrafted_grid"]["embedding"]["window_px_fullres"]) == {"S0", "S1"}
+    out = tmp_path / "pred"
+    assert main(["impute", str(model), str(s1), "-o", str(out), "--n-maps", "1", "-q"]) == 0
+    import anndata as ad
+
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    assert np.isfinite(np.asarray(pred.layers[method])).all() and pred.n_vars == 10
+    img = tmp_path / "slide.png"
+    Image.fromarray(a.uns["spatial"]["S1"]["images"]["hires"]).save(img)
+    mpp = a.uns["spatial"]["S1"]["scalefactors"]["microns_per_pixel"]
+    out = tmp_path / "img_pred"
+    assert main(["impute", str(model), str(img), "-o", str(out), "--mpp", str(mpp), "--min-tissue", "0", "-q"]) == 0
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    assert np.isfinite(np.asarray(pred.layers[method])).all()
+    assert not any(k.startswith("X_handcrafted") for k in pred.obsm)  # features dropped from the output

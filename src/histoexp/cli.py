@@ -508,7 +508,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    """Fit a model (BLEEP or ridge) on reference .h5ad files and save the model folder."""
+    """Fit a model (BLEEP, mclSTExp, NH2ST or ridge) on reference .h5ad files and save the model folder."""
     import anndata as ad
 
     import histoexp as hx
@@ -540,10 +540,13 @@ def cmd_fit(args) -> int:
         a.obs_names = [f"{n}" for n in a.obs_names]
         step.note(f"{path}: {a.n_obs} spots x {a.n_vars} genes")
         parts.append(a)
-    step(f"patches and {args.encoder} features")
+    nbhd = args.method == "nh2st"
+    step(f"patches and {args.encoder} features" + (" (spots and their 5 x 5 windows)" if nbhd else ""))
+    rep = f"X_{args.encoder}"
     for a in parts:
         prepare_features(a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, device=args.device)
-    rep = f"X_{args.encoder}"
+        if nbhd and f"{rep}_grid" not in a.obsm:
+            hx.tl.embed_neighbourhood(a, args.encoder, weights=weights, grid=5, device=args.device)
     if len(parts) == 1:
         ref = parts[0]
     else:
@@ -552,6 +555,10 @@ def cmd_fit(args) -> int:
         ref = ad.concat(parts, join="inner", merge="same", uns_merge="first", index_unique=None)
         ref.obs_names_make_unique()
         ref.obs["library_id"] = pd.Categorical(ref.obs["library_id"].astype(str))
+        if nbhd:  # the window size of every section (uns_merge='first' kept the first file's record only)
+            rec = ref.uns["histoexp"]["embeddings"][f"{rep}_grid"]
+            recs = [a.uns["histoexp"]["embeddings"][f"{rep}_grid"]["window_px_fullres"] for a in parts]
+            rec["window_px_fullres"] = {k: v for r in recs for k, v in r.items()}
     step(f"training {args.method} on {ref.n_obs} spots")
     fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed}
     if args.method == "ridge":
@@ -559,7 +566,8 @@ def cmd_fit(args) -> int:
     else:
         if args.epochs is not None:
             fit_kw["epochs"] = args.epochs
-        model = hx.tl.fit_bleep(ref, device=args.device, **fit_kw)
+        fit = {"bleep": hx.tl.fit_bleep, "mclstexp": hx.tl.fit_mclstexp, "nh2st": hx.tl.fit_nh2st}[args.method]
+        model = fit(ref, device=args.device, **fit_kw)
     model.save(output, overwrite=args.overwrite)
     if hx.train.is_main_process():
         print(f"{args.method} model ({len(model.genes)} genes, encoder {args.encoder}) saved to {args.output}")
@@ -718,8 +726,8 @@ def cmd_impute(args) -> int:
             raise CLIError(_mpp_hint(qpath, emb.get("slide_mpp") or {})) from err
         info = pred.uns["histoexp"]["slide"]
         step.note(f"{info['n_tiles']} tissue tiles of {info['tile_um']:g} µm, {info['tiles_per_s']:.1f} tiles/s")
-        if model.use_rep:
-            pred.obsm.pop(model.use_rep, None)
+        for rep in (model.use_rep, *(model.config.get("extra_reps") or {})) if model.use_rep else ():
+            pred.obsm.pop(rep, None)
         return _write_prediction(pred, key, out, args, step, ow, plt)
     query = _read_h5ad(qpath)
     prepare_features(
@@ -730,6 +738,7 @@ def cmd_impute(args) -> int:
         size_um=emb.get("size_um"),
         device=args.device,
     )
+    hx.tl.embed_query(query, model, device=args.device)  # e.g. NH2ST's neighbourhood windows
     references = [_read_h5ad(p) for p in args.reference] if args.reference else None
     if references is not None and len(references) == 1:
         references = references[0]
@@ -856,13 +865,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("fit", help="train a model (BLEEP or ridge) on reference .h5ad files -> model folder")
+    p = sub.add_parser("fit", help="train BLEEP, mclSTExp, NH2ST or ridge on reference .h5ad files -> model folder")
     p.add_argument("references", nargs="+", metavar="REF.h5ad", help="reference sections (counts + image)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--encoder", default="handcrafted", help="image encoder (default handcrafted)")
     p.add_argument("--weights", default="default", help="encoder weights: default | none | PATH")
     p.add_argument("--genes", default=None, help="her2st | all | N (HVGs, default 250) | file | A,B,C")
-    p.add_argument("--method", default="bleep", choices=["bleep", "ridge"], help="model to fit (default bleep)")
+    p.add_argument(
+        "--method",
+        default="bleep",
+        choices=["bleep", "mclstexp", "nh2st", "ridge"],
+        help="model to fit on frozen features (default bleep)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
     _add_overwrite(p)

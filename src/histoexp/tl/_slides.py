@@ -65,8 +65,8 @@ def impute_slide(
 
     Runs :func:`histoexp.pp.tile_tissue` (tissue detected on a thumbnail; a tile grid at ``tile_um``),
     :func:`histoexp.pp.extract_patches` with ``store='none'`` (each tile's patch is read from the slide by region
-    when it is embedded, at the model's patch geometry), :func:`histoexp.tl.embed_patches` with the model's
-    encoder (batches of ``batch_size``) and :func:`histoexp.tl.impute`.
+    when it is embedded, at the model's patch geometry), :func:`histoexp.tl.embed_query` (the model's encoder in
+    batches of ``batch_size``, and NH2ST's neighbourhood windows) and :func:`histoexp.tl.impute`.
 
     Parameters
     ----------
@@ -107,7 +107,7 @@ def impute_slide(
         No tissue tile was found (``min_tissue``, ``tile_um``, ``mpp``), or what the steps raise.
     """
     from ..pp import extract_patches, tile_tissue
-    from ._embed import embed_patches
+    from ._embed import embed_query
     from ._predict import impute
 
     retrieval = _retrieval_kwargs(model, reference=reference, k=k, method=method, index=index, params=index_params)
@@ -124,16 +124,8 @@ def impute_slide(
     file_backed = isinstance(image, (str, os.PathLike)) or getattr(image, "source", None) is not None
     patch_kw = {"patch_px": spec.get("patch_px") or 224}
     extract_patches(query, size_um=spec.get("size_um") or tile_um, store="none" if file_backed else "auto", **patch_kw)
-    if model.mode == "frozen":
-        embed_patches(
-            query,
-            encoder=spec["encoder"],
-            weights=spec["weights"],
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            key_added=model.use_rep,
-        )
+    # the spot features and any neighbourhood features (NH2ST) of the model's training records
+    embed_query(query, model, batch_size=batch_size, num_workers=num_workers, device=device)
     t2 = time.perf_counter()
     pred = impute(query, model, genes=genes, device=device, **retrieval)
     t3 = time.perf_counter()
@@ -581,7 +573,8 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
                 )
             pred = impute_slide(path, model, mpp=mpp, library_id=slide_id, **kw)
             if not keep_features and model.use_rep:
-                pred.obsm.pop(model.use_rep, None)
+                for rep in (model.use_rep, *(model.config.get("extra_reps") or {})):
+                    pred.obsm.pop(rep, None)
             info = dict(pred.uns["histoexp"]["slide"])
             pred.uns["histoexp"]["slide"] = {**info, "run_id": run_id, "slide_id": slide_id, "source": path}
             with contextlib.suppress(FileNotFoundError):
