@@ -202,3 +202,35 @@ def test_expression_matrix_blocks_and_refuses_unbounded(monkeypatch):
     hx.pp.expression_matrix(a, genes)  # 3 genes fit
     with pytest.raises(ValueError, match="gene panel"):
         hx.pp.expression_matrix(a)
+
+
+def test_ridge_chooses_alpha_on_a_subset_of_many_bins(monkeypatch):
+    """Efficient leave-one-out holds several bins x genes float64 arrays: above LOO_MAX_SPOTS it runs on a subset."""
+    import anndata as ad
+    from sklearn.linear_model import RidgeCV
+
+    from histoexp.models import ridge
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(400, 6)).astype(np.float32)
+    counts = rng.poisson(np.exp(1.5 + 0.5 * feats[:, :3] @ rng.normal(size=(3, 8)))).astype(np.float32)
+    a = ad.AnnData(X=sp.csr_matrix(counts), obsm={"X_f": feats})
+    seen = []
+    orig = RidgeCV.fit
+    monkeypatch.setattr(RidgeCV, "fit", lambda self, x, y, **kw: seen.append(len(x)) or orig(self, x, y, **kw))
+    hx.tl.fit_ridge(a, genes="all", use_rep="X_f", n_pcs=None)
+    assert seen == [400] and a.uns["ridge"]["params"]["alpha_cv"] == "leave-one-out"
+    monkeypatch.setattr(ridge, "LOO_MAX_SPOTS", 150)
+    m1 = hx.tl.fit_ridge(a, genes="all", use_rep="X_f", n_pcs=None, overwrite=True)
+    m2 = hx.tl.fit_ridge(a, genes="all", use_rep="X_f", n_pcs=None, overwrite=True)
+    assert seen[1:] == [150, 150] and m1.config["alpha"] == m2.config["alpha"]  # same subset for the same seed
+    assert "150 random training spots" in a.uns["ridge"]["params"]["alpha_cv"]
+    # the final fit uses every bin: the same weights as sklearn's Ridge on all of them
+    import torch
+    from sklearn.linear_model import Ridge
+
+    net = m1.net
+    with torch.no_grad():
+        z = net.features(torch.as_tensor(feats)).double().numpy()
+    ref = Ridge(alpha=m1.config["alpha"]).fit(z, hx.pp.expression_matrix(a))
+    np.testing.assert_allclose(net.linear.weight.detach().numpy(), ref.coef_, rtol=1e-4, atol=1e-5)
