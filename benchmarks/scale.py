@@ -1,6 +1,6 @@
-"""Scale: H&E-only prediction on a whole slide (memory, throughput) and a many-slide run killed and resumed.
+"""Scale: H&E-only prediction on a whole slide, a many-slide run killed and resumed, Visium HD bins.
 
-Model (both parts): ridge (``hx.tl.fit_ridge``, 785-gene her2st panel, log1p(normalize_total) targets) on the
+Model (parts 1 and 2): ridge (``hx.tl.fit_ridge``, 785-gene her2st panel, log1p(normalize_total) targets) on the
 ``handcrafted`` features of 100 µm patches (``patch_px`` 112) of all spots of the her2st sections C2..C6, saved
 to a model folder. Its accuracy is not the point here (see ``benchmarks/her2st.py`` for held-out numbers); the
 parts measure memory, throughput and resumability of the prediction path.
@@ -20,11 +20,30 @@ crops of 6,000 x 6,000 px, written as small pyramidal TIFFs) and listed in a CSV
 markers (``finished_at``, the writing process id, file modification times) before and after show what was
 recomputed.
 
+(3) ``--part visiumhd`` (not in ``all``; no model above). A Visium HD-like SpatialData in
+``spatialdata_io.visium_hd``'s layout is built from the REAL section C2 and written to zarr: the tissue of C2 (the
+spots' bounding box) tiled over ``--hd-bins`` x ``--hd-bins`` 8 µm bins (default 714: 509,796 bins, 5.7 mm square)
+and resampled (nearest pixel) to ``--hd-mpp`` µm/px (default 0.2737, about a 40x scan),
+multiscale (2x levels, 256 px chunks), plus a 6000 px hires image; square bins of 8 and 16 µm
+(polygons) with tables ``square_008um`` / ``square_016um``. Counts: each 8 µm bin takes the counts of the real
+spot nearest its position in the tiled section, Poisson-thinned to the bin's share of the spot's area (8² / (π 50²)),
+drawn sparsely (a Poisson total per bin, genes from the spot's composition); 16 µm bins sum 2 x 2 of them. A
+*separate process* then runs ``spatialdata.read_zarr`` -> ``hx.io.from_spatialdata`` (16 and 8 µm) ->
+``hx.pp.extract_patches(size_um=55, patch_px=32, store='none')`` -> ``hx.tl.embed_patches`` -> ``hx.pp.select_genes``
+(100 HVG of the 16 µm bins) -> ``hx.tl.fit_ridge`` (16 µm and 8 µm bins) -> ``hx.tl.impute`` (8 µm bins, 16 µm
+model) -> ``write_h5ad``, with seconds, bins/s and the peak RSS of each step (``VmHWM`` reset through
+``/proc/self/clear_refs`` at the step's start), and samples of 5,000 bins read one patch per bin (through dask and
+zarr) against the grouped reads. Encoder: a fixed average pooling (colour of a 4 x 4 grid) passed as a torch module,
+because ``'handcrafted'`` (measured on 2,000 bins in the same run) would take most of an hour for 637,000 bins
+on one core; patches of 32 px because the pooling needs no more and reading cost grows with the pixels.
+
 Usage::
 
     flock /tmp/histoexp-heavy.lock python benchmarks/scale.py --part all
+    flock /tmp/histoexp-heavy.lock python benchmarks/scale.py --part visiumhd
 
-Writes ``benchmarks/results/scale.json`` and ``scale.md``; the slides go to ``--tmp`` and are deleted.
+Writes ``benchmarks/results/scale.json`` and ``scale.md`` (a part not run keeps its earlier result); the slides and
+the SpatialData go to ``--tmp`` and are deleted.
 """
 
 from __future__ import annotations
