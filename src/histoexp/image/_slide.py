@@ -9,6 +9,7 @@
   resampled;
 - vendor whole-slide files (SVS, NDPI, SCN, BIF, MRXS, ...): read by region through tiffslide (or
   OpenSlide for the formats tiffslide does not read), the optional extra ``histoexp[slide]``;
+- OME-Zarr image directories (SpatialData image elements written to disk): zarr reads by region and scale;
 - SpatialData image elements (``xarray.DataArray`` with dims ``(c, y, x)`` or a multiscale
   ``DataTree``): lazy (dask) reads of the chosen scale;
 - numpy ``uint8`` arrays of shape ``(H, W, 3)``.
@@ -49,6 +50,8 @@ __all__ = ["SlideImage", "slide_for_library"]
 _RGB_MSG = "RGB uint8 expected"
 #: largest level (pixels) :meth:`SlideImage.thumbnail` reads in one piece; above it, strip by strip
 THUMBNAIL_READ_MAX_PX = 64_000_000
+#: :meth:`SlideImage.read_patches` groups patches on a grid of this many pixels and reads each group's window once
+READ_WINDOW_PX = 1024
 
 #: platform spot diameters in µm used to derive µm/px from ``spot_diameter_fullres``
 SPOT_DIAMETER_UM = {"visium": VISIUM_SPOT_DIAMETER_UM, "st": ST_SPOT_DIAMETER_UM}
@@ -353,7 +356,57 @@ def _downscale_levels(levels: list[_Level], max_side: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=0))
 
 
+def _is_ome_zarr_image(path: Path) -> bool:
+    """``path`` is a directory holding an OME-Zarr multiscale image (e.g. ``<sdata>.zarr/images/<name>``)."""
+    if not path.is_dir():
+        return False
+    for meta in ("zarr.json", ".zattrs"):
+        f = path / meta
+        if f.is_file():
+            try:
+                import json
+
+                attrs = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return False
+            attrs = attrs.get("attributes", attrs)  # zarr v3 keeps user attributes under "attributes"
+            return "multiscales" in attrs.get("ome", attrs)
+    return False
+
+
+def _open_ome_zarr(path: Path, arg: str = "source") -> list[_Level]:
+    """Levels of an OME-Zarr multiscale image (axes ``c, y, x``): zarr views, read chunk by chunk, never whole.
+
+    This is how SpatialData writes image elements; reading the arrays directly (not through dask) keeps a
+    region read at a few chunk decompressions, without building a task graph per patch.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        ms = attrs.get("ome", attrs)["multiscales"][0]
+        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
+        arrays = [group[d["path"]] for d in ms["datasets"]]
+    except Exception as e:
+        raise ValueError(f"`{arg}`: cannot read {str(path)!r} as an OME-Zarr image ({type(e).__name__}: {e}).") from e
+    if axes != ["c", "y", "x"]:
+        raise ValueError(f"`{arg}`: OME-Zarr image {str(path)!r} has axes {axes}; expected ['c', 'y', 'x'].")
+    levels: list[_Level] = []
+    for i, arr in enumerate(arrays):
+        if arr.ndim != 3 or arr.shape[0] != 3 or np.dtype(arr.dtype) != np.uint8:
+            raise ValueError(
+                f"`{arg}`: scale {i} of {str(path)!r} has shape {tuple(arr.shape)} and dtype {arr.dtype}: "
+                f"{_RGB_MSG} with axes (c, y, x) and 3 channels."
+            )
+        h, w = int(arr.shape[1]), int(arr.shape[2])
+        levels.append(_Level(h, w, 1.0 if not levels else levels[0].width / w, arr, "SYX"))
+    return levels
+
+
 def _file_kind(path: Path) -> str:
+    if _is_ome_zarr_image(path):
+        return "ome-zarr"
     suffix = _suffix(path)
     return "vendor" if suffix in VENDOR_SUFFIXES else "tiff" if suffix in TIFF_SUFFIXES else "pil"
 
@@ -499,7 +552,9 @@ class SlideImage:
         source
             A path to a JPEG/PNG (decoded once, cached), TIFF/OME-TIFF (read by region from its
             pyramid) or vendor whole-slide file (``.svs``, ``.ndpi``, ``.scn``, ``.bif``, ``.mrxs``, ...: read by
-            region through tiffslide or OpenSlide, ``pip install 'histoexp[slide]'``), a numpy ``uint8`` array
+            region through tiffslide or OpenSlide, ``pip install 'histoexp[slide]'``), a directory holding an
+            OME-Zarr image (a SpatialData image element on disk, ``<sdata>.zarr/images/<name>``: read chunk by
+            chunk through zarr), a numpy ``uint8`` array
             ``(H, W, 3)``, a SpatialData image element (``xarray.DataArray`` with dims ``(c, y, x)`` or a
             multiscale ``DataTree``), or a :class:`SlideImage` (returned as is, with ``mpp`` set if given).
         mpp
@@ -526,9 +581,12 @@ class SlideImage:
             path = Path(source).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"`source`: image file {str(path)!r} does not exist.")
-            if path.is_dir():
-                raise ValueError(f"`source`: {str(path)!r} is a directory; expected an image file.")
             kind = _file_kind(path)
+            if path.is_dir() and kind != "ome-zarr":
+                raise ValueError(
+                    f"`source`: {str(path)!r} is a directory but not an OME-Zarr image; expected an image file or a "
+                    "SpatialData image element on disk (<sdata>.zarr/images/<name>)."
+                )
             return cls(kind=kind, path=str(path), mpp=src_mpp[1], mpp_source=src_mpp[0])
         if isinstance(source, np.ndarray):
             _check_rgb_array(source, "`source` array")
@@ -583,6 +641,8 @@ class SlideImage:
         if self._kind == "pil":
             arr = _decode_pil(path)
             self._levels = [_Level(arr.shape[0], arr.shape[1], 1.0, arr)]
+        elif self._kind == "ome-zarr":
+            self._levels = _open_ome_zarr(path)
         else:
             self._levels, tmpp, self._handle = _open_file_levels(path)
             if self.mpp is None and tmpp is not None:
@@ -590,7 +650,7 @@ class SlideImage:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        if self._kind in ("pil", "tiff", "vendor"):  # reopened lazily in each process
+        if self._kind in ("pil", "tiff", "vendor", "ome-zarr"):  # reopened lazily in each process
             state["_levels"] = None
             state["_handle"] = None
         return state
@@ -681,6 +741,20 @@ class SlideImage:
         """Fraction of the square of side ``size_px`` centred on ``(cx, cy)`` that lies outside the image."""
         return float(_fraction_outside(np.array([[cx, cy]], float), size_px, self.shape)[0])
 
+    def _patch_geometry(self, cx, cy, size_px_fullres: float, out_px: int):
+        """Level, sub-pixel box origin, box side and integer read window (with the Lanczos margin) of patches."""
+        if size_px_fullres <= 0 or out_px <= 0:
+            raise ValueError(f"`size_px_fullres` and `out_px` must be positive, got {size_px_fullres}, {out_px}.")
+        li = self.best_level(size_px_fullres / out_px)
+        d = self._lv()[li].downsample
+        half = size_px_fullres / 2.0
+        bx0, by0 = (np.asarray(cx, float) - half) / d, (np.asarray(cy, float) - half) / d
+        side = size_px_fullres / d
+        margin = int(np.ceil(3 * max(side / out_px, 1.0))) + 1  # Lanczos support, so the kernel sees real neighbours
+        wx0, wy0 = np.floor(bx0).astype(np.int64) - margin, np.floor(by0).astype(np.int64) - margin
+        wx1, wy1 = np.ceil(bx0 + side).astype(np.int64) + margin, np.ceil(by0 + side).astype(np.int64) + margin
+        return li, bx0, by0, side, (wx0, wy0, wx1, wy1)
+
     def read_patch(self, cx: float, cy: float, size_px_fullres: float, out_px: int) -> tuple[np.ndarray, float]:
         """Read a square centred on ``(cx, cy)`` and resample it to ``out_px`` x ``out_px``.
 
@@ -698,23 +772,64 @@ class SlideImage:
         """
         from PIL import Image
 
-        if size_px_fullres <= 0 or out_px <= 0:
-            raise ValueError(f"`size_px_fullres` and `out_px` must be positive, got {size_px_fullres}, {out_px}.")
-        target_ds = size_px_fullres / out_px
-        li = self.best_level(target_ds)
-        d = self._lv()[li].downsample
-        half = size_px_fullres / 2.0
-        bx0, by0 = (cx - half) / d, (cy - half) / d
-        side = size_px_fullres / d
-        scale = side / out_px
-        margin = int(np.ceil(3 * max(scale, 1.0))) + 1  # Lanczos support, so the kernel sees real neighbours
-        wx0, wy0 = int(np.floor(bx0)) - margin, int(np.floor(by0)) - margin
-        wx1, wy1 = int(np.ceil(bx0 + side)) + margin, int(np.ceil(by0 + side)) + margin
+        li, bx0, by0, side, (wx0, wy0, wx1, wy1) = self._patch_geometry(cx, cy, size_px_fullres, out_px)
+        bx0, by0, wx0, wy0, wx1, wy1 = (float(bx0), float(by0), int(wx0), int(wy0), int(wx1), int(wy1))
         win = self._window(li, wx0, wy0, wx1, wy1)
         box = (bx0 - wx0, by0 - wy0, bx0 - wx0 + side, by0 - wy0 + side)
         im = Image.fromarray(win).resize((out_px, out_px), Image.Resampling.LANCZOS, box=box)
         frac = _fraction_outside(np.array([[cx, cy]], float), size_px_fullres, self.shape)[0]
         return np.asarray(im), float(frac)
+
+    def read_patches(
+        self, centres: np.ndarray, size_px_fullres: float, out_px: int, *, window_px: int = READ_WINDOW_PX
+    ) -> np.ndarray:
+        """Read many patches (as :meth:`read_patch`, the same pixels) with one region read per group of neighbours.
+
+        Patches are grouped by the cell of a ``window_px`` grid (level pixels) their corner falls in, and each
+        group's bounding window is read once and cut: dense centres (Visium HD bins, tiles) cost a few region
+        reads per batch instead of one per patch, and memory is one window of at most about
+        ``(window_px + patch)^2`` pixels.
+
+        Parameters
+        ----------
+        centres
+            ``(n, 2)`` patch centres ``(x, y)`` in full-resolution pixels.
+        size_px_fullres
+            Patch side in full-resolution pixels.
+        out_px
+            Output side in pixels.
+        window_px
+            Side of the grid cells grouping the patches, in pixels of the level read.
+
+        Returns
+        -------
+        ``uint8`` array ``(n, out_px, out_px, 3)``; white where a patch lies outside the image.
+        """
+        from PIL import Image
+
+        centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+        out = np.empty((len(centres), out_px, out_px, 3), dtype=np.uint8)
+        if not len(centres):
+            return out
+        li, bx0, by0, side, (wx0, wy0, wx1, wy1) = self._patch_geometry(
+            centres[:, 0], centres[:, 1], size_px_fullres, out_px
+        )
+        cell = max(int(window_px), 1)
+        gx, gy = np.floor_divide(wx0, cell), np.floor_divide(wy0, cell)
+        keys = (gy - gy.min()) * (int(gx.max() - gx.min()) + 1) + (gx - gx.min())
+        order = np.argsort(keys, kind="stable")
+        bounds = np.flatnonzero(np.diff(keys[order])) + 1
+        for grp in np.split(order, bounds):
+            x0, y0 = int(wx0[grp].min()), int(wy0[grp].min())
+            win = self._window(li, x0, y0, int(wx1[grp].max()), int(wy1[grp].max()))
+            for i in grp:
+                sub = win[wy0[i] - y0 : wy1[i] - y0, wx0[i] - x0 : wx1[i] - x0]
+                ox, oy = float(bx0[i] - wx0[i]), float(by0[i] - wy0[i])
+                im = Image.fromarray(np.ascontiguousarray(sub)).resize(
+                    (out_px, out_px), Image.Resampling.LANCZOS, box=(ox, oy, ox + side, oy + side)
+                )
+                out[i] = np.asarray(im)
+        return out
 
     def thumbnail(self, max_px: int = HIRES_MAX_SIDE) -> tuple[np.ndarray, float]:
         """Return a downscaled copy (longer side <= ``max_px``) and its scale (thumbnail px per level-0 px)."""
@@ -732,6 +847,31 @@ class SlideImage:
         if (th, tw) != arr.shape[:2]:
             arr = np.asarray(Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX))
         return arr, tw / w
+
+
+def _backing_zarr_image(img: Any) -> str | None:
+    """Path of the OME-Zarr directory a SpatialData image element was read from (``None``: in memory / unknown).
+
+    Only when the element is exactly that image (same full-resolution shape), so reading the path gives the
+    same pixels; the path is then read through zarr directly, which is cheaper than dask per region.
+    """
+    if not (_is_xarray(img, "DataArray") or _is_xarray(img, "DataTree")):
+        return None
+    try:
+        from spatialdata import get_dask_backing_files
+
+        files = get_dask_backing_files(img)
+    except Exception:  # not dask-backed, or spatialdata missing
+        return None
+    if len(files) != 1:
+        return None
+    path = Path(files[0])
+    try:
+        if SlideImage.open(path).shape != SlideImage.open(img).shape:
+            return None
+    except (ValueError, OSError):
+        return None
+    return str(path.resolve())
 
 
 def _suffix(path: Path) -> str:

@@ -255,6 +255,29 @@ def _pick_image(sdata, shapes_elem, region: str, preferred: str | None):
     return name, img, scalef
 
 
+def _fullres_zarr_path(sdata, shapes_elem) -> str:
+    """Path of an on-disk image element at the shapes' own pixel scale (the full-resolution H&E), else ``''``.
+
+    Recorded as ``metadata['source_image_path']``, so patches are read from the full-resolution image by region
+    (zarr), later and in other processes too, instead of from the downscaled hires copy.
+    """
+    from spatialdata.transformations import get_transformation
+
+    from ..image._slide import _backing_zarr_image
+
+    cs_shapes = set(get_transformation(shapes_elem, get_all=True))
+    for img in sdata.images.values():
+        common = sorted(cs_shapes & set(get_transformation(img, get_all=True)))
+        if not common:
+            continue
+        m = np.linalg.inv(_affine(img, common[0])) @ _affine(shapes_elem, common[0])
+        if np.allclose(m[:2, :2], np.eye(2), atol=1e-6) and np.allclose(m[:2, 2], 0, atol=1e-6):
+            path = _backing_zarr_image(img)
+            if path:
+                return path
+    return ""
+
+
 def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData:
     """Convert a :class:`~spatialdata.SpatialData` table annotating circle shapes to a squidpy-style AnnData.
 
@@ -268,7 +291,11 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
       at most 4000 px if larger; ``scalefactors['tissue_hires_scalef']`` = image px per spot px;
     - ``scalefactors['spot_diameter_fullres']`` = ``2 * median(radius)`` (polygons: the diameter of a circle of
       their median area) unless the table already records it;
-    - scalefactors/metadata stored in ``table.uns['spatial'][lib]`` are kept.
+    - scalefactors/metadata stored in ``table.uns['spatial'][lib]`` are kept;
+    - ``metadata['source_image_path']``: when `sdata` was read from zarr and holds an image at the shapes' own
+      pixel scale (e.g. ``spatialdata_io.visium_hd``'s ``*_full_image``), the path of that image element
+      (``<sdata>.zarr/images/<name>``): :func:`histoexp.pp.extract_patches` then reads patches from the
+      full-resolution image by region, never decoding it whole.
 
     ``lib`` is the library id recorded by :func:`to_spatialdata`, else the region name. The region and
     instance-key columns added by :func:`to_spatialdata` are dropped again.
@@ -342,7 +369,8 @@ def from_spatialdata(sdata: SpatialData, *, table_key: str = "table") -> AnnData
                 sf["spot_diameter_fullres"] = float(2 * np.median(gdf["radius"].to_numpy()))
             elif not is_point:  # diameter of the circle with the polygons' median area
                 sf["spot_diameter_fullres"] = float(2 * np.sqrt(np.median(geom.area.to_numpy()) / np.pi))
-        meta.setdefault("source_image_path", "")
+        if not meta.get("source_image_path"):
+            meta["source_image_path"] = _fullres_zarr_path(sdata, gdf)
         picked = _pick_image(sdata, gdf, reg, book.get("images", {}).get(lib))
         if picked is not None:
             name, img, scalef = picked

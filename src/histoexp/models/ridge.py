@@ -15,6 +15,9 @@ from .heads import FeatureInput
 
 __all__ = ["RidgeModel", "RidgeNet", "fit_ridge_net"]
 
+#: above this many training spots (one section), alpha is chosen by leave-one-out on this many random ones
+LOO_MAX_SPOTS = 100_000
+
 
 class RidgeNet(nn.Module):
     """``Linear(PCA(standardise(features)))``: HEST's ``StandardScaler -> PCA -> Ridge`` as a module."""
@@ -43,7 +46,9 @@ def fit_ridge_net(
     The standardisation and the PCA are fitted on ``x``. ``alpha`` is chosen by sklearn's ``RidgeCV``: with
     two or more ``groups`` (sections) by leave-one-group-out cross-validation (R², averaged over genes), so
     neighbouring spots of one section never sit on both sides of a split; otherwise by efficient
-    leave-one-out. The inner folds reuse the PCA fitted on all training spots (training data only).
+    leave-one-out, on a random subset of ``LOO_MAX_SPOTS`` training spots when there are more (its memory grows
+    as spots x genes several times over). The inner folds reuse the PCA fitted on all training spots (training
+    data only).
     """
     from sklearn.linear_model import Ridge, RidgeCV
     from sklearn.model_selection import LeaveOneGroupOut
@@ -52,9 +57,15 @@ def fit_ridge_net(
     with torch.no_grad():
         z = net.features(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
     cv = None
+    zs, ys = z, y
     if groups is not None and len(np.unique(groups)) >= 2:
         cv = list(LeaveOneGroupOut().split(z, y, groups))
-    alpha = float(RidgeCV(alphas=alphas, cv=cv).fit(z, y).alpha_)
+    elif len(z) > LOO_MAX_SPOTS:
+        # efficient leave-one-out holds several spots x genes float64 arrays (~2.6 GB for 500,000 Visium HD bins
+        # x 100 genes): choose alpha on a random subset, fit on all
+        keep = np.sort(np.random.default_rng(random_state).choice(len(z), LOO_MAX_SPOTS, replace=False))
+        zs, ys = z[keep], y[keep]
+    alpha = float(RidgeCV(alphas=alphas, cv=cv).fit(zs, ys).alpha_)
     ridge = Ridge(alpha=alpha).fit(z, y)
     with torch.no_grad():
         net.linear.weight.copy_(torch.as_tensor(np.atleast_2d(ridge.coef_), dtype=torch.float32))

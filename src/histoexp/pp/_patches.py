@@ -16,7 +16,7 @@ from anndata import AnnData
 from .._fs import atomic_dir, check_output
 from .._settings import logger
 from .._utils import check_key_free, jsonable, library_ids, progress
-from ..image._slide import SlideImage, _fraction_outside, slide_for_library
+from ..image._slide import SlideImage, _backing_zarr_image, _fraction_outside, slide_for_library
 
 __all__ = ["PatchSource", "extract_patches", "get_patches"]
 
@@ -105,7 +105,7 @@ def _reopenable(img: Any) -> str | None:
         return str(Path(img).expanduser().resolve())
     if isinstance(img, SlideImage) and img.source:
         return str(Path(img.source).resolve())
-    return None
+    return _backing_zarr_image(img)
 
 
 def _resolve_libraries(
@@ -194,8 +194,9 @@ def extract_patches(
         obs column naming each spot's section; default ``'library_id'`` when that column exists,
         ``uns['spatial']`` has several sections and ``library_id`` is not given.
     image
-        Override the image: a path, RGB uint8 array, SpatialData image or
-        :class:`~histoexp.image.SlideImage` (one section), or a dict ``{library_id: image}``. To
+        Override the image: a path (image file, or OME-Zarr image directory ``<sdata>.zarr/images/<name>``),
+        RGB uint8 array, SpatialData image (one read from zarr is read through its path, so ``store='none'`` works)
+        or :class:`~histoexp.image.SlideImage` (one section), or a dict ``{library_id: image}``. To
         override a section's µm/px, pass ``SlideImage.open(path, mpp=...)``.
     key_added
         Key for ``obsm``, ``uns['histoexp']`` and the ``obs`` columns ``f'{key_added}_outside'``
@@ -261,6 +262,8 @@ def extract_patches(
     img_records: dict[str, str | None] = {}
     for lib in groups:
         img = _image_for(image, lib, multi)
+        on_disk = _backing_zarr_image(img)
+        img = on_disk or img  # a SpatialData element read from zarr: read it through zarr, reopenable later
         override = img.mpp if isinstance(img, SlideImage) and img.mpp_source == "argument" else None
         slides[lib] = slide_for_library(adata, lib, image=img, mpp=override)
         img_records[lib] = _reopenable(img)
@@ -363,9 +366,7 @@ def extract_patches(
                 slide = slides[lib]
                 for start in range(0, idx.size, _BATCH):
                     chunk = idx[start : start + _BATCH]
-                    buf = np.empty((chunk.size, patch_px, patch_px, 3), dtype=np.uint8)
-                    for j, i in enumerate(chunk):
-                        buf[j], _ = slide.read_patch(centres[i, 0], centres[i, 1], size_px[lib], patch_px)
+                    buf = slide.read_patches(centres[chunk], size_px[lib], patch_px)
                     if store == "memory":
                         arr[chunk] = buf
                     else:
@@ -530,7 +531,12 @@ class PatchSource:
 
     def batch(self, indices) -> np.ndarray:
         """Patches ``indices`` as one ``uint8 (B, patch_px, patch_px, 3)`` array."""
-        idx = np.asarray([self._index(i) for i in np.atleast_1d(np.asarray(indices))], dtype=np.int64)
+        idx = np.atleast_1d(np.asarray(indices)).astype(np.int64, copy=False)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise IndexError(f"patch index {int(bad)} out of range for {n} patches.")
+        idx = idx % n if n else idx
         if self.store == "memory":
             return np.asarray(self._array[idx])
         if self.store == "zarr":
@@ -545,8 +551,12 @@ class PatchSource:
                 data = np.asarray(z.oindex[uniq])
             return data[inv]
         out = np.empty((idx.size, self.patch_px, self.patch_px, 3), dtype=np.uint8)
-        for j, i in enumerate(idx):
-            out[j] = self[int(i)]
+        codes = np.asarray(self._lib_codes)[idx]
+        for code in np.unique(codes):  # neighbouring spots of a section share one region read
+            sel = np.flatnonzero(codes == code)
+            out[sel] = self._slides[int(code)].read_patches(
+                self._centres[idx[sel]], self._size_px[int(code)], self.patch_px
+            )
         return out
 
     def __iter__(self):

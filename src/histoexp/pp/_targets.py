@@ -15,6 +15,8 @@ from .._settings import logger
 from .._utils import import_scanpy, library_verbosity
 
 Normalize = Literal["log1p", "none"]
+#: :func:`expression_matrix` densifies this many values (rows x genes) at a time
+DENSE_BLOCK_VALUES = 4_000_000
 
 
 def _matrix(adata: AnnData, layer: str | None):
@@ -69,6 +71,9 @@ def expression_matrix(
 ) -> np.ndarray:
     """Dense float32 expression of ``genes``, normalised as the models expect.
 
+    The matrix is read in blocks of rows, so memory is the result plus one block (a sparse matrix is never
+    densified beyond the selected genes); a result larger than the available memory is refused.
+
     With ``normalize='log1p'`` the counts are scaled to ``target_sum`` per spot using the library
     size over *all* genes of ``adata`` (as :func:`scanpy.pp.normalize_total` does) and then
     ``log1p``-transformed; the panel is selected afterwards. With ``'none'`` the values are used as
@@ -95,7 +100,8 @@ def expression_matrix(
     ------
     ValueError
         ``adata.var_names`` has duplicates (call ``adata.var_names_make_unique()``), ``normalize`` is unknown, the
-        matrix holds NaN or infinite values, or (``'log1p'``) negative counts.
+        matrix holds NaN or infinite values, or (``'log1p'``) negative counts; the dense result would not fit in
+        the available memory (choose a gene panel).
     KeyError
         A gene of ``genes`` or ``layer`` is not in ``adata``.
     """
@@ -114,21 +120,42 @@ def expression_matrix(
             )
         idx = adata.var_names.get_indexer(genes)
     _check_values(X, layer, counts=normalize == "log1p")
-    if normalize == "none":
-        out = X[:, idx]
-        out = out.toarray() if sp.issparse(out) else np.asarray(out)
-        return out.astype(np.float32, copy=True)
-    if not _looks_like_counts(X):
-        logger.warning(
-            "normalize='log1p' was requested but the matrix does not look like raw counts "
-            "(negative or non-integer values); pass normalize='none' if it is already log-normalised."
+    _check_dense_fits(adata.n_obs, len(idx), genes is None)
+    out = np.empty((adata.n_obs, len(idx)), dtype=np.float32)
+    if normalize == "log1p":
+        if not _looks_like_counts(X):
+            logger.warning(
+                "normalize='log1p' was requested but the matrix does not look like raw counts "
+                "(negative or non-integer values); pass normalize='none' if it is already log-normalised."
+            )
+        size = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        size[size == 0] = 1.0
+    # blocks of rows: the float64 intermediate is one block, not spots x genes (a sparse matrix stays sparse)
+    step = max(1, DENSE_BLOCK_VALUES // max(len(idx), 1))
+    for r0 in range(0, adata.n_obs, step):
+        r1 = min(r0 + step, adata.n_obs)
+        sub = X[r0:r1][:, idx]
+        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        if normalize == "none":
+            out[r0:r1] = sub
+        else:
+            out[r0:r1] = np.log1p(sub.astype(np.float64) / size[r0:r1, None] * target_sum)
+    return out
+
+
+def _check_dense_fits(n_obs: int, n_genes: int, all_genes: bool) -> None:
+    """Refuse dense targets larger than the available memory (e.g. all genes of 500,000 Visium HD bins)."""
+    from ._patches import _available_memory
+
+    need = n_obs * n_genes * 4
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        which = "all genes (`genes=None`)" if all_genes else f"`genes` ({n_genes} genes)"
+        raise ValueError(
+            f"{which} for {n_obs} spots make dense float32 targets of {need / 1e9:.3g} GB, but only "
+            f"{avail / 1e9:.3g} GB of memory are available: choose a gene panel (e.g. `genes=100` highly "
+            "variable genes, or a list) or fewer spots."
         )
-    size = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    size[size == 0] = 1.0
-    sub = X[:, idx]
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    out = np.log1p(sub.astype(np.float64) / size[:, None] * target_sum)
-    return out.astype(np.float32)
 
 
 def select_genes(

@@ -38,8 +38,9 @@ def fit_ridge(
     training spots), then ridge regression to the log-normalised expression of ``genes``. The penalty is
     chosen among ``alphas`` by cross-validation *inside* the training data: leave-one-section-out over
     ``obs[library_key]`` when there are two or more sections (spots of one section are never on both sides
-    of a split), else efficient leave-one-out (one section). All training spots are used for the final fit
-    (no validation split). Deterministic; no torch training loop.
+    of a split), else efficient leave-one-out (one section; on 100,000 random training spots when there are more,
+    e.g. Visium HD bins, as its memory grows as spots x genes several times over). All training spots are used
+    for the final fit (no validation split). Deterministic; no torch training loop.
 
     Parameters
     ----------
@@ -75,7 +76,7 @@ def fit_ridge(
         A regression model (:class:`~histoexp.models.ridge.RidgeModel`; ``.save(dir)``,
         :func:`histoexp.tl.load_model`); predict with :func:`histoexp.tl.impute`.
     """
-    from ..models.ridge import RidgeModel, fit_ridge_net
+    from ..models.ridge import LOO_MAX_SPOTS, RidgeModel, fit_ridge_net
 
     alphas = np.asarray(alphas, dtype=float)
     if alphas.ndim != 1 or not len(alphas) or not np.isfinite(alphas).all() or (alphas <= 0).any():
@@ -110,7 +111,10 @@ def fit_ridge(
     net = RidgeModel.build_net(data.config)
     alpha = fit_ridge_net(net, data.images, data.expr, groups=groups, alphas=alphas, random_state=random_state)
     by_section = groups is not None and len(np.unique(groups)) > 1
-    params = {"n_pcs": n_pcs, "alpha": alpha, "alpha_cv": "leave-one-section-out" if by_section else "leave-one-out"}
+    cv = "leave-one-section-out" if by_section else "leave-one-out"
+    if not by_section and n_spots > LOO_MAX_SPOTS:
+        cv = f"leave-one-out on {LOO_MAX_SPOTS} random training spots (seed random_state)"
+    params = {"n_pcs": n_pcs, "alpha": alpha, "alpha_cv": cv}
     data.config.update(alpha=alpha, params={**data.params, **params})
     model = RidgeModel(net, data.config)
     write_fit_keys(data, key_added, params=params)
