@@ -22,7 +22,8 @@ Methods:
   ``--n-ensemble`` changes that for every NH2ST row);
 - the ablation, the same call with one switch changed: ``nh2st-pool-mean`` / ``nh2st-pool-attention`` (the
   pooling that is not the default), ``nh2st-no-neighbours`` (``neighbours=False``), ``nh2st-no-contrastive``
-  (``contrastive=False``), ``nh2st-no-cross-attention`` (``cross_attention=False``);
+  (``contrastive=False``), ``nh2st-no-cross-attention`` (``cross_attention=False``), ``nh2st-smooth``
+  (``smooth=True``: trained on NH2ST's smoothed targets, evaluated on the measured spots as every row);
 - ``nh2st-e2e[resnet18]`` (``--e2e-epochs N``, on the folds of ``--e2e-folds``): end to end, a randomly
   initialised ResNet-18 (no weights can be downloaded here) on 56 px windows (112 µm), ``grid=5``, ``N``
   epochs on CPU; a check that the path runs on real data, far from the paper's regime.
@@ -69,6 +70,7 @@ def ablation() -> dict[str, dict]:
         "nh2st-no-neighbours": {"neighbours": False},
         "nh2st-no-contrastive": {"contrastive": False},
         "nh2st-no-cross-attention": {"cross_attention": False},
+        "nh2st-smooth": {"smooth": True},  # NH2ST's ring-smoothed training targets (evaluation unchanged)
     }
 
 

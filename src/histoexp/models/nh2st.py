@@ -157,8 +157,8 @@ class NH2STNet(nn.Module):
       contrastive terms only: on the spot's tokens, and on one token per neighbourhood (the pooled window
       tokens; the mean of the tokens of the windows holding a spot).
     - Pooling of the window tokens into one neighbourhood token: ``'mean'``, or ``'attention'`` (the spot's
-      token attends over its window tokens, one :class:`CrossFusion` layer, so the spot chooses which
-      surroundings matter).
+      token attends over its window tokens, multi-head attention read-out + LayerNorm, so the spot chooses
+      which surroundings matter; without a residual to the spot's token, which drowned the surroundings).
     - Decoder: MLP on the image features only, before any fusion with genes: the spot token concatenated
       with the neighbourhood token (``neighbours=True``), or the spot token alone.
 
@@ -214,7 +214,8 @@ class NH2STNet(nn.Module):
             self.image_graph, self.gene_graph = HGNN(dim, dropout), HGNN(dim, dropout)
             if pool == "attention":  # the spot attends over its windows, knowing where each lies
                 self.window_position = nn.Parameter(torch.zeros(self.grid**2, dim))
-                self.pooling = CrossFusion(dim, heads, dropout)
+                self.pooling = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+                self.pool_norm = nn.LayerNorm(dim)
         if self.use_cross:
             self.cross = CrossFusion(dim, heads, dropout)
         in_dec = 2 * dim if self.use_neighbours else dim
@@ -259,7 +260,9 @@ class NH2STNet(nn.Module):
 
     def _neighbourhood(self, q: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
         if self.pool == "attention":
-            return self.pooling(q[:, None], nb)[:, 0]
+            # a read-out of the windows only: no residual to the spot's token, which the decoder has already
+            h, _ = self.pooling(q[:, None], nb, nb, need_weights=False)
+            return self.pool_norm(h[:, 0])
         return nb.mean(1)
 
     def _decode(self, q: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:

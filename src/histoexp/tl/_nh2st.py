@@ -109,7 +109,7 @@ def fit_nh2st(
     temperature: float = 0.05,
     negative_weight: float = 0.1,
     neighbour_weight: float = 0.5,
-    pool: Literal["mean", "attention"] = "mean",
+    pool: Literal["mean", "attention"] = "attention",
     smooth: bool = False,
     n_pcs: int | None = None,
     n_ensemble: int | None = None,
