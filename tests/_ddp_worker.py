@@ -1,7 +1,7 @@
 """Worker of tests/test_distributed.py, started as ``torchrun --standalone --nproc_per_node=2 _ddp_worker.py OUT``.
 
-Trains BLEEP (split batches, embeddings gathered across ranks), mclSTExp and zero-shot (split batches, the
-sentence / the batch-level loss gathered across ranks), a small regression net with a custom
+Trains BLEEP (split batches, embeddings gathered across ranks), mclSTExp, zero-shot and NH2ST (split batches,
+the sentence / the batch-level loss / the InfoNCE negatives gathered across ranks), a small regression net with a custom
 batch sampler (whole batches per rank) on synthetic data, embeds rows with the sharded inference loop, and
 saves what the test compares: per-rank weights and histories (the test's own files, under OUT/rank<r>/), a
 model folder and checkpoints through histoexp's writers, which must appear for rank 0 only.
@@ -95,6 +95,29 @@ def zeroshot(tag: str, genes_per_step: int | None = None):
     return model.net.state_dict(), adata.uns["zeroshot"]["history"]
 
 
+def nh2st(tag: str):
+    """NH2ST with its neighbour branch (windows embedded under DDP too): both InfoNCE terms over the global batch."""
+    adata = hx.datasets.synthetic(n_sections=3, n_side=8, n_genes=12, random_state=0)
+    hx.pp.extract_patches(adata, patch_px=8, store="memory")
+    hx.tl.embed_patches(adata, MeanColour(), key_added="X_c", batch_size=64, device="cpu")
+    hx.tl.embed_neighbourhood(adata, MeanColour(), grid=3, key_added="X_c_grid", batch_size=63, device="cpu")
+    model = hx.tl.fit_nh2st(
+        adata,
+        genes="all",
+        use_rep="X_c",
+        dim=16,
+        heads=2,
+        dropout=0.0,
+        n_ensemble=1,
+        epochs=3,
+        batch_size=32,
+        patience=None,
+        random_state=0,
+        device="cpu",
+    )
+    return model.net.state_dict(), adata.uns["nh2st"]["history"]
+
+
 def sampler_fit(out: Path, tag: str):
     g = np.random.default_rng(0)
     x = torch.from_numpy(g.normal(size=(90, 5)).astype(np.float32))
@@ -150,6 +173,7 @@ def main() -> None:
     w_samp, h_samp = sampler_fit(out, f"rank{rank}")
     w_mcl, h_mcl = mclstexp(f"rank{rank}")
     w_zs, h_zs = zeroshot(f"rank{rank}")
+    w_nh, h_nh = nh2st(f"rank{rank}")
     zeroshot(f"draws_rank{rank}", genes_per_step=5)  # genes drawn per step: rank 0's draw on every rank
     with _distributed._gathering(True):
         drawn = _distributed.broadcast_batch(torch.tensor([10 + rank]))
@@ -162,8 +186,10 @@ def main() -> None:
     save_file({f"sampler.{k}": v.contiguous() for k, v in w_samp.items()}, str(mine / "sampler.safetensors"))
     save_file({f"mclstexp.{k}": v.contiguous() for k, v in w_mcl.items()}, str(mine / "mclstexp.safetensors"))
     save_file({f"zeroshot.{k}": v.contiguous() for k, v in w_zs.items()}, str(mine / "zeroshot.safetensors"))
+    save_file({f"nh2st.{k}": v.contiguous() for k, v in w_nh.items()}, str(mine / "nh2st.safetensors"))
     np.save(mine / "infer.npy", emb)
-    hist = {"bleep": h_bleep, "sampler": h_samp, "mclstexp": h_mcl, "zeroshot": h_zs, "broadcast": drawn.tolist()}
+    hist = {"bleep": h_bleep, "sampler": h_samp, "mclstexp": h_mcl, "zeroshot": h_zs, "nh2st": h_nh}
+    hist["broadcast"] = drawn.tolist()
     (mine / "history.json").write_text(json.dumps({**hist, "embed_world_size": record["world_size"]}))
     torch.distributed.destroy_process_group()
 

@@ -108,9 +108,10 @@ def test_ddp_equals_one_process_with_the_same_global_batch(runs, tmp_path):
     np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["mclstexp", "zeroshot"])
-def test_mclstexp_and_zeroshot_ddp_equal_one_process(runs, method):
-    """mclSTExp's sentence and zero-shot's batch Pearson span the global batch under DDP: same model as one process."""
+@pytest.mark.parametrize("method", ["mclstexp", "zeroshot", "nh2st"])
+def test_other_methods_ddp_equal_one_process(runs, method):
+    """mclSTExp's sentence, zero-shot's batch Pearson and NH2ST's InfoNCE negatives span the global batch under DDP:
+    the same model as one process."""
     sys.path.insert(0, str(WORKER.parent))
     try:
         import _ddp_worker
@@ -121,7 +122,14 @@ def test_mclstexp_and_zeroshot_ddp_equal_one_process(runs, method):
         single, hist = getattr(_ddp_worker, method)("single")
     ddp = [_weights(runs[0], r, f"{method}.safetensors") for r in (0, 1)]
     assert _equal(ddp[0], ddp[1]), "the ranks hold different weights"
-    diff = max(float((ddp[0][f"{method}.{k}"] - v).abs().max()) for k, v in single.items())
+    ddp0 = {k: ddp[0][f"{method}.{k}"].clone() for k in single}
+    if method == "nh2st":
+        # the key bias of attention has a zero gradient in exact arithmetic (softmax ignores a shift shared by all
+        # keys); AdamW turns its rounding noise into steps that differ between runs and change no output
+        dim = single["pooling.out_proj.weight"].shape[0]
+        for w in (ddp0["pooling.in_proj_bias"], single["pooling.in_proj_bias"]):
+            w[dim : 2 * dim] = 0
+    diff = max(float((ddp0[k] - v).abs().max()) for k, v in single.items())
     assert diff < 1e-5, diff
     h = json.loads((runs[0] / "rank0" / "history.json").read_text())[method]
     assert h["world_size"] == 2

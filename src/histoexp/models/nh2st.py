@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._distributed import gather_batch
 from .base import RegressionModel, register_model
 from .heads import FeatureInput
 
@@ -294,7 +295,8 @@ class NH2STNet(nn.Module):
             qi, qg = q[:, None], g[:, None]
             if self.use_cross:
                 qi, qg = self.cross(qi, qg), self.cross(qg, qi)
-            out["query"] = info_nce(qi[:, 0], qg[:, 0], temperature, negative_weight)
+            # under torchrun: the whole global batch as negatives (as one process with the same batch)
+            out["query"] = info_nce(gather_batch(qi[:, 0]), gather_batch(qg[:, 0]), temperature, negative_weight)
             total = total + out["query"]
             if nb is not None:
                 mask = batch["neighbour_mask"]
@@ -307,7 +309,9 @@ class NH2STNet(nn.Module):
                 ni, ng = ctx[:, None], _masked_mean(ng, mask)[:, None]
                 if self.use_cross:
                     ni, ng = self.cross(ni, ng), self.cross(ng, ni)
-                out["neighbour"] = info_nce(ni[:, 0], ng[:, 0], temperature, negative_weight)
+                out["neighbour"] = info_nce(
+                    gather_batch(ni[:, 0]), gather_batch(ng[:, 0]), temperature, negative_weight
+                )
                 total = total + neighbour_weight * out["neighbour"]
         out["total"] = total
         return out
