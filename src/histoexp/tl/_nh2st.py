@@ -176,13 +176,12 @@ def fit_nh2st(
       of each spot instead of torch_geometric's ``HypergraphConv`` (the same operator; no extra dependency).
 
     What it gives on her2st (``benchmarks/her2st_nh2st.py``: leave-one-section-out over C2..C6, 785 genes,
-    log1p targets, frozen handcrafted features, one member per variant; mean PCC@M over the five folds): NH2ST
-    0.088, without the neighbour branch 0.106, without the contrastive terms 0.100, without cross-attention
-    0.111; ridge on the spot's features 0.124, on the spot + its 25 windows 0.128, on the spot + one 3x wider
-    context patch 0.139. Here the neighbour branch costs accuracy (about 550 training spots a fold for 925
-    window features: overfitting is the likely reason, not established), removing the one-token
-    cross-attention helps, and five members lift the no-neighbour variant from 0.106 to 0.123. Spatial context
-    is a real lever (ridge), but this network does not use it on these data.
+    log1p targets, frozen handcrafted features, five members; mean PCC@M over the five folds): NH2ST 0.123;
+    with ``pool='mean'`` 0.112, without the neighbour branch 0.123, without the contrastive terms 0.125, without
+    cross-attention 0.129, trained on smoothed targets 0.107; ridge on the spot's features 0.124, on the spot + one
+    3x wider context patch 0.139 (the best row). ``pool='attention'`` was chosen over ``'mean'`` by a
+    leave-one-section-out on C3..C6 (C2 never seen; 0.113 vs 0.100, no neighbour branch 0.108). Spatial context
+    is a real lever (ridge), but on ~550 training spots a fold this network turns little of it into accuracy.
 
     The ablation switches are real arguments: ``neighbours=False`` (no neighbour branch: spot features only,
     no neighbour InfoNCE), ``contrastive=False`` (MSE only) and ``cross_attention=False`` (InfoNCE on the
