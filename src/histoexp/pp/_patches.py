@@ -564,6 +564,24 @@ class PatchSource:
             yield self[i]
 
 
+def _record_slides(adata: AnnData, rec: dict, key: str):
+    """Sections of a patch record: ``(libraries, names, per-spot section codes, one slide per section)``."""
+    libs = dict(rec["libraries"])
+    names = list(libs)
+    lib_key = rec.get("library_key") or None
+    if lib_key:
+        codes = pd.Categorical(adata.obs[lib_key].astype(str), categories=names).codes
+        if (codes < 0).any():
+            raise ValueError(f"obs[{lib_key!r}] holds sections not recorded in uns['histoexp'][{key!r}].")
+    else:
+        codes = np.zeros(adata.n_obs, dtype=np.int64)
+    slides = [
+        slide_for_library(adata, lib, image=libs[lib].get("image") or None, mpp=float(libs[lib]["mpp"]))
+        for lib in names
+    ]
+    return libs, names, codes, slides
+
+
 def get_patches(adata: AnnData, key: str = "patches") -> PatchSource:
     """Return the patches written by :func:`extract_patches` as a :class:`PatchSource`.
 
@@ -613,19 +631,7 @@ def get_patches(adata: AnnData, key: str = "patches") -> PatchSource:
         return PatchSource(path=str(rec["path"]), rows=adata.obs[col].to_numpy(np.int64), **common)
     if store != "none":
         raise ValueError(f"uns['histoexp'][{key!r}]['store'] is {store!r}; expected 'memory', 'zarr' or 'none'.")
-    libs = dict(rec["libraries"])
-    names = list(libs)
-    lib_key = rec.get("library_key") or None
-    if lib_key:
-        codes = pd.Categorical(adata.obs[lib_key].astype(str), categories=names).codes
-        if (codes < 0).any():
-            raise ValueError(f"obs[{lib_key!r}] holds sections not recorded in uns['histoexp'][{key!r}].")
-    else:
-        codes = np.zeros(adata.n_obs, dtype=np.int64)
-    slides = [
-        slide_for_library(adata, lib, image=libs[lib].get("image") or None, mpp=float(libs[lib]["mpp"]))
-        for lib in names
-    ]
+    libs, names, codes, slides = _record_slides(adata, rec, key)
     return PatchSource(
         centres=np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2],
         lib_codes=np.asarray(codes),

@@ -243,10 +243,7 @@ class _GridWindows:
 
 def _context_source(adata: AnnData, patches_key: str, grid: int):
     """On-demand source of the ``grid``-times wider patches around each spot, with the geometry of ``patches_key``."""
-    import pandas as pd
-
-    from ..image._slide import slide_for_library
-    from ..pp._patches import PatchSource
+    from ..pp._patches import PatchSource, _record_slides
 
     rec = adata.uns.get("histoexp", {}).get(patches_key)
     if rec is None:
@@ -254,19 +251,7 @@ def _context_source(adata: AnnData, patches_key: str, grid: int):
             f"No patches under uns['histoexp'][{patches_key!r}] (`patches_key={patches_key!r}`): run "
             f"hx.pp.extract_patches(adata, key_added={patches_key!r}) first; its geometry defines the windows."
         )
-    libs = dict(rec["libraries"])
-    names = list(libs)
-    lib_key = rec.get("library_key") or None
-    if lib_key:
-        codes = pd.Categorical(adata.obs[lib_key].astype(str), categories=names).codes
-        if (codes < 0).any():
-            raise ValueError(f"obs[{lib_key!r}] holds sections not recorded in uns['histoexp'][{patches_key!r}].")
-    else:
-        codes = np.zeros(adata.n_obs, dtype=np.int64)
-    slides = [
-        slide_for_library(adata, lib, image=libs[lib].get("image") or None, mpp=float(libs[lib]["mpp"]))
-        for lib in names
-    ]
+    libs, names, codes, slides = _record_slides(adata, rec, patches_key)
     px, fov = int(rec["patch_px"]), float(rec.get("fov_um", rec["size_um"]))
     src = PatchSource(
         store="none",
@@ -281,7 +266,7 @@ def _context_source(adata: AnnData, patches_key: str, grid: int):
         size_px=[grid * float(libs[lib]["size_px_fullres"]) for lib in names],
     )
     window_px = {lib: float(libs[lib]["size_px_fullres"]) for lib in names}
-    return src, rec, lib_key, window_px
+    return src, rec, rec.get("library_key") or None, window_px
 
 
 def embed_neighbourhood(
