@@ -204,6 +204,8 @@ def test_errors(nbhd):
     bad.obsm["X_mean_grid"] = bad.obsm["X_mean_grid"][:, :-1]
     with pytest.raises(ValueError, match="X_mean_grid"):
         fit(bad, genes="all", use_rep="X_mean")
+    with pytest.raises(ValueError, match="`grid=5` differs"):
+        fit(train, genes="all", use_rep="X_mean", grid=5)
     with pytest.raises(ValueError, match="`dim`"):
         fit(train, genes="all", use_rep="X_mean", dim=30, heads=4)
     with pytest.raises(TypeError, match="`neighbours`"):

@@ -97,7 +97,7 @@ def fit_nh2st(
     encoder_kwargs: dict | None = None,
     finetune_encoder: bool | None = None,
     patches_key: str = "patches",
-    grid: int = 5,
+    grid: int | None = None,
     augment: bool = True,
     neighbours: bool = True,
     contrastive: bool = True,
@@ -212,8 +212,8 @@ def fit_nh2st(
     patches_key
         Key of :func:`histoexp.pp.extract_patches` whose geometry the windows take (finetune mode).
     grid
-        Windows per side of the neighbourhood in finetune mode (odd; NH2ST: 5). Frozen features carry their
-        own grid (the record of ``context_rep``).
+        Windows per side of the neighbourhood in finetune mode (odd; ``None``: 5, NH2ST's). Frozen features
+        carry their own grid (the record of ``context_rep``); a ``grid`` that differs from it is an error.
     augment
         Random flips and 90° rotations of each context patch while fine-tuning.
     neighbours, contrastive, cross_attention
@@ -308,8 +308,15 @@ def fit_nh2st(
     frozen = data.mode == "frozen"
     if frozen:
         d = data.images.shape[1]
-        grid, window_px = _frozen_neighbourhood(adata, data, context_rep) if neighbours else (1, None)
+        rec_grid, window_px = _frozen_neighbourhood(adata, data, context_rep) if neighbours else (1, None)
+        if neighbours and grid is not None and grid != rec_grid:
+            raise ValueError(
+                f"`grid={grid!r}` differs from the {rec_grid} x {rec_grid} windows of `context_rep`: frozen features "
+                "carry their grid; leave `grid` unset or embed the neighbourhood again."
+            )
+        grid = rec_grid
     else:
+        grid = 5 if grid is None else grid  # NH2ST's 5 x 5 windows
         if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1 or grid % 2 == 0:
             raise ValueError(f"`grid` must be an odd positive integer (the spot is the centre window), got {grid!r}.")
         grid, d, window_px = (int(grid), None, None) if neighbours else (1, None, None)
