@@ -145,3 +145,125 @@ def test_evaluate_errors(synth):
     synth.X = synth.X * 0
     with pytest.raises(ValueError, match="no measurement"):
         hx.tl.evaluate(synth)
+
+
+# -- gene-specific skill --------------------------------------------------------------------------------------------
+
+
+def _partial_r_numpy(p, t, s):
+    """Direct partial correlation: residuals of p and t after least squares on [1, s], then Pearson."""
+    design = np.c_[np.ones_like(s), s]
+    rp = p - design @ np.linalg.lstsq(design, p, rcond=None)[0]
+    rt = t - design @ np.linalg.lstsq(design, t, rcond=None)[0]
+    return np.corrcoef(rp, rt)[0, 1]
+
+
+def test_gene_specific_pcc_equals_numpy_partial_correlation():
+    rng = np.random.default_rng(3)
+    n, g = 120, 7
+    s = rng.normal(size=n)
+    truth = np.outer(s, rng.uniform(0.5, 1.5, g)) + rng.normal(size=(n, g))
+    pred = 0.7 * truth + np.outer(s, rng.normal(size=g)) + rng.normal(scale=0.8, size=(n, g))
+    tab = gene_metrics(pred, truth, shared_axis=s)
+    for j in range(g):
+        assert tab["pcc_specific"].iloc[j] == pytest.approx(_partial_r_numpy(pred[:, j], truth[:, j], s), abs=1e-9)
+    # without an axis the columns are absent; with the default the truth's own PC1 is used
+    assert "pcc_specific" not in gene_metrics(pred, truth, shared_axis=None)
+    assert gene_metrics(pred, truth).attrs["shared_axis"].startswith("PC1")
+
+
+def _one_pattern_section(seed=0, n_side=20):
+    """Genes 1.. share one spatial pattern; gene 0 has its own (a second, independent pattern)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    shared = gaussian_filter(rng.normal(size=(n_side, n_side)), 2).ravel()
+    own = gaussian_filter(rng.normal(size=(n_side, n_side)), 2).ravel()
+    shared, own = shared / shared.std(), own / own.std()
+    n_genes = 200  # many genes: the shared axis of the truth is then well determined, as on real panels
+    load = rng.uniform(0.5, 1.5, n_genes)
+    truth = np.outer(shared, load) + rng.normal(scale=0.5, size=(n_side**2, n_genes))
+    truth[:, 0] = 0.6 * shared + own + rng.normal(scale=0.5, size=n_side**2)
+    yy, xx = np.mgrid[0:n_side, 0:n_side]
+    return truth, shared, own, load, np.c_[xx.ravel(), yy.ravel()].astype(float)
+
+
+def test_gene_specific_pcc_separates_one_pattern_from_gene_skill():
+    truth, shared, own, load, coords = _one_pattern_section()
+    # the training expression: another section of the same tissue model
+    train, *_ = _one_pattern_section(seed=1)
+    s = hx.tl.shared_axis(truth, train)
+    assert abs(np.corrcoef(s, shared)[0, 1]) > 0.95
+    # a predictor that only knows the shared pattern, as an image model estimates it (with its own smooth error):
+    # every gene = loading x pattern
+    from scipy.ndimage import gaussian_filter
+
+    err = gaussian_filter(np.random.default_rng(7).normal(size=(20, 20)), 2).ravel()
+    one_pattern = np.outer(shared + 0.5 * err / err.std(), load)
+    tab1 = gene_metrics(one_pattern, truth, shared_axis=s, coords=coords)
+    assert tab1["pcc"].mean() > 0.5  # a good-looking mean Pearson ...
+    assert abs(tab1["pcc_specific"].mean()) < 0.06  # ... without any gene-specific skill
+    assert summarize(tab1)["frac_specific_significant"] <= 0.05
+    # a predictor that also knows gene 0's own pattern
+    good = one_pattern.copy()
+    good[:, 0] = 0.6 * shared + own
+    tab2 = gene_metrics(good, truth, shared_axis=s, coords=coords)
+    assert tab2["pcc_specific"].iloc[0] > 0.7
+    assert tab2["pcc_specific_qval"].iloc[0] < 0.05
+    assert tab1["pcc_specific_qval"].iloc[0] > 0.05
+    s_summary = summarize(tab2)
+    assert s_summary["pcc_specific_mean"] == pytest.approx(tab2["pcc_specific"].mean())
+    assert 1 <= s_summary["n_specific_significant"] <= 5
+
+
+def test_spatial_significance_controls_false_positives_where_the_naive_test_does_not():
+    from scipy.ndimage import gaussian_filter
+
+    from histoexp._stats import partial_pearson, spatial_effective_n, specific_pvalues
+
+    rng = np.random.default_rng(0)
+    side, reps = 20, 200
+    yy, xx = np.mgrid[0:side, 0:side]
+    coords = np.c_[xx.ravel(), yy.ravel()].astype(float)
+    # independent, spatially smooth fields: any correlation between them is chance
+    x = np.stack([gaussian_filter(rng.normal(size=(side, side)), 2).ravel() for _ in range(reps)], 1)
+    y = np.stack([gaussian_filter(rng.normal(size=(side, side)), 2).ravel() for _ in range(reps)], 1)
+    r, _ = partial_pearson(x, y, None)
+    n_eff = spatial_effective_n(x, y, coords)
+    ours = (specific_pvalues(r, n_eff, n_covariates=0) < 0.05).mean()
+    naive = (specific_pvalues(r, np.full(reps, side * side), n_covariates=0) < 0.05).mean()
+    assert naive > 0.2  # treating neighbouring spots as independent: many false positives
+    assert ours < 0.11  # nominal 0.05, with room for 200 draws
+    assert np.median(n_eff) < 0.25 * side * side
+
+
+def test_evaluate_writes_gene_specific_keys_and_splits_seen_from_unseen():
+    import anndata as ad
+
+    truth, shared, own, load, coords = _one_pattern_section()
+    train, *_ = _one_pattern_section(seed=1)
+    pred = np.outer(shared, load)
+    pred[:, 0] = 0.6 * shared + own
+    genes = [f"g{i}" for i in range(truth.shape[1])]
+    a = ad.AnnData(obs=pd.DataFrame(index=[f"s{i}" for i in range(len(truth))]), var=pd.DataFrame(index=genes))
+    a.layers["m"] = pred.astype(np.float32)
+    a.layers["measured"] = truth.astype(np.float32)
+    a.obsm["spatial"] = coords
+    a.var["seen_in_training"] = [i % 2 == 0 for i in range(len(genes))]
+    a.obs["m_shared_axis"] = hx.tl.shared_axis(truth, train)
+    hx.tl.evaluate(a, layer="m")
+    met = a.uns["m"]["metrics"]
+    assert met["shared_axis"].startswith("obs['m_shared_axis']")
+    assert {"pcc_specific_mean", "frac_specific_significant", "seen", "unseen"} <= set(met)
+    assert met["seen"]["n_genes"] + met["unseen"]["n_genes"] == met["n_genes"]
+    assert a.var["m_pcc_specific"].iloc[0] > 0.7 and a.var["m_pcc_specific_qval"].iloc[0] < 0.05
+    # the same table as the array function with the same axis
+    tab = hx.tl.evaluate(a, layer="m", copy=True)
+    np.testing.assert_allclose(tab["pcc_specific"], a.var["m_pcc_specific"], atol=1e-6)
+    # without the obs column the measurement's own PC1 is used, and said so
+    del a.obs["m_shared_axis"]
+    hx.tl.evaluate(a, layer="m")
+    assert "shared_axis" not in a.uns["m"]["metrics"] or "PC1" in a.uns["m"]["metrics"]["shared_axis"]
+    a.write_h5ad(tmp := __import__("tempfile").mktemp(suffix=".h5ad"))
+    back = ad.read_h5ad(tmp)
+    assert back.uns["m"]["metrics"]["n_genes"] == met["n_genes"]

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import jsonable
+from .._utils import jsonable, resolve_library_key
 
 #: Status values of :func:`gene_metrics` rows. Only ``'ok'`` and ``'constant_prediction'`` rows are evaluated.
 STATUS = ("ok", "constant_prediction", "constant_truth", "not_predicted")
@@ -29,7 +29,15 @@ def _pearson_columns(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.clip(r, -1.0, 1.0), na, nb
 
 
-def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str] | None = None) -> pd.DataFrame:
+def gene_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    genes: Sequence[str] | None = None,
+    *,
+    shared_axis: np.ndarray | str | None = "truth",
+    coords: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Per-gene agreement between a prediction and the truth, on plain arrays.
 
     Parameters
@@ -41,6 +49,15 @@ def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str] | Non
         Measured expression on the same scale (e.g. ``log1p`` of normalised counts), same shape.
     genes
         Gene names (the table's index); default ``'0'``, ``'1'``, ....
+    shared_axis
+        The shared axis ``s`` of the spots for the gene-specific PCC: an array ``(n_spots,)`` (the measured
+        expression, centred on the *training* mean, projected on the first principal axis of the training
+        expression: :func:`histoexp.tl.shared_axis`), ``'truth'`` (default: the first principal component of
+        ``truth`` itself, the fallback when the training axis is not known) or ``None`` (no gene-specific columns).
+    coords
+        ``(n_spots, 2)`` spot positions: adds the spatial significance of the gene-specific PCC (below).
+    groups
+        Section of each spot when ``coords`` span several sections (their coordinate frames are kept apart).
 
     Returns
     -------
@@ -58,6 +75,16 @@ def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str] | Non
     ``status``
         ``'ok'``, ``'constant_prediction'``, ``'constant_truth'`` (truth has zero variance: the gene is
         excluded, all metrics NaN) or ``'not_predicted'`` (prediction all NaN: excluded, NaN).
+    ``pcc_specific``
+        Gene-specific PCC (unless ``shared_axis=None``): the partial correlation of prediction and truth given
+        ``[1, s]`` (both regressed on the shared axis, residuals correlated). A predictor that only knows the
+        shared spatial pattern scores about 0. ``0`` when the prediction's residual is constant.
+    ``pcc_specific_pval``, ``pcc_specific_qval``
+        With ``coords``: one-sided p-value of ``pcc_specific > 0`` under spatial autocorrelation, by the
+        effective sample size of Clifford, Richardson & Hémon (1989) / Dutilleul (1993)
+        (:func:`histoexp._stats.spatial_effective_n`: Moran autocorrelation of both residuals in 13 distance
+        classes; a naive Pearson p-value would treat neighbouring spots as independent and be far too small), and
+        its Benjamini–Hochberg q-value over the evaluated genes. ``n_eff`` is the effective number of spots.
     """
     pred = np.asarray(pred, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
@@ -109,10 +136,106 @@ def gene_metrics(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str] | Non
     out.iloc[idx, out.columns.get_loc("status")] = status
     out.loc[out["status"] == "constant_truth", ["pcc", "spearman", "mse", "mae"]] = np.nan
     out.attrs["n_spots"] = int(keep.sum())
+    if shared_axis is not None:
+        _specific_columns(out, idx, p, t, shared_axis, keep, coords, groups)
     return out
 
 
-def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = None) -> dict:
+def _specific_columns(out, idx, p, t, shared_axis, keep, coords, groups) -> None:
+    """Add ``pcc_specific`` (and with ``coords`` its spatial p / q values) to a :func:`gene_metrics` table."""
+    from .._stats import benjamini_hochberg, partial_pearson, spatial_effective_n, specific_pvalues
+
+    if isinstance(shared_axis, str):
+        if shared_axis != "truth":
+            raise ValueError(f"`shared_axis` must be an array, 'truth' or None, got {shared_axis!r}.")
+        s = _truth_pc1(t)
+        out.attrs["shared_axis"] = "PC1 of the evaluated truth (no training axis given)"
+    else:
+        s_all = np.asarray(shared_axis, dtype=np.float64).ravel()
+        if len(s_all) != len(keep) or not np.isfinite(s_all).all():
+            raise ValueError(f"`shared_axis` must be {len(keep)} finite numbers (one per spot), got {len(s_all)}.")
+        s = s_all[keep]
+        out.attrs["shared_axis"] = "given"
+    r, _ = partial_pearson(p, t, s)
+    ok = out["status"].iloc[idx].to_numpy() != "constant_truth"
+    r[~ok] = np.nan
+    out["pcc_specific"] = np.nan
+    out.iloc[idx, out.columns.get_loc("pcc_specific")] = r
+    if coords is None:
+        return
+    xy = np.asarray(coords, dtype=np.float64)[:, :2]
+    if len(xy) != len(keep) or not np.isfinite(xy).all():
+        raise ValueError(f"`coords` must be {len(keep)} finite (x, y) positions, one per spot.")
+    xy = _separate_groups(xy, groups)[keep]
+    from .._stats import _residualise
+
+    n_eff = spatial_effective_n(_residualise(p, s), _residualise(t, s), xy)
+    pval = specific_pvalues(r, n_eff, n_covariates=1)
+    pval[~ok] = np.nan
+    out["pcc_specific_pval"] = np.nan
+    out["pcc_specific_qval"] = np.nan
+    out["n_eff"] = np.nan
+    out.iloc[idx, out.columns.get_loc("pcc_specific_pval")] = pval
+    out.iloc[idx, out.columns.get_loc("pcc_specific_qval")] = benjamini_hochberg(pval)
+    out.iloc[idx, out.columns.get_loc("n_eff")] = n_eff
+
+
+def _truth_pc1(t: np.ndarray) -> np.ndarray:
+    """Scores of the spots on the first principal component of ``t`` (the fallback shared axis)."""
+    from .._stats import expression_axes, shared_axis_scores
+
+    mean, axes = expression_axes(t, 1)
+    if axes.shape[1] == 0:
+        return np.zeros(len(t))
+    return shared_axis_scores(t, mean, axes[:, 0])
+
+
+def _separate_groups(xy: np.ndarray, groups) -> np.ndarray:
+    """Shift each group's coordinates far from the others (sections have their own pixel frames)."""
+    if groups is None:
+        return xy
+    groups = np.asarray(groups)
+    if len(groups) != len(xy):
+        raise ValueError(f"`groups` must have one label per spot ({len(xy)}), got {len(groups)}.")
+    out = xy.copy()
+    span = float(np.ptp(xy, axis=0).max()) if len(xy) else 0.0
+    for i, g in enumerate(pd.unique(groups)):
+        m = groups == g
+        out[m] -= xy[m].min(0)
+        out[m, 0] += i * 10.0 * (span + 1.0)
+    return out
+
+
+def shared_axis(truth: np.ndarray, train_expression: np.ndarray) -> np.ndarray:
+    """Scores of a section's spots on the shared axis of the training expression (an evaluation device).
+
+    The first principal axis of ``train_expression`` (spots x genes, log-normalised, centred on its mean) is the
+    spatial pattern most genes share (cellularity, depth); the score of a spot is its measured expression
+    ``truth`` (same genes, same scale), centred on the training mean, projected on that axis. It is computed
+    from the truth, so it only ever serves to evaluate (:func:`gene_metrics` ``shared_axis=``), never to predict.
+
+    Parameters
+    ----------
+    truth
+        ``(n_spots, n_genes)`` measured expression of the evaluated section.
+    train_expression
+        ``(n_train_spots, n_genes)`` expression of the training spots, same genes and normalisation.
+    """
+    from .._stats import expression_axes, shared_axis_scores
+
+    truth = np.asarray(truth, dtype=np.float64)
+    train = np.asarray(train_expression, dtype=np.float64)
+    if truth.ndim != 2 or train.ndim != 2 or truth.shape[1] != train.shape[1]:
+        raise ValueError(
+            f"`truth` and `train_expression` must be 2-d with the same genes, got {truth.shape} and {train.shape}."
+        )
+    mean, axes = expression_axes(train, 1)
+    if axes.shape[1] == 0:
+        raise ValueError("`train_expression` is constant: it has no shared axis.")
+    return shared_axis_scores(truth, mean, axes[:, 0])
+
+
+def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = None, fdr: float = 0.05) -> dict:
     """Summary metrics of a :func:`gene_metrics` table.
 
     Evaluated genes are those with ``status`` ``'ok'`` or ``'constant_prediction'``.
@@ -125,6 +248,8 @@ def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = Non
         Size of the HVG / HEG / best-gene selections (all evaluated genes when fewer).
     n_spots
         Number of spots (default: ``table.attrs['n_spots']``).
+    fdr
+        False discovery rate of the gene-specific significance.
 
     Returns
     -------
@@ -145,6 +270,12 @@ def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = Non
         Mean Pearson over the ``n_top`` most expressed genes (highest mean truth) (HEG-50).
     ``spearman_mean``, ``mse_mean``, ``mae_mean``
         Means over the evaluated genes.
+    ``pcc_specific_mean``, ``pcc_specific_hvg``
+        Gene-specific PCC@M and HVG-50 (when the table has ``pcc_specific``): the skill left after the shared
+        spatial pattern most genes follow is removed (a one-pattern predictor scores about 0).
+    ``frac_specific_significant``, ``n_specific_significant``
+        Share and number of evaluated genes whose gene-specific PCC is significantly positive under spatial
+        autocorrelation (Benjamini–Hochberg q < ``fdr``; when the table has ``pcc_specific_qval``).
     ``n_genes``, ``n_spots``, ``n_top``, ``n_constant_excluded`` (constant truth),
     ``n_constant_prediction`` (kept, with correlation 0), ``n_not_predicted``.
     """
@@ -179,6 +310,17 @@ def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = Non
             "mae_mean": float(ev["mae"].mean()),
         }
     )
+    if "pcc_specific" in ev:
+        spec = ev["pcc_specific"].fillna(0.0)
+        res["pcc_specific_mean"] = float(spec.mean())
+        res["pcc_specific_hvg"] = float(spec.loc[hvg].mean())
+    if "pcc_specific_qval" in ev:
+        sig = (ev["pcc_specific_qval"] < fdr).to_numpy()
+        res["n_specific_significant"] = int(sig.sum())
+        res["frac_specific_significant"] = float(sig.mean())
+        res["specific_fdr"] = float(fdr)
+    if "shared_axis" in table.attrs:
+        res["shared_axis"] = table.attrs["shared_axis"]
     return res
 
 
@@ -216,6 +358,8 @@ def evaluate(
     genes: Sequence[str] | None = None,
     normalize: str = "log1p",
     n_top: int = 50,
+    shared_axis: np.ndarray | str | None = None,
+    significance: bool = True,
     key_added: str | None = None,
     copy: bool = False,
 ) -> pd.DataFrame | None:
@@ -227,6 +371,18 @@ def evaluate(
     evaluated genes (PCC@M), over the ``n_top`` most variable (HVG-50) and most expressed (HEG-50)
     genes of the truth, PCC@H (mean of the ``n_top`` best-predicted genes), quartiles, mean Spearman,
     MSE and MAE.
+
+    Gene-specific skill (see the project's evaluation page): most genes of a tissue co-vary along one spatial
+    axis (cellularity, depth), so a prediction that knows nothing about individual genes can reach a good mean
+    Pearson. The **gene-specific PCC** of a gene is the partial correlation of prediction and measurement given
+    the shared axis ``s`` of the spots (the measurement of the model's genes, centred on the training mean,
+    projected on the first principal axis of the training expression: :func:`histoexp.tl.impute` writes it to
+    ``obs[f'{layer}_shared_axis']`` when the query has a measurement). Its significance accounts for spatial
+    autocorrelation (effective sample size, see :func:`gene_metrics`); the summary gives gene-specific PCC@M,
+    HVG-50 and the share of genes with a significantly positive gene-specific PCC (BH q < 0.05). When the
+    prediction holds genes the model was trained on and genes it was not (``var['seen_in_training']``, e.g.
+    zero-shot or retrieval of reference genes outside the panel), the summary of each group is added under
+    ``'seen'`` and ``'unseen'``.
 
     Genes evaluated: the genes with a prediction and a measurement, intersected with ``genes``. Genes
     constant in the truth are excluded and counted (``n_constant_excluded``). Genes whose prediction is
@@ -252,6 +408,13 @@ def evaluate(
         Normalisation of ``X`` when it is the truth (``'log1p'`` or ``'none'``).
     n_top
         Size of the HVG / HEG / best-gene selections (>= 1).
+    shared_axis
+        The shared axis of the spots: ``None`` (default) reads ``obs[f'{layer}_shared_axis']`` (written by
+        :func:`histoexp.tl.impute`), else the first principal component of the measurement itself (recorded in
+        the summary's ``shared_axis``); an array of one value per spot; ``'truth'`` forces the fallback.
+    significance
+        Compute the spatial significance of the gene-specific PCC (needs ``obsm['spatial']``; spots of several
+        sections in ``obs['library_id']`` are kept apart).
     key_added
         Prefix of the results (default: ``layer``).
     copy
@@ -262,8 +425,8 @@ def evaluate(
     With ``copy=True`` the per-gene DataFrame (:func:`gene_metrics` columns), with the summary in
     ``table.attrs['metrics']``. Otherwise ``None`` and writes
 
-    - ``var[f'{key}_pcc']``, ``var[f'{key}_spearman']``, ``var[f'{key}_mse']``, ``var[f'{key}_mae']``
-      (NaN for genes not evaluated),
+    - ``var[f'{key}_pcc']``, ``var[f'{key}_spearman']``, ``var[f'{key}_mse']``, ``var[f'{key}_mae']``,
+      ``var[f'{key}_pcc_specific']`` and ``var[f'{key}_pcc_specific_qval']`` (NaN for genes not evaluated),
     - ``uns[key]['metrics']``: the summary dict (with ``truth`` saying what was compared). Evaluation is
       a recomputation: an existing ``metrics`` entry and existing metric columns are replaced (logged);
       other entries of ``uns[key]`` such as ``'params'`` are kept.
@@ -308,8 +471,22 @@ def evaluate(
         )
     T, truth_desc = _truth_matrix(adata, truth, cand, normalize)
     idx = adata.var_names.get_indexer(cand)
-    table = gene_metrics(P[:, idx], T, cand)
+    axis, axis_desc = _shared_axis_of(adata, layer, shared_axis)
+    coords, groups = (None, None)
+    if significance and "spatial" in adata.obsm:
+        coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+        lib = resolve_library_key(adata, None)
+        groups = adata.obs[lib].astype(str).to_numpy() if lib is not None else None
+    table = gene_metrics(P[:, idx], T, cand, shared_axis=axis, coords=coords, groups=groups)
     metrics = summarize(table, n_top=n_top)
+    if axis_desc is not None:
+        metrics["shared_axis"] = axis_desc
+    if "seen_in_training" in adata.var:
+        seen = adata.var["seen_in_training"].reindex(table.index).fillna(False).to_numpy(bool)
+        evaluated = table["status"].isin(["ok", "constant_prediction"]).to_numpy()
+        if (seen & evaluated).any() and (~seen & evaluated).any():
+            metrics["seen"] = summarize(table[seen], n_top=n_top)
+            metrics["unseen"] = summarize(table[~seen], n_top=n_top)
     metrics.update({"layer": layer, "truth": truth_desc})
     metrics = jsonable(metrics)
     table.attrs["metrics"] = metrics
@@ -325,7 +502,9 @@ def evaluate(
     )
     if copy:
         return table
-    for col in ("pcc", "spearman", "mse", "mae"):
+    for col in ("pcc", "spearman", "mse", "mae", "pcc_specific", "pcc_specific_qval"):
+        if col not in table:
+            continue
         name = f"{key}_{col}"
         if name in adata.var:
             logger.info("evaluate: replacing var[%r].", name)
@@ -339,6 +518,20 @@ def evaluate(
     entry["metrics"] = metrics
     adata.uns[key] = entry
     return None
+
+
+def _shared_axis_of(adata: AnnData, layer: str, given) -> tuple[np.ndarray | str, str | None]:
+    """Return the shared axis to evaluate ``layer`` with, and how it was obtained (see :func:`evaluate`)."""
+    if given is not None:
+        if isinstance(given, str):
+            return given, None
+        return np.asarray(given, dtype=np.float64), "given"
+    col = f"{layer}_shared_axis"
+    if col in adata.obs:
+        values = adata.obs[col].to_numpy(dtype=np.float64)
+        if np.isfinite(values).all():
+            return values, f"obs[{col!r}] (training PC1, from the measurement)"
+    return "truth", None
 
 
 def _x_is_empty(adata: AnnData) -> bool:
