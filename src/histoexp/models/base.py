@@ -200,6 +200,63 @@ class ExpressionModel:
     def _repr_extra(self) -> str:
         return ""
 
+    # -- reduced-rank outputs and cross-fitted expectations ---------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """Number of expression axes the predictions of the model genes are projected onto (``None``: full rank)."""
+        rank = self.config.get("rank")
+        return None if rank is None else int(rank)
+
+    @property
+    def expression_axes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mean, axes)`` of the training expression of the model genes (``None`` for models without them).
+
+        ``axes`` (genes x k) are the leading principal axes of the training expression (centred on ``mean``); the
+        first is the shared axis :func:`histoexp.tl.impute` scores a measured query on, the first ``rank`` span
+        the reduced-rank outputs.
+        """
+        axes = self.arrays.get("expression_axes")
+        mean = self.config.get("expression_mean")
+        if axes is None or mean is None:
+            return None
+        return np.asarray(mean, dtype=np.float64), np.asarray(axes, dtype=np.float64)
+
+    def project_outputs(self, pred: np.ndarray, genes: list[str]) -> np.ndarray:
+        """Project the model-gene columns of ``pred`` onto the first :attr:`rank` expression axes.
+
+        ``pred`` holds ``genes`` as columns, which must include every model gene when the model has a rank (the
+        projection mixes them); columns of other genes (e.g. reference genes outside the panel) are returned as
+        they are. Without a rank, ``pred`` is returned unchanged.
+        """
+        if self.rank is None:
+            return pred
+        from .._stats import project
+
+        got = self.expression_axes
+        if got is None:
+            raise ValueError("The model has a `rank` but no stored expression axes (an incomplete model folder).")
+        mean, axes = got
+        pos = {g: i for i, g in enumerate(genes)}
+        missing = [g for g in self.genes if g not in pos]
+        if missing:
+            raise ValueError(f"Projecting onto the expression axes needs every model gene; {len(missing)} missing.")
+        cols = np.asarray([pos[g] for g in self.genes])
+        out = np.array(pred, dtype=np.float32, copy=True)
+        out[:, cols] = project(pred[:, cols], mean, axes[:, : self.rank]).astype(np.float32)
+        return out
+
+    @property
+    def expected(self):
+        """Cross-fitted expected accuracy per model gene (a DataFrame), or ``None`` when the model has none.
+
+        Columns ``expected_pcc``, ``expected_pcc_sd``, ``expected_pcc_specific``, ``expected_pcc_specific_sd``
+        (mean and standard deviation over the cross-fitting folds) and ``expected_specific`` (the gene is
+        expected to carry gene-specific signal; rule in :func:`histoexp.tl.fit_ridge`'s ``crossfit``).
+        """
+        from .._expected import expected_table
+
+        return expected_table(self)
+
     def image_spec(self) -> dict:
         """How a query's images must be prepared for this model: ``encoder``, ``weights``, ``patch_px``, ``size_um``.
 
@@ -482,8 +539,20 @@ class RegressionModel(ExpressionModel):
         known = set(self.genes)
         return [g for g in genes if g not in known]
 
-    def predict(self, images: Any, *, genes: list[str] | None = None, batch_size: int = 256, device=None):
-        """Predicted expression ``(n, len(genes))`` (``genes``: default the training genes)."""
+    def predict(
+        self,
+        images: Any,
+        *,
+        genes: list[str] | None = None,
+        batch_size: int = 256,
+        device=None,
+        member: int | None = None,
+    ):
+        """Predicted expression ``(n, len(genes))`` (``genes``: default the training genes).
+
+        The networks' raw output (an ensemble's mean; ``member=i``: member ``i`` alone): the reduced-rank
+        projection and smoothing of :func:`histoexp.tl.impute` are not applied here.
+        """
         genes = self.genes if genes is None else list(genes)
         unknown = self.predictable(genes)
         if unknown:
@@ -493,6 +562,7 @@ class RegressionModel(ExpressionModel):
         outs = self._run_images(
             lambda net, x: net.predict(x)[:, cols.to(x.device)],
             images,
+            member=member,
             batch_size=batch_size,
             device=device,
             desc="prediction",

@@ -290,7 +290,9 @@ class ZeroshotModel(RegressionModel):
             raise ValueError(f"{path}: the gene-embedding table does not match config.json.")
 
     # -- prediction --------------------------------------------------------------------------------
-    def predict(self, images, *, genes: list[str] | None = None, batch_size: int = 256, device=None) -> np.ndarray:
+    def predict(
+        self, images, *, genes: list[str] | None = None, batch_size: int = 256, device=None, member: int | None = None
+    ) -> np.ndarray:
         """Predicted expression ``(n, len(genes))`` of any genes with a stored embedding (default: training genes).
 
         Raises
@@ -312,6 +314,7 @@ class ZeroshotModel(RegressionModel):
         outs = self._run_images(
             lambda net, x: net(x, emb.to(x.device), exclude.to(x.device)),
             images,
+            member=member,
             batch_size=batch_size,
             device=device,
             desc="prediction",

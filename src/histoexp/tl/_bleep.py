@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from anndata import AnnData
 
+from ._crossfit import supports_crossfit
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,6 +23,7 @@ FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "weight_decay":
 FINETUNE_DEFAULTS = {"epochs": 30, "batch_size": 128, "lr": 1e-4, "weight_decay": 1e-3, "patience": 5, "n_ensemble": 1}
 
 
+@supports_crossfit()
 def fit_bleep(
     adata: AnnData,
     *,
@@ -44,6 +46,9 @@ def fit_bleep(
     weight_decay: float | None = None,
     patience: int | None = None,
     val_fraction: float = 0.2,
+    rank: int | Literal["auto"] | None = None,
+    smooth_predictions: float | Literal["auto"] | None = None,
+    crossfit: bool | None = None,
     library_key: str | None = None,
     patches_key: str = "patches",
     augment: bool = True,
@@ -143,6 +148,21 @@ def fit_bleep(
     val_fraction
         Fraction of sections (or of one section's spots, in a spatial stripe) used for validation
         and early stopping; ``0`` trains on everything for ``epochs`` epochs.
+    rank
+        Reduced-rank outputs (post-processing in :func:`histoexp.tl.impute`): the predictions of the model genes are
+        projected onto the first ``rank`` principal axes of the training expression. ``None``: full rank; an
+        integer; ``'auto'``: chosen on the cross-fitted predictions (mean per-gene Pearson of held-out training
+        sections) among :data:`~histoexp.tl._crossfit.RANK_CANDIDATES` and full rank.
+    smooth_predictions
+        Post-processing weight of each spot's neighbours in :func:`histoexp.tl.impute` (see its ``smooth``):
+        ``None`` (off), a number in [0, 1), or ``'auto'`` (chosen on the cross-fitted predictions, 0 included).
+    crossfit
+        Cross-fit: train the same method on all training sections but one, predict that one, for each section;
+        keep each gene's expected Pearson r and gene-specific r on a new section (mean and spread over folds) and
+        its out-of-fold residual quantiles (prediction intervals), which :func:`histoexp.tl.impute` writes to
+        ``var`` and ``layers``. ``None``: on for frozen features, off for fine-tuning. Cost: one more fit per
+        section (``uns[key_added]['params']['crossfit']['seconds']`` records it). One section: spatial blocks
+        stand in for sections (optimistic: no section-to-section batch effect).
     library_key
         ``obs`` column of the sections (``None``: ``'library_id'`` when present).
     patches_key

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from ._crossfit import supports_crossfit
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +68,7 @@ def spatial_sentences(coords: np.ndarray, sections: np.ndarray | None, size: int
     return sampler
 
 
+@supports_crossfit()
 def fit_mclstexp(
     adata: AnnData,
     *,
@@ -95,6 +97,9 @@ def fit_mclstexp(
     val_fraction: float = 0.2,
     coords_key: str = "spatial",
     positions: Literal["auto", "array", "pixels"] = "auto",
+    rank: int | Literal["auto"] | None = None,
+    smooth_predictions: float | Literal["auto"] | None = None,
+    crossfit: bool | None = None,
     library_key: str | None = None,
     patches_key: str = "patches",
     augment: bool = True,
@@ -214,6 +219,21 @@ def fit_mclstexp(
     positions
         ``'auto'`` (the ``obs`` array columns when present, else ``obsm[coords_key]``), ``'array'`` or
         ``'pixels'`` (:func:`~histoexp.models.mclstexp.spot_positions`).
+    rank
+        Reduced-rank outputs (post-processing in :func:`histoexp.tl.impute`): the predictions of the model genes are
+        projected onto the first ``rank`` principal axes of the training expression. ``None``: full rank; an
+        integer; ``'auto'``: chosen on the cross-fitted predictions (mean per-gene Pearson of held-out training
+        sections) among :data:`~histoexp.tl._crossfit.RANK_CANDIDATES` and full rank.
+    smooth_predictions
+        Post-processing weight of each spot's neighbours in :func:`histoexp.tl.impute` (see its ``smooth``):
+        ``None`` (off), a number in [0, 1), or ``'auto'`` (chosen on the cross-fitted predictions, 0 included).
+    crossfit
+        Cross-fit: train the same method on all training sections but one, predict that one, for each section;
+        keep each gene's expected Pearson r and gene-specific r on a new section (mean and spread over folds) and
+        its out-of-fold residual quantiles (prediction intervals), which :func:`histoexp.tl.impute` writes to
+        ``var`` and ``layers``. ``None``: on for frozen features, off for fine-tuning. Cost: one more fit per
+        section (``uns[key_added]['params']['crossfit']['seconds']`` records it). One section: spatial blocks
+        stand in for sections (optimistic: no section-to-section batch effect).
     library_key
         ``obs`` column of the sections (``None``: ``'library_id'`` when present).
     patches_key

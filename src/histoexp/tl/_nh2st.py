@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from ._crossfit import supports_crossfit
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +85,7 @@ def smooth_targets(expr: np.ndarray, coords: np.ndarray, sections: np.ndarray) -
     return out
 
 
+@supports_crossfit()
 def fit_nh2st(
     adata: AnnData,
     *,
@@ -119,6 +121,9 @@ def fit_nh2st(
     weight_decay: float | None = None,
     patience: int | None = None,
     val_fraction: float = 0.2,
+    rank: int | Literal["auto"] | None = None,
+    smooth_predictions: float | Literal["auto"] | None = None,
+    crossfit: bool | None = None,
     library_key: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -243,6 +248,21 @@ def fit_nh2st(
         Training settings; ``None``: :data:`FROZEN_DEFAULTS` or :data:`FINETUNE_DEFAULTS`.
     val_fraction
         Fraction of sections (or of one section's spots, in a spatial stripe) for early stopping.
+    rank
+        Reduced-rank outputs (post-processing in :func:`histoexp.tl.impute`): the predictions of the model genes are
+        projected onto the first ``rank`` principal axes of the training expression. ``None``: full rank; an
+        integer; ``'auto'``: chosen on the cross-fitted predictions (mean per-gene Pearson of held-out training
+        sections) among :data:`~histoexp.tl._crossfit.RANK_CANDIDATES` and full rank.
+    smooth_predictions
+        Post-processing weight of each spot's neighbours in :func:`histoexp.tl.impute` (see its ``smooth``):
+        ``None`` (off), a number in [0, 1), or ``'auto'`` (chosen on the cross-fitted predictions, 0 included).
+    crossfit
+        Cross-fit: train the same method on all training sections but one, predict that one, for each section;
+        keep each gene's expected Pearson r and gene-specific r on a new section (mean and spread over folds) and
+        its out-of-fold residual quantiles (prediction intervals), which :func:`histoexp.tl.impute` writes to
+        ``var`` and ``layers``. ``None``: on for frozen features, off for fine-tuning. Cost: one more fit per
+        section (``uns[key_added]['params']['crossfit']['seconds']`` records it). One section: spatial blocks
+        stand in for sections (optimistic: no section-to-section batch effect).
     library_key
         ``obs`` column of the sections (``None``: ``'library_id'`` when present).
     checkpoint_dir, resume

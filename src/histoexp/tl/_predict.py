@@ -314,6 +314,8 @@ def impute(
     chunk_size: int | None = None,
     index: str = "exact",
     index_params: dict | None = None,
+    smooth: float | None = None,
+    interval: float | None = 0.9,
     to_X: bool = False,
     device: str | None = None,
 ) -> AnnData:
@@ -345,7 +347,25 @@ def impute(
                                    models (mean cosine similarity of the neighbours used, in [-1, 1])
     ``uns``                        the query's (images, scalefactors), copied; ``uns[key_added]['params']``
                                    the prediction's parameters and the model's description
+    ``obs[f'{key_added}_spread']`` ensembles: mean over genes of the members' standard deviation (in
+                                   log-expression units; lower = the members agree)
+    ``obs[f'{key_added}_shared_axis']``  when the query measured every model gene: its measurement, centred
+                                   on the training mean, projected on the training expression's first axis
+                                   (the shared spatial pattern; :func:`histoexp.tl.evaluate` reads it for the
+                                   gene-specific PCC; computed from the truth, it never enters a prediction)
+    ``var['expected_pcc']`` ...    cross-fitted models: the expected accuracy of each model gene on a new
+                                   section (``expected_pcc``, ``expected_pcc_sd``, ``expected_pcc_specific``,
+                                   ``expected_pcc_specific_sd``, ``expected_specific``; NaN / False for
+                                   genes outside the model's genes), from held-out training sections
+    ``layers[f'{key_added}_lower']``, ``layers[f'{key_added}_upper']``  cross-fitted models, ``interval``
+                                   set: split-conformal prediction interval of each spot and model gene
+                                   (NaN for other genes)
     =============================  ===================================================================
+
+    Post-processing of models that have them (recorded in ``uns[key_added]['params']``): the model genes'
+    predictions are projected onto the model's ``rank`` expression axes (the leading principal axes of its
+    training expression; genes outside the model's genes are not projected), then smoothed over each spot's
+    spatial neighbours with the model's ``smooth_predictions`` weight (``smooth=`` overrides it).
 
     The query is never modified. :func:`histoexp.tl.evaluate` scores ``layers[key_added]`` against
     ``layers['measured']`` and refuses when there is no measurement.
@@ -404,6 +424,16 @@ def impute(
     index_params
         Parameters of the faiss index, e.g. ``{'nprobe': 64}`` (``None``: the defaults); recorded in
         ``uns[key_added]['params']`` with the index.
+    smooth
+        Weight in ``[0, 1)`` of the mean of each spot's neighbours (same section, within 1.5 spot spacings) in a
+        post-processing of the predictions: ``(1 - smooth) * prediction + smooth * neighbours' mean``. ``None``:
+        the model's ``smooth_predictions`` (chosen by cross-fitting when fitted with ``'auto'``; 0 otherwise).
+    interval
+        Level of the prediction intervals of a cross-fitted model (``None``: no interval layers). Split-conformal
+        with sections as calibration units: half-width = the ``interval`` quantile of the gene's absolute
+        out-of-fold residuals on held-out training sections (the same for every spot of a gene), lower bound at
+        least 0 for log-normalised targets. Memory: two more layers of the prediction's size; for whole slides pass
+        ``None`` and call :func:`histoexp.tl.prediction_intervals` for the genes you need.
     to_X
         Also put the predictions in ``X`` (for scanpy functions that read ``X`` only).
     device
@@ -424,6 +454,11 @@ def impute(
     key = key_added or model.method
     if key == MEASURED:
         raise ValueError(f"`key_added={key!r}` is reserved for the query's measurement.")
+    smooth = _check_smooth_arg(smooth, model)
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < 1
+    ):
+        raise ValueError(f"`interval` must be None or a level in (0, 1), e.g. 0.9; got {interval!r}.")
     images = _query_images(query, model, patches_key)
     dev = settings.resolve_device(device)
     model.to(dev)
@@ -450,7 +485,13 @@ def impute(
                     "`center_reference` applies to an explicit `reference=`, not to the model's stored one."
                 )
             spots, values, out_genes = _reference_bank(model, reference, genes, layer, center=center_reference)
-        pred = None
+        # a reduced-rank model projects all its genes: retrieve the model genes the output lacks too
+        extra = [g for g in model.genes if g not in set(out_genes)] if model.rank is not None else []
+        if extra:
+            pos = {g: i for i, g in enumerate(model.genes)}
+            values = np.concatenate([values, spots.expression[:, [pos[g] for g in extra]]], axis=1)
+        all_genes = [*out_genes, *extra]
+        acc, conf = _MemberMean(), None
         for member in range(model.n_ensemble):
             q_emb = model.encode_images(images, batch_size=batch_size, member=member)
             if prepared is not None:
@@ -468,9 +509,11 @@ def impute(
                 index=index,
                 index_params=index_params,
             )
-            pred, conf = (p, c) if pred is None else (pred + p, conf + c)
+            acc.add(model.project_outputs(p, all_genes))
+            conf = c if conf is None else conf + c
+        pred, spread = acc.result()
+        pred = pred[:, : len(out_genes)]
         if model.n_ensemble > 1:
-            pred /= model.n_ensemble
             conf /= model.n_ensemble
         params.update(
             method=method,
@@ -495,9 +538,176 @@ def impute(
                 "the image alone."
             )
         out_genes = model.genes if genes is None else list(dict.fromkeys(_as_list(genes)))
-        pred = model.predict(images, genes=out_genes, batch_size=batch_size, device=dev)
+        need = list(dict.fromkeys([*out_genes, *model.genes])) if model.rank is not None else out_genes
+        acc = _MemberMean()
+        members = [None] if model.n_ensemble == 1 else range(model.n_ensemble)
+        for member in members:
+            p = model.predict(images, genes=need, batch_size=batch_size, device=dev, member=member)
+            acc.add(model.project_outputs(p, need))
+        pred, spread = acc.result()
+        pred = pred[:, : len(out_genes)]
+    pred = _smooth_query(query, pred, smooth)
     params.update(n_genes=len(out_genes), n_spots=query.n_obs, to_X=bool(to_X))
-    return _prediction_anndata(query, pred, out_genes, key, conf, params, model, layer, to_X)
+    params.update(rank=model.rank, smooth=smooth)
+    out = _prediction_anndata(query, pred, out_genes, key, conf, params, model, layer, to_X)
+    _add_trust(out, query, model, key, out_genes, spread, interval, layer)
+    return out
+
+
+def _check_smooth_arg(smooth, model) -> float:
+    from ._crossfit import check_smooth
+
+    if smooth is None:
+        return float(model.config.get("smooth_predictions") or 0.0)
+    return float(check_smooth(smooth, "smooth"))
+
+
+class _MemberMean:
+    """Running mean of ensemble members' predictions and the mean over genes of their standard deviation."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, p: np.ndarray) -> None:
+        p = np.asarray(p, dtype=np.float64)
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.m2 = p.copy(), np.zeros_like(p)
+            return
+        delta = p - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (p - self.mean)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        spread = None
+        if self.n > 1:
+            spread = np.sqrt(np.maximum(self.m2 / self.n, 0)).mean(1).astype(np.float32)
+        return self.mean.astype(np.float32), spread
+
+
+def _smooth_query(query: AnnData, pred: np.ndarray, weight: float) -> np.ndarray:
+    """Post-processing: blend each spot's prediction with its spatial neighbours' mean (same section)."""
+    if not weight:
+        return pred
+    if "spatial" not in query.obsm:
+        raise KeyError(
+            f"Smoothing the predictions (smooth={weight}) needs spot positions in query.obsm['spatial']; "
+            "pass `smooth=0` to predict without it."
+        )
+    from .._stats import neighbour_matrix
+    from ._crossfit import smooth
+
+    lib = resolve_library_key(query, None)
+    groups = query.obs[lib].astype(str).to_numpy() if lib is not None else None
+    nb = neighbour_matrix(np.asarray(query.obsm["spatial"], dtype=np.float64)[:, :2], groups)
+    return smooth(pred, nb, weight).astype(np.float32)
+
+
+def _add_trust(out: AnnData, query: AnnData, model, key: str, genes: list[str], spread, interval, layer) -> None:
+    """Write the shared axis, the spread, the expected accuracy and the intervals of a prediction."""
+    if spread is not None:
+        out.obs[f"{key}_spread"] = spread
+    axes = model.expression_axes
+    if axes is not None and MEASURED in out.layers:
+        measured, mask = _measurement(query, model.genes, layer, model)
+        if measured is not None and mask.all():
+            from .._stats import shared_axis_scores
+
+            out.obs[f"{key}_shared_axis"] = shared_axis_scores(measured, axes[0], axes[1][:, 0]).astype(np.float32)
+    pos = {g: i for i, g in enumerate(model.genes)}
+    rows = np.array([pos.get(g, -1) for g in genes])
+    inside = rows >= 0
+    table = model.expected
+    if table is not None:
+        for col in table.columns:
+            values = table[col].to_numpy()
+            if values.dtype == bool:
+                full = np.zeros(len(genes), dtype=bool)
+            else:
+                full = np.full(len(genes), np.nan, dtype=np.float32)
+            full[inside] = values[rows[inside]]
+            out.var[col] = full
+        out.uns[key]["params"]["expected"] = jsonable(
+            {
+                "source": f"cross-fitting over {len((model.config.get('crossfit') or {}).get('folds', []))} "
+                f"held-out training {(model.config.get('crossfit') or {}).get('unit', 'section')}s",
+                "specific_rule": "expected_pcc_specific >= "
+                f"{(model.config.get('crossfit') or {}).get('specific_min')} and > 0 in every fold",
+            }
+        )
+    quant = model.arrays.get("residual_quantiles")
+    levels = (model.config.get("crossfit") or {}).get("levels")
+    if quant is not None and levels:
+        table = np.full((len(genes), quant.shape[1]), np.nan, dtype=np.float32)
+        table[inside] = np.asarray(quant)[rows[inside]]
+        out.varm[f"{key}_residual_quantiles"] = table
+        out.uns[key]["params"]["intervals"] = {
+            "levels": [float(v) for v in levels],
+            "method": "split-conformal: quantiles of the gene's absolute out-of-fold residuals on held-out training "
+            f"{(model.config.get('crossfit') or {}).get('unit', 'section')}s (varm['{key}_residual_quantiles'])",
+            "lower_bound": 0.0 if model.config.get("normalize", "log1p") == "log1p" else None,
+        }
+        if interval is not None:
+            prediction_intervals(out, level=float(interval), key=key)
+
+
+def prediction_intervals(
+    pred: AnnData, *, level: float = 0.9, key: str | None = None, genes: Sequence[str] | None = None
+) -> None:
+    """Write the ``level`` prediction intervals of a cross-fitted model's prediction into ``pred.layers``.
+
+    :func:`impute` does this at its ``interval`` level; call it for another level, or after ``interval=None`` to
+    materialise the intervals of a whole slide for a few ``genes`` only (the other genes' columns are NaN).
+
+    Parameters
+    ----------
+    pred
+        The output of :func:`impute` for a cross-fitted model (``varm[f'{key}_residual_quantiles']``).
+    level
+        Nominal coverage in (0, 1), within the stored levels (0.5 to 0.99).
+    key
+        The prediction key (``None``: the only one with residual quantiles).
+    genes
+        Genes to compute (``None``: all with residual quantiles).
+
+    Writes ``layers[f'{key}_lower']`` and ``layers[f'{key}_upper']``: ``prediction ∓ q``, ``q`` the ``level``
+    quantile of the gene's absolute out-of-fold residuals (linear between stored levels), the lower bound clipped
+    at 0 for log-normalised targets; and ``uns[key]['params']['interval']['level']``.
+    """
+    keys = [k[: -len("_residual_quantiles")] for k in pred.varm if k.endswith("_residual_quantiles")]
+    if key is None:
+        if len(keys) != 1:
+            raise KeyError(f"Pass `key=`: predictions with residual quantiles in varm: {keys}.")
+        key = keys[0]
+    if key not in keys or key not in pred.layers:
+        raise KeyError(
+            f"No prediction {key!r} with residual quantiles (varm[{key + '_residual_quantiles'!r}]); predictions "
+            f"with them: {keys}. Intervals need a cross-fitted model (fit with crossfit=True)."
+        )
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ValueError(f"`level` must be in (0, 1), e.g. 0.9; got {level!r}.")
+    info = pred.uns[key]["params"]["intervals"]
+    levels = np.asarray(info["levels"], dtype=np.float64)
+    if not levels[0] <= level <= levels[-1]:
+        raise ValueError(f"`level={level}` is outside the stored levels [{levels[0]}, {levels[-1]}].")
+    q = np.asarray(pred.varm[f"{key}_residual_quantiles"], dtype=np.float64)
+    j = int(np.clip(np.searchsorted(levels, level), 1, len(levels) - 1))
+    w = (level - levels[j - 1]) / (levels[j] - levels[j - 1])
+    hw = ((1 - w) * q[:, j - 1] + w * q[:, j]).astype(np.float32)
+    if genes is not None:
+        genes = _as_list(genes)
+        unknown = [g for g in genes if g not in pred.var_names]
+        if unknown:
+            raise KeyError(f"{len(unknown)} `genes` are not predicted (e.g. {unknown[:5]}).")
+        keep = pred.var_names.isin(genes)
+        hw = np.where(keep, hw, np.nan).astype(np.float32)
+    p = np.asarray(pred.layers[key], dtype=np.float32)
+    lower = p - hw
+    if info.get("lower_bound") is not None:
+        lower = np.where(np.isfinite(lower), np.maximum(lower, info["lower_bound"]), lower)
+    pred.layers[f"{key}_lower"] = lower.astype(np.float32)
+    pred.layers[f"{key}_upper"] = (p + hw).astype(np.float32)
+    pred.uns[key]["params"]["interval"] = {"level": float(level), "genes": None if genes is None else len(genes)}
 
 
 def _reference_label(reference) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from ._crossfit import RANK_CANDIDATES, crossfit_groups, mean_pcc, supports_crossfit
 from ._fit import prepare_fit, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,6 +18,48 @@ if TYPE_CHECKING:  # pragma: no cover
 ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
 
 
+def select_alpha_rank(
+    z: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    alphas: np.ndarray,
+    ranks: list[int | None],
+) -> tuple[float, int | None, dict]:
+    """Choose ridge's penalty and the output rank jointly by leave-one-group-out, on mean per-gene Pearson.
+
+    For each held-out group: ridge on the other groups' features ``z`` (closed form over every alpha from one SVD)
+    predicts the held-out spots; each prediction is projected onto the first ``k`` principal axes of the other
+    groups' expression ``y`` (``None``: not projected); the score is the held-out mean per-gene Pearson. Returns
+    ``(alpha, rank, scores)`` maximising the mean score over groups (``scores``: ``'alpha|rank'`` -> mean).
+    """
+    from .._stats import expression_axes
+
+    labels = [g for g in dict.fromkeys(groups.tolist()) if (groups == g).sum() >= 3]
+    k_max = max([r for r in ranks if r is not None] + [1])
+    total: dict[tuple[float, int | None], list[float]] = {}
+    for g in labels:
+        tr, te = groups != g, groups == g
+        zm, ym = z[tr].mean(0), y[tr].mean(0)
+        u, sv, vt = np.linalg.svd(z[tr] - zm, full_matrices=False)
+        uty = u.T @ (y[tr] - ym)
+        zte = (z[te] - zm) @ vt.T
+        mean, axes = expression_axes(y[tr], k_max)
+        for alpha in alphas:
+            pred = ym + zte @ ((sv / (sv**2 + alpha))[:, None] * uty)
+            scores = (pred - mean) @ axes
+            for r in ranks:
+                if r is not None and r > axes.shape[1]:
+                    continue
+                p = pred if r is None else mean + scores[:, :r] @ axes[:, :r].T
+                total.setdefault((float(alpha), r), []).append(mean_pcc(p, y[te]))
+    full = {key: np.mean(v) for key, v in total.items() if len(v) == len(labels)}
+    if not full:
+        raise ValueError("No held-out group could be scored to choose the ridge penalty and rank.")
+    best = max(full, key=lambda key: (full[key], key[1] is None, key[0]))
+    return best[0], best[1], {f"{a:g}|{r if r is not None else 'full'}": float(v) for (a, r), v in full.items()}
+
+
+@supports_crossfit(handles_rank=True, inner=lambda model: {"alphas": [model.config["alpha"]]})
 def fit_ridge(
     adata: AnnData,
     *,
@@ -27,6 +70,9 @@ def fit_ridge(
     encoder: str = "resnet50",
     n_pcs: int | None = 256,
     alphas: Sequence[float] = ALPHAS,
+    rank: int | Literal["auto"] | None = None,
+    smooth_predictions: float | Literal["auto"] | None = None,
+    crossfit: bool | None = None,
     library_key: str | None = None,
     key_added: str = "ridge",
     overwrite: bool = False,
@@ -61,6 +107,26 @@ def fit_ridge(
         number of training spots minus one; ``None``: no PCA.
     alphas
         Ridge penalties searched.
+    rank
+        Reduced-rank outputs: the predictions are projected onto the first ``rank`` principal axes of the training
+        expression (the image-predictable part of expression lies on a few axes; predicting every gene freely fits
+        noise). ``None``: full rank (HEST's recipe; alpha by ``RidgeCV``'s R²). An integer: that rank. ``'auto'``:
+        rank and ``alpha`` chosen jointly by leave-one-section-out inside the training data (spatial blocks of a
+        single section), scored on the mean per-gene Pearson of the held-out section, among
+        :data:`~histoexp.tl._crossfit.RANK_CANDIDATES` and full rank. ``rank=1`` is the **one-pattern baseline**:
+        one image-predicted pattern, every gene = its loading on the training expression's first axis × that
+        pattern — put it next to any method to see how much of its accuracy is gene-specific. With an integer
+        rank alpha is chosen on the same Pearson score.
+    smooth_predictions
+        Post-processing weight of each spot's neighbours in :func:`histoexp.tl.impute` (see its ``smooth``):
+        ``None`` (off), a number in [0, 1), or ``'auto'`` (chosen on the cross-fitted predictions, 0 included).
+    crossfit
+        Cross-fit: predict each training section from a ridge fitted on the others (same ``alpha`` and ``rank``),
+        and keep in the model each gene's expected Pearson r and gene-specific r on a new section (mean and
+        spread over folds) and its out-of-fold residual quantiles (prediction intervals), which
+        :func:`histoexp.tl.impute` writes to ``var`` and ``layers``. ``None``: on (for ridge it costs one more
+        closed-form fit per section: about a second on her2st). One section: spatial blocks stand in for sections
+        (optimistic: no section-to-section batch effect), recorded as the ``unit``.
     library_key
         ``obs`` column of the sections (``None``: ``'library_id'`` when present).
     key_added
@@ -109,13 +175,39 @@ def fit_ridge(
         groups = adata.obs[data.library_key].astype(str).to_numpy()
     data.config.update(n_pcs=n_pcs, alphas=alphas.tolist())
     net = RidgeModel.build_net(data.config)
-    alpha = fit_ridge_net(net, data.images, data.expr, groups=groups, alphas=alphas, random_state=random_state)
-    by_section = groups is not None and len(np.unique(groups)) > 1
-    cv = "leave-one-section-out" if by_section else "leave-one-out"
-    if not by_section and n_spots > LOO_MAX_SPOTS:
-        cv = f"leave-one-out on {LOO_MAX_SPOTS} random training spots (seed random_state)"
+    rank_scores = None
+    if rank is None or len(alphas) == 1 and rank != "auto":
+        alpha = fit_ridge_net(net, data.images, data.expr, groups=groups, alphas=alphas, random_state=random_state)
+        by_section = groups is not None and len(np.unique(groups)) > 1
+        cv = "leave-one-section-out" if by_section else "leave-one-out"
+        if not by_section and n_spots > LOO_MAX_SPOTS:
+            cv = f"leave-one-out on {LOO_MAX_SPOTS} random training spots (seed random_state)"
+        if len(alphas) == 1:
+            cv = "given"
+    else:
+        folds = crossfit_groups(adata, data.library_key, random_state)
+        if folds is None:
+            raise ValueError(
+                "Choosing alpha for a reduced rank needs two or more sections or spot positions (spatial blocks); "
+                "pass one `alphas` value."
+            )
+        import torch
+
+        net.features.fit(data.images, random_state=random_state)
+        with torch.no_grad():
+            z = net.features(torch.as_tensor(data.images, dtype=torch.float32)).double().numpy()
+        ranks = [None, *RANK_CANDIDATES] if rank == "auto" else [int(rank)]
+        ranks = [r for r in ranks if r is None or r < len(data.genes)] or [None]
+        alpha, chosen, rank_scores = select_alpha_rank(z, data.expr, folds[0], alphas, ranks)
+        fit_ridge_net(net, data.images, data.expr, groups=None, alphas=np.array([alpha]), random_state=random_state)
+        cv = f"leave-one-{folds[1]}-out, mean per-gene Pearson" + (", jointly with rank" if rank == "auto" else "")
+        rank = chosen
+    if rank is not None and not isinstance(rank, str) and rank >= len(data.genes):
+        rank = None
     params = {"n_pcs": n_pcs, "alpha": alpha, "alpha_cv": cv}
-    data.config.update(alpha=alpha, params={**data.params, **params})
+    if rank_scores is not None:
+        params["alpha_rank_scores"] = rank_scores
+    data.config.update(alpha=alpha, rank=rank, params={**data.params, **params})
     model = RidgeModel(net, data.config)
     write_fit_keys(data, key_added, params=params)
     return model
