@@ -176,6 +176,8 @@ def fit_ridge(
     data.config.update(n_pcs=n_pcs, alphas=alphas.tolist())
     net = RidgeModel.build_net(data.config)
     rank_scores = None
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank >= len(data.genes):
+        rank = None  # as many axes as genes: full rank
     if rank is None or len(alphas) == 1 and rank != "auto":
         alpha = fit_ridge_net(net, data.images, data.expr, groups=groups, alphas=alphas, random_state=random_state)
         by_section = groups is not None and len(np.unique(groups)) > 1
