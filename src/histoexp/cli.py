@@ -684,7 +684,11 @@ def cmd_impute(args) -> int:
         overwrite=args.overwrite,
         inputs=[("MODEL_DIR", model_dir), ("QUERY", qpath), *(("--reference", p) for p in args.reference or [])],
         folders=[("--output", out)],
-        files=[("--output", out / "predictions.h5ad"), ("--output", out / "metrics_per_gene.csv")],
+        files=[
+            ("--output", out / "predictions.h5ad"),
+            ("--output", out / "metrics_per_gene.csv"),
+            ("--output", out / "genes.csv"),
+        ],
         patterns=[("--output", out, "gene_map_*.png")],
     )
     ow = args.overwrite
@@ -767,15 +771,59 @@ def _write_prediction(pred, key: str, out: Path, args, step: _Steps, ow: bool, p
         _write_csv(ranking.to_frame("pearson"), out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
         top = list(ranking.index[: args.n_maps])
         print(f"mean Pearson over {ranking.size} genes: {pred.uns[key]['metrics']['pcc_mean']:.3f}")
+    elif "expected_pcc" in pred.var:
+        top = list(pred.var["expected_pcc"].dropna().sort_values(ascending=False).index[: args.n_maps])
     else:
         order = np.argsort(-np.asarray(pred.layers[key]).var(axis=0))
         top = [pred.var_names[i] for i in order[: args.n_maps]]
+    genes = gene_table(pred, key)
+    _write_csv(genes, out / "genes.csv", overwrite=ow, index_label="gene")
+    if "expected_specific" in pred.var:
+        n_spec = int(pred.var["expected_specific"].sum())
+        print(f"genes expected to carry gene-specific signal: {n_spec} of {pred.n_vars} (genes.csv)")
     _save_gene_maps(pred, top, out, layer=key, overwrite=ow)
     plt.close("all")
     hx.io.write_h5ad(_strip_patches(pred), out / "predictions.h5ad", overwrite=ow)
     print(f"predicted {pred.n_vars} genes for {pred.n_obs} spots")
     print(f"outputs in {out.resolve()} (gene maps: {', '.join(top)})")
     return 0
+
+
+def gene_table(pred, key: str):
+    """One row per predicted gene, best expected first: what a person sorts to decide which maps to trust.
+
+    Columns: expected accuracy of a cross-fitted model (``expected_pcc``, its spread over folds, the gene-specific
+    expectation and ``expected_specific``), the prediction's mean and spread over spots, the half-width of the
+    stored prediction interval, whether the gene was measured / trained on, and with a measurement the realised
+    Pearson and gene-specific Pearson.
+    """
+    import pandas as pd
+
+    values = np.asarray(pred.layers[key], dtype=np.float64)
+    table = pd.DataFrame(index=pred.var_names)
+    for col in (
+        "expected_pcc",
+        "expected_pcc_sd",
+        "expected_pcc_specific",
+        "expected_pcc_specific_sd",
+        "expected_specific",
+    ):
+        if col in pred.var:
+            table[col] = pred.var[col].to_numpy()
+    for col, name in ((f"{key}_pcc", "pearson"), (f"{key}_pcc_specific", "pearson_specific")):
+        if col in pred.var:
+            table[name] = pred.var[col].to_numpy()
+    table["mean_predicted"] = values.mean(0)
+    table["sd_predicted"] = values.std(0)
+    if f"{key}_upper" in pred.layers:
+        level = pred.uns[key]["params"].get("interval", {}).get("level")
+        half = (np.asarray(pred.layers[f"{key}_upper"]) - values).mean(0)
+        table[f"interval_halfwidth_{level:g}" if level else "interval_halfwidth"] = half
+    for col in ("seen_in_training", "measured"):
+        if col in pred.var:
+            table[col] = pred.var[col].to_numpy()
+    order = "expected_pcc" if "expected_pcc" in table else ("pearson" if "pearson" in table else "sd_predicted")
+    return table.sort_values(order, ascending=False, na_position="last", kind="stable")
 
 
 def cmd_evaluate(args) -> int:

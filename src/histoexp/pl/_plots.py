@@ -394,12 +394,17 @@ def method_comparison(
     metric: str = "pcc_mean",
     *,
     methods: Sequence[str] | None = None,
+    baselines: Sequence[str] = ("mean", "one-pattern"),
     ax=None,
     show: bool | None = None,
     save: str | Path | None = None,
     return_fig: bool = False,
 ):
     """Compare methods across cross-validation folds: one point per fold and a bar at the mean.
+
+    Baselines (the mean predictor, the one-pattern baseline ``hx.tl.fit_ridge(..., rank=1)``) are drawn as grey
+    hatched bars, and the one-pattern baseline's mean as a dashed line: a method's bar beyond that line is what it
+    knows beyond the one spatial pattern most genes share (compare ``metric='pcc_specific_mean'`` too).
 
     Parameters
     ----------
@@ -411,6 +416,9 @@ def method_comparison(
         The metric, e.g. ``'pcc_mean'``, ``'pcc_hvg'``, ``'ari'``.
     methods
         Methods to show, in this order (default: all, in the order of the results).
+    baselines
+        Method names (or name prefixes, e.g. ``'one-pattern'`` matches ``'one-pattern[handcrafted]'``) drawn as
+        baselines.
     ax
         Axes to draw in (default: a new figure).
     show
@@ -446,7 +454,13 @@ def method_comparison(
     offsets = np.linspace(-0.22, 0.22, n_folds) if n_folds > 1 else np.zeros(1)
     ys = np.arange(len(methods))[::-1]
     means = [float(np.nanmean(table[m])) if np.isfinite(table[m]).any() else np.nan for m in methods]
-    ax.barh(ys, np.nan_to_num(means), height=0.7, color="#d0d8e8", edgecolor="#4c72b0", zorder=1)
+    base = [any(m == b or m.startswith(f"{b}[") or m.startswith(f"{b} ") for b in baselines) for m in methods]
+    for y, mean, is_base in zip(ys, means, base, strict=True):
+        style = {"color": "#eeeeee", "edgecolor": "#888888", "hatch": "//"} if is_base else {}
+        ax.barh(y, np.nan_to_num(mean), height=0.7, zorder=1, **({"color": "#d0d8e8", "edgecolor": "#4c72b0"} | style))
+    for m, mean in zip(methods, means, strict=True):
+        if m.startswith("one-pattern") and np.isfinite(mean):
+            ax.axvline(mean, color="#888888", lw=1, ls="--", zorder=2)
     for j in range(n_folds):  # one collection per fold: its points over the methods
         vals = np.array([table[m][j] if j < len(table[m]) else np.nan for m in methods], dtype=float)
         ok = np.isfinite(vals)

@@ -250,6 +250,12 @@ def gene_map(
     predictions in ``X``) is never used as the comparison. A gene the query did not measure (a NaN column
     of ``layers['measured']``) gets an empty "not measured" panel.
 
+    A prediction of a cross-fitted model (``var['expected_pcc']``, see :func:`histoexp.tl.impute`) says how far to
+    trust each map: without a measurement the title gives the gene's expected Pearson r on a new section
+    (± its spread over the cross-fitting folds), and a gene not expected to carry gene-specific signal
+    (``var['expected_specific']`` False: its map is expected to follow the spatial pattern most genes share) is
+    marked "shared pattern only".
+
     Spots are drawn at their physical size (``spot_diameter_fullres``; tiles of
     :func:`histoexp.pp.tile_tissue` as squares of the tile size), cropped to the tissue, with a µm scale
     bar when the µm per pixel is known (``scalefactors['microns_per_pixel']``, ``metadata``, the
@@ -389,6 +395,7 @@ def gene_map(
         title = f"{gene} · predicted ({key})"
         if has_m:
             title += f"\n{fmt_r(pearson(p, m))} vs {label} ({int(np.isfinite(m).sum())} spots)"
+        title += _expected_note(adata, gene, with_r=not has_m)
         ax.set_title(title)
         if scale == "panel":
             for c in colls:
@@ -398,6 +405,23 @@ def gene_map(
     if sec.lib is not None:
         fig.suptitle(f"section {sec.lib}")
     return finish(fig, show=show, save=save, return_fig=return_fig)
+
+
+def _expected_note(adata: AnnData, gene: str, *, with_r: bool) -> str:
+    """Title line from a cross-fitted model's expectation: expected r (without a measurement) and a warning."""
+    if "expected_pcc" not in adata.var or gene not in adata.var_names:
+        return ""
+    row = adata.var.loc[gene]
+    r = row.get("expected_pcc")
+    if r is None or not np.isfinite(r):
+        return "\nno expected accuracy (outside the model's genes)" if with_r else ""
+    parts = []
+    if with_r:
+        sd = row.get("expected_pcc_sd")
+        parts.append(f"expected r {r:.2f}" + (f" ± {sd:.2f}" if sd is not None and np.isfinite(sd) else ""))
+    if "expected_specific" in adata.var and not bool(row["expected_specific"]):
+        parts.append("shared pattern only (no gene-specific signal expected)")
+    return ("\n" + " · ".join(parts)) if parts else ""
 
 
 # ----------------------------------------------------------------------------------------------
