@@ -1,0 +1,336 @@
+"""Pathology foundation-model entries of the encoder registry: build, read-out, weights, geometry check.
+
+No download happens here. Entries are built with random weights; the CI-sized builds shrink the depth (one block)
+and the input (28-64 px), which keeps every architectural choice of the entry (width, heads, registers, SwiGLU,
+LayerScale, poolers, read-out) and so its output dimension. Full-size builds carry the ``large_encoder`` marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+from histoexp.models import REGISTRY, WeightsUnavailableError, check_patch_mpp, get_encoder, list_encoders
+
+FOUNDATION = sorted(k for k, s in REGISTRY.items() if s.source in ("timm", "transformers", "custom"))
+REQUIRED = [
+    "uni",
+    "uni2-h",
+    "conch",
+    "conch-v1.5",
+    "virchow",
+    "virchow2",
+    "h-optimus-0",
+    "h-optimus-1",
+    "h0-mini",
+    "phikon",
+    "phikon-v2",
+    "prov-gigapath",
+    "hibou-b",
+    "hibou-l",
+    "ctranspath",
+    "midnight",
+]
+
+
+def small_kwargs(key: str) -> dict:
+    """Shrink depth and input, keep everything else of the entry."""
+    s = REGISTRY[key]
+    if s.source == "timm":
+        return {"depth": 1, "img_size": 28 if s.timm_kwargs.get("patch_size", 14) == 14 else 32}
+    if s.source == "transformers":
+        return {"num_hidden_layers": 1, "image_size": 28 if s.timm_kwargs["patch_size"] == 14 else 32}
+    if s.arch.startswith("conch"):
+        return {"depth": 1, "img_size": 64}
+    return {}  # CTransPath: Swin-T is small; its window grid needs 224 px
+
+
+def _batch(n=2, px=40, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, px, px, 3), dtype=np.uint8))
+
+
+def _feats(enc, x):
+    with torch.inference_mode():
+        return enc.module(enc.preprocess(x))
+
+
+def _small(key, seed=0, **kw):
+    torch.manual_seed(seed)
+    return get_encoder(key, weights=None, model_kwargs=small_kwargs(key), **kw)
+
+
+def test_registry_has_the_foundation_models():
+    table = list_encoders()
+    assert set(REQUIRED) <= set(table.index)
+    for col in ("dim", "mpp", "licence", "gated", "readout", "input_size"):
+        assert col in table.columns
+    assert table.loc["virchow2", "dim"] == 2560 and table.loc["virchow2", "mpp"] == "0.25-2"
+    assert table.loc["uni", "mpp"] == "0.5" and bool(table.loc["uni", "gated"])
+    assert table.loc["resnet50", "mpp"] == ""  # ImageNet CNN: no training µm/px
+    # published numbers the entries must carry
+    assert REGISTRY["virchow"].timm_kwargs["mlp_ratio"] == 5.3375
+    assert REGISTRY["virchow2"].timm_kwargs["reg_tokens"] == 4
+    assert REGISTRY["uni2-h"].timm_kwargs["reg_tokens"] == 8
+    assert REGISTRY["conch"].input_size == 448 and REGISTRY["conch"].mean[0] == pytest.approx(0.48145466)
+    assert REGISTRY["h0-mini"].mean == REGISTRY["h-optimus-0"].mean
+    assert REGISTRY["midnight"].mean == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("key", FOUNDATION)
+def test_entry_builds_with_documented_dim(key, caplog):
+    spec = REGISTRY[key]
+    with caplog.at_level(logging.WARNING, logger="histoexp"):
+        enc = _small(key)
+    assert "random initialisation" in caplog.text
+    assert enc.dim == spec.dim and enc.config["random_init"] is True
+    assert enc.mpp == spec.mpp and enc.config["mpp"] == spec.mpp
+    assert enc.config["readout"] == spec.readout and enc.config["gated"] == spec.gated
+    out = _feats(enc, _batch())
+    assert out.shape == (2, spec.dim) and torch.isfinite(out).all()
+    if spec.source == "timm" and spec.readout != "pooled":
+        # the published architecture arguments reached timm unchanged
+        bb = enc.module.backbone
+        assert bb.num_features * (2 if spec.readout == "cls+mean" else 1) == spec.dim
+        assert bb.num_prefix_tokens == 1 + int(spec.timm_kwargs.get("reg_tokens", 4 if "reg4" in spec.arch else 0))
+
+
+def test_readout_virchow2_by_hand():
+    enc = _small("virchow2")
+    x = enc.preprocess(_batch(3))
+    with torch.inference_mode():
+        tokens = enc.module.tokens(x)
+        feats = enc.module(x)
+    n_reg = 4
+    assert tokens.shape[1] == 1 + n_reg + (28 // 14) ** 2
+    expected = torch.cat([tokens[:, 0], tokens[:, 1 + n_reg :].mean(1)], dim=-1)
+    assert torch.allclose(feats, expected, atol=1e-6)
+    # the registers are excluded: including them gives another vector
+    wrong = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+    assert not torch.allclose(feats, wrong, atol=1e-4)
+
+
+@pytest.mark.parametrize(("key", "n_prefix"), [("virchow", 1), ("h0-mini", 5), ("midnight", 1)])
+def test_readout_cls_plus_mean_by_hand(key, n_prefix):
+    enc = _small(key)
+    x = enc.preprocess(_batch(2))
+    with torch.inference_mode():
+        tokens = enc.module.tokens(x)
+        feats = enc.module(x)
+    assert enc.module.num_prefix_tokens == n_prefix
+    assert torch.allclose(feats, torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["uni", "uni2-h", "h-optimus-1", "prov-gigapath", "phikon", "phikon-v2"])
+def test_readout_class_token_by_hand(key):
+    enc = _small(key)
+    x = enc.preprocess(_batch(2))
+    with torch.inference_mode():
+        assert torch.equal(enc.module(x), enc.module.tokens(x)[:, 0])
+
+
+def test_readout_hibou_pooler_is_normed_class_token():
+    enc = _small("hibou-b")
+    x = enc.preprocess(_batch(2))
+    with torch.inference_mode():
+        out = enc.module.backbone(pixel_values=x)
+        assert torch.allclose(enc.module(x), out.last_hidden_state[:, 0], atol=1e-6)
+    assert enc.module.backbone.config.num_register_tokens == 4
+
+
+@pytest.mark.parametrize("key", FOUNDATION)
+def test_local_state_dict_roundtrip(tmp_path, key):
+    from safetensors.torch import save_file
+
+    src = _small(key, seed=0)
+    bb = getattr(src.module, "backbone", src.module)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(path))
+    torch.manual_seed(1)  # another random init underneath: the file must win
+    loaded = get_encoder(key, weights=str(path), model_kwargs=small_kwargs(key))
+    assert loaded.config["random_init"] is False and loaded.config["weights"] == os.path.abspath(path)
+    x = _batch(2, seed=3)
+    assert torch.equal(_feats(src, x), _feats(loaded, x))
+
+
+def test_local_torch_save_in_hub_layout_folder(tmp_path):
+    # a folder laid out as the hub repository (pytorch_model.bin), read with torch.load(weights_only=True)
+    src = _small("uni")
+    torch.save(src.module.backbone.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = get_encoder("uni", weights=str(tmp_path), model_kwargs=small_kwargs("uni"))
+    x = _batch(2, seed=4)
+    assert torch.equal(_feats(src, x), _feats(loaded, x))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        get_encoder("uni", weights=str(tmp_path / "empty"), model_kwargs=small_kwargs("uni"))
+
+
+def test_local_weights_wrong_architecture_refused(tmp_path):
+    src = _small("virchow")  # no registers
+    torch.save(src.module.backbone.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        get_encoder("virchow2", weights=str(tmp_path / "w.pt"), model_kwargs=small_kwargs("virchow2"))
+
+
+def test_conch_full_checkpoint_keeps_the_vision_tower(tmp_path):
+    # the published CONCH file holds the whole CoCa model: visual.* (with the caption pooler) and text.*
+    src = _small("conch")
+    state = {f"visual.{k}": v for k, v in src.module.state_dict().items()}
+    state["visual.attn_pool_caption.query"] = torch.zeros(256, 768)
+    state["visual.proj_contrast"] = torch.zeros(512, 512)
+    state["text.token_embedding.weight"] = torch.zeros(10, 768)
+    state["logit_scale"] = torch.zeros(())
+    torch.save({"state_dict": state}, tmp_path / "pytorch_model.bin")
+    loaded = get_encoder("conch", weights=str(tmp_path), model_kwargs=small_kwargs("conch"))
+    x = _batch(2, seed=5)
+    assert torch.equal(_feats(src, x), _feats(loaded, x))
+
+
+def test_conch_position_embedding_resampled_to_the_input_grid(tmp_path):
+    src = _small("conch")  # 64 px: a 4 x 4 grid
+    torch.save(src.module.state_dict(), tmp_path / "w.pt")
+    kw = {**small_kwargs("conch"), "img_size": 128}  # 8 x 8 grid
+    loaded = get_encoder("conch", weights=str(tmp_path / "w.pt"), model_kwargs=kw)
+    assert loaded.input_size == 128 and loaded.module.trunk.pos_embed.shape[1] == 1 + 64
+    assert _feats(loaded, _batch(1, px=128)).shape == (1, 512)
+
+
+def test_ctranspath_original_checkpoint_layout(tmp_path):
+    # TransPath checkpoints use the timm 0.5 Swin layout: the patch merging of stage i sits at the end of stage i
+    # (layers.i.downsample) and non-persistent buffers are saved; they must map onto the current layout
+    src = _small("ctranspath")
+    old = {}
+    for k, v in src.module.state_dict().items():
+        if ".downsample." in k:
+            i = int(k.split(".")[1])
+            k = k.replace(f"layers.{i}.downsample", f"layers.{i - 1}.downsample")
+        old[k] = v
+    old["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)
+    old["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+    old["head.weight"], old["head.bias"] = torch.zeros(1000, 768), torch.zeros(1000)
+    assert "layers.0.downsample.reduction.weight" in old
+    torch.save({"model": old}, tmp_path / "CHIEF_CTransPath.pth")
+    loaded = get_encoder("ctranspath", weights=str(tmp_path))
+    x = _batch(2, seed=6)
+    assert torch.equal(_feats(src, x), _feats(loaded, x))
+
+
+def test_transformers_local_folder_through_from_pretrained(tmp_path):
+    src = _small("phikon-v2")
+    src.module.backbone.save_pretrained(tmp_path)  # config.json + model.safetensors, as on the hub
+    loaded = get_encoder("phikon-v2", weights=str(tmp_path))
+    assert loaded.config["weights"] == os.path.abspath(tmp_path)
+    x = _batch(2, px=32, seed=7)
+    # the folder's own config (one layer, 32 px) is used; the input size stays the entry's, so compare at 32 px
+    with torch.inference_mode():
+        assert torch.allclose(src.module(src.preprocess(x)), loaded.module(src.preprocess(x)), atol=1e-6)
+
+
+def test_gated_or_offline_hub_errors_name_the_remedies(monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    # the error only reads headers and request from the HTTP response
+    response = SimpleNamespace(headers={}, request=None, status_code=403)
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("Access to model MahmoodLab/conch is restricted.", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(WeightsUnavailableError) as err:
+        get_encoder("conch")
+    msg = str(err.value)
+    for needle in ("weights='/local/path", "huggingface-cli login", "HF_TOKEN", "weights=None", "gated"):
+        assert needle in msg
+    assert isinstance(err.value.__cause__, GatedRepoError)
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot reach the Hub and the file is not in the local cache.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(WeightsUnavailableError, match="CHIEF_CTransPath"):
+        get_encoder("ctranspath")
+
+
+def test_transformers_hub_offline_error(monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(transformers.Dinov2Model, "from_pretrained", offline)
+    with pytest.raises(WeightsUnavailableError, match="HF_TOKEN") as err:
+        get_encoder("midnight")
+    assert "kaiko-ai/midnight" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_patch_mpp_rule(caplog):
+    enc = _small("uni")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="histoexp"):
+        assert check_patch_mpp(enc, 0.55) == pytest.approx(1.1)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="histoexp"):
+        check_patch_mpp(enc, 0.69)
+    assert "0.69 µm/px" in caplog.text and "mpp=0.5" in caplog.text
+    with pytest.raises(ValueError, match=r"extract_patches\(adata, mpp=0.5") as err:
+        check_patch_mpp(enc, 1.0)
+    assert "mpp=None" in str(err.value)
+    assert check_patch_mpp(enc, None) is None
+    # a multi-magnification model accepts its whole range
+    v2 = _small("virchow2")
+    assert check_patch_mpp(v2, 1.0) == 1.0 and check_patch_mpp(v2, 0.3) == 1.0
+    with pytest.raises(ValueError):
+        check_patch_mpp(v2, 4.5)
+    # stated intent: the user's µm/px becomes the reference; None switches the check off
+    assert check_patch_mpp(_small("uni", mpp=1.0), 1.0) == 1.0
+    assert check_patch_mpp(_small("uni", mpp=None), 1.0) is None
+    assert check_patch_mpp(get_encoder("resnet18", weights=None), 2.0) is None
+
+
+def test_embed_patches_refuses_another_magnification_on_her2st(her2st_c2):
+    import histoexp as hx
+
+    ad = her2st_c2[:12].copy()
+    hx.pp.extract_patches(ad, mpp=2.0, patch_px=56, key_added="coarse")
+    enc = _small("uni")
+    with pytest.raises(ValueError, match="another magnification"):
+        hx.tl.embed_patches(ad, encoder=enc, patches_key="coarse")
+    assert "X_uni" not in ad.obsm
+    hx.pp.extract_patches(ad, mpp=0.5, patch_px=224, key_added="fine")
+    hx.tl.embed_patches(ad, encoder=enc, patches_key="fine", batch_size=6)
+    assert ad.obsm["X_uni"].shape == (12, 1024)
+    assert ad.uns["histoexp"]["embeddings"]["X_uni"]["config"]["mpp"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# full size (0.3-1.1 B parameters): not in CI, see docs/encoders.md for the measured build time and memory
+# ---------------------------------------------------------------------------------------------------------------
+
+LARGE = ["uni2-h", "virchow", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "midnight"]
+
+
+@pytest.mark.large_encoder
+@pytest.mark.parametrize("key", LARGE)
+def test_large_entry_full_depth(key):
+    if os.environ.get("HISTOEXP_TEST_LARGE_ENCODERS") != "1":
+        pytest.skip("full-size foundation model: set HISTOEXP_TEST_LARGE_ENCODERS=1 (needs up to ~9 GB RAM)")
+    s = REGISTRY[key]
+    kw = {"img_size": 28 if s.timm_kwargs.get("patch_size", 14) == 14 else 32}
+    if s.source == "transformers":
+        kw = {"image_size": 28}
+    enc = get_encoder(key, weights=None, model_kwargs=kw)
+    assert _feats(enc, _batch(1)).shape == (1, s.dim)
