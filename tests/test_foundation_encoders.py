@@ -334,3 +334,20 @@ def test_large_entry_full_depth(key):
         kw = {"image_size": 28}
     enc = get_encoder(key, weights=None, model_kwargs=kw)
     assert _feats(enc, _batch(1)).shape == (1, s.dim)
+
+
+def test_docs_registry_table_matches_the_registry():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "encoders.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(REGISTRY)
+    for key, cells in rows.items():
+        s = REGISTRY[key]
+        mpp = f"{s.mpp_range[0]:g}–{s.mpp_range[1]:g}" if s.mpp_range else (f"{s.mpp:g}" if s.mpp else "—")
+        assert (int(cells[2]), cells[3], int(cells[4]), cells[6]) == (s.dim, s.readout, s.input_size, mpp), key
+        assert cells[9] == ("yes" if s.gated else "no"), key
