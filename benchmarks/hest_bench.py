@@ -14,12 +14,14 @@ split, averaged over genes, then mean ± sd over the folds. Rows next to it:
   expression, every gene = its loading x that score, EVALUATION.md), on the same features;
 - ``hx ridge``: ``hx.tl.fit_ridge`` (standardise, PCA-256, alpha by leave-one-sample-out inside the training split)
   on the same features and targets;
+- ``hx BLEEP``: ``hx.tl.fit_bleep`` on the same frozen features (its defaults) + ``hx.tl.impute`` (retrieval from the
+  training spots);
 - gene-specific PCC (partial correlation given the test split's score on PC1 of the training expression) for each.
 
 ``--build-her2st DIR`` writes such a task folder from the local her2st data (C2..C6, 224 px at 0.5 µm/px cut with
 ``hx.pp.extract_patches``). her2st has images for patient C only, so its folds are sections, not patients; the 50
 genes are the most variable of log1p counts over the five sections (as HEST-Benchmark, which selects them on the
-whole task).
+whole task: genes in >= 10 % of every section's spots, log1p counts, scanpy ``highly_variable_genes``).
 
 Usage::
 
@@ -55,7 +57,7 @@ def build_her2st_task(dest: Path, data_dir=None) -> Path:
     sections = ["C2", "C3", "C4", "C5", "C6"]
     for d in ("splits", "patches", "adata"):
         (dest / d).mkdir(parents=True, exist_ok=True)
-    logs = []
+    counts = []
     for sec in sections:
         ad = hx.datasets.her2st(sec, data_dir=data_dir)
         hx.pp.extract_patches(ad, size_um=112, patch_px=224, key_added="p")
@@ -68,10 +70,8 @@ def build_her2st_task(dest: Path, data_dir=None) -> Path:
         out = AnnData(X=ad.X, obs=ad.obs[[]].copy(), var=ad.var[[]].copy())
         out.obsm["spatial"] = np.asarray(ad.obsm["spatial"])
         out.write_h5ad(dest / "adata" / f"{sec}.h5ad")
-        logs.append(pd.DataFrame(np.log1p(ad.X.toarray()), columns=ad.var_names))
-    common = sorted(set.intersection(*(set(d.columns) for d in logs)))
-    var = pd.concat([d[common] for d in logs]).var().sort_values(ascending=False)
-    (dest / "var_50genes.json").write_text(json.dumps({"genes": var.index[:50].tolist()}))
+        counts.append(out)
+    (dest / "var_50genes.json").write_text(json.dumps({"genes": top_k_genes(counts, 50)}))
 
     def rows(ids):
         return pd.DataFrame(
@@ -86,6 +86,25 @@ def build_her2st_task(dest: Path, data_dir=None) -> Path:
         rows([s for s in sections if s != test]).to_csv(dest / "splits" / f"train_{k}.csv", index=False)
         rows([test]).to_csv(dest / "splits" / f"test_{k}.csv", index=False)
     return dest
+
+
+def top_k_genes(adatas, k: int, min_cells_pct: float = 0.10) -> list[str]:
+    """HEST-Benchmark's gene choice (``get_k_genes(criteria='var')``): genes found in >= 10 % of the spots of every
+    sample, counts stacked, log1p, scanpy's ``highly_variable_genes(n_top_genes=k)``, in the stacked gene order."""
+    import anndata
+    import scanpy as sc
+
+    common = None
+    for a in adatas:
+        b = a.copy()
+        sc.pp.filter_genes(b, min_cells=int(np.ceil(min_cells_pct * b.n_obs)))
+        common = set(b.var_names) if common is None else common & set(b.var_names)
+    genes = sorted(g for g in common if "BLANK" not in g and "Control" not in g)
+    st = anndata.concat([a[:, genes] for a in adatas])
+    st.X = st.X.astype(np.float32)
+    sc.pp.log1p(st)
+    sc.pp.highly_variable_genes(st, n_top_genes=k)
+    return st.var_names[st.var["highly_variable"].to_numpy()][:k].tolist()
 
 
 def load_sample(task: Path, row) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -134,24 +153,41 @@ def hest_ridge(x_tr, y_tr, x_te):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    red = make_pipeline(StandardScaler(), PCA(n_components=min(256, *x_tr.shape), random_state=0))
+    red = make_pipeline(StandardScaler(), PCA(n_components=min(256, *x_tr.shape), random_state=1))
     z_tr, z_te = red.fit_transform(x_tr), red.transform(x_te)
     reg = Ridge(solver="lsqr", alpha=100 / (z_tr.shape[1] * y_tr.shape[1]), fit_intercept=False, max_iter=1000)
     return reg.fit(z_tr, y_tr).predict(z_te)
 
 
-def hx_ridge(x_tr, y_tr, ids_tr, x_te, genes):
+def _as_adata(x, y, genes, ids=None):
     from anndata import AnnData
 
-    tr = AnnData(X=y_tr.astype(np.float32))  # already log1p counts: normalize="none" keeps them
-    tr.var_names = genes
-    tr.obs["library_id"] = pd.Categorical(ids_tr)
-    tr.obsm["X_f"] = x_tr
-    te = AnnData(X=np.zeros((len(x_te), len(genes)), dtype=np.float32))
-    te.var_names = genes
-    te.obsm["X_f"] = x_te
+    a = AnnData(X=y.astype(np.float32))  # already log1p counts: the methods get normalize="none"
+    a.var_names = genes
+    if ids is not None:
+        a.obs["library_id"] = pd.Categorical(ids)
+    a.obsm["X_f"] = x
+    return a
+
+
+def hx_ridge(x_tr, y_tr, ids_tr, x_te, genes):
+    tr, te = _as_adata(x_tr, y_tr, genes, ids_tr), _as_adata(x_te, np.zeros((len(x_te), len(genes))), genes)
     model = hx.tl.fit_ridge(tr, genes=genes, use_rep="X_f", normalize="none", library_key="library_id", random_state=0)
     return np.asarray(hx.tl.impute(te, model).layers["ridge"])
+
+
+def hx_bleep(x_tr, y_tr, ids_tr, x_te, genes):
+    tr, te = _as_adata(x_tr, y_tr, genes, ids_tr), _as_adata(x_te, np.zeros((len(x_te), len(genes))), genes)
+    model = hx.tl.fit_bleep(
+        tr,
+        genes=genes,
+        use_rep="X_f",
+        normalize="none",
+        library_key="library_id",
+        random_state=0,
+        finetune_encoder=False,
+    )
+    return np.asarray(hx.tl.impute(te, model).layers["bleep"])
 
 
 def main() -> None:
@@ -202,6 +238,7 @@ def main() -> None:
                 "one-pattern": mu + np.outer(one.predict(x_te), v1),
                 "HEST recipe (PCA-256 + ridge)": hest_ridge(x_tr, y_tr, x_te),
                 "hx ridge": hx_ridge(x_tr, y_tr, ids_tr, x_te, genes),
+                "hx BLEEP": hx_bleep(x_tr, y_tr, ids_tr, x_te, genes),
             }
             fold = {
                 row: {

@@ -215,3 +215,21 @@ def test_datasets_hest_gated_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "huggingface-cli login" in msg and "HF_TOKEN" in msg and "datasets/MahmoodLab/hest" in msg
     assert "hx.io.read_hest" in msg and not any(tmp_path.iterdir())
+
+
+def test_datasets_hest_several_samples(c2, hest_root, tmp_path):
+    # a second sample: the same files under another id (linked, not copied); barcodes repeat across the two
+    root = tmp_path / "two"
+    for sub, ext in (("st", "h5ad"), ("wsis", "tif"), ("metadata", "json"), ("patches", "h5")):
+        (root / sub).mkdir(parents=True)
+        for sid in (SID, "SPAC2B"):
+            (root / sub / f"{sid}.{ext}").symlink_to(hest_root / sub / f"{SID}.{ext}")
+    ad = hx.datasets.hest([SID, "SPAC2B"], data_dir=root, download=False)
+    n = c2.n_obs - N_DROPPED
+    assert ad.n_obs == 2 * n and ad.obs_names.is_unique
+    assert list(ad.obs["library_id"].cat.categories) == [SID, "SPAC2B"]
+    assert ad.obs_names[0].startswith(f"{SID}_") and set(ad.uns["spatial"]) == {SID, "SPAC2B"}
+    rec = ad.uns["histoexp"]["hest_patches"]
+    assert set(rec["libraries"]) == {SID, "SPAC2B"}
+    src = hx.pp.get_patches(ad, key="hest_patches")
+    assert np.array_equal(src.batch([0]), src.batch([n]))  # the same spot in both samples

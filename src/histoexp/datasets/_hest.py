@@ -73,7 +73,8 @@ def hest(
     Returns
     -------
     One AnnData; several samples are concatenated (``obs['library_id']`` = sample id, one ``uns['spatial']``
-    entry and one patch-record library per sample).
+    entry and one patch-record library per sample; when barcodes repeat across samples, ``obs_names`` become
+    ``'<sample id>_<barcode>'``).
 
     Raises
     ------
@@ -125,8 +126,14 @@ def _concat(adatas: list[AnnData], join: str) -> AnnData:
     import anndata as ad
     import pandas as pd
 
-    out = ad.concat(adatas, join=join, merge="same")
     libs = [a.obs["library_id"].cat.categories[0] for a in adatas]
+    names = [n for a in adatas for n in a.obs_names]
+    if len(set(names)) < len(names):  # barcodes repeat across samples (Visium): prefix the sample id
+        logger.info("hest: barcodes repeat across samples; obs_names are '<sample id>_<barcode>'.")
+        adatas = [a.copy() for a in adatas]
+        for a, lib in zip(adatas, libs, strict=True):
+            a.obs_names = [f"{lib}_{n}" for n in a.obs_names]
+    out = ad.concat(adatas, join=join, merge="same")
     out.obs["library_id"] = pd.Categorical(out.obs["library_id"].astype(str), categories=libs)
     out.uns["spatial"] = {k: v for a in adatas for k, v in a.uns["spatial"].items()}
     recs = [a.uns.get("histoexp", {}).get("hest_patches") for a in adatas]
