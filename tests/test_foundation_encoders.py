@@ -299,6 +299,13 @@ def test_check_patch_mpp_rule(caplog):
     assert check_patch_mpp(_small("uni", mpp=1.0), 1.0) == 1.0
     assert check_patch_mpp(_small("uni", mpp=None), 1.0) is None
     assert check_patch_mpp(get_encoder("resnet18", weights=None), 2.0) is None
+    # a user module has no training µm/px unless the user states one
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert check_patch_mpp(get_encoder(net), 2.0) is None
+    with pytest.raises(ValueError, match="another magnification"):
+        check_patch_mpp(get_encoder(net, mpp=0.5), 2.0)
+    with pytest.raises(ValueError, match="`mpp` must be"):
+        get_encoder("uni", weights=None, mpp="0.5")
 
 
 def test_embed_patches_refuses_another_magnification_on_her2st(her2st_c2):

@@ -738,8 +738,15 @@ def get_encoder(
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
 
+    if mpp != "default" and mpp is not None and (isinstance(mpp, (str, bool)) or not float(mpp) > 0):
+        raise ValueError(f"`mpp` must be 'default', None or a positive number, got {mpp!r}.")
     if isinstance(encoder, nn.Module):
-        return _from_module(encoder, weights=weights, user_tf=user_tf, overrides=overrides, dim=dim)
+        if model_kwargs:
+            raise ValueError("`model_kwargs` applies to registry / timm encoders, not to a user module.")
+        enc = _from_module(encoder, weights=weights, user_tf=user_tf, overrides=overrides, dim=dim)
+        if mpp not in ("default", None):  # a user module has no training µm/px unless the user states one
+            enc.mpp = enc.config["mpp"] = float(mpp)
+        return enc
     if not isinstance(encoder, str):
         raise TypeError(f"`encoder` must be a string, a torch.nn.Module or an Encoder, got {type(encoder).__name__}.")
 
@@ -766,8 +773,6 @@ def get_encoder(
     if model_kwargs and spec.source in ("handcrafted", "torchvision"):
         raise ValueError(f"`model_kwargs` is not supported for {spec.source} encoders ({spec.key!r}).")
     if mpp != "default":
-        if mpp is not None and (isinstance(mpp, (str, bool)) or not float(mpp) > 0):
-            raise ValueError(f"`mpp` must be 'default', None or a positive number, got {mpp!r}.")
         spec = replace(spec, mpp=None if mpp is None else float(mpp), mpp_range=None)
 
     if spec.source == "handcrafted":
