@@ -57,13 +57,19 @@ def pc1(y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, vt[0]
 
 
-def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r per gene over spots; NaN for genes constant in the truth; 0 for a constant prediction."""
+def pearson_per_gene(pred: np.ndarray, truth: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Pearson r per gene over spots; NaN for genes constant in the truth; 0 for a constant prediction.
+
+    A column whose spread is below 1e-6 of ``scale`` (default: the column's mean absolute value) is constant up to
+    float32 rounding (a mean predictor; what remains of a one-pattern predictor once the shared axis is removed).
+    """
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     p = pred - pred.mean(0)
     t = truth - truth.mean(0)
-    # constant up to rounding (a mean predictor, or what remains of a one-pattern predictor after removing s)
-    flat_p = np.sqrt((p**2).mean(0)) <= 1e-9 * (1 + np.abs(pred).mean(0))
-    flat_t = np.sqrt((t**2).mean(0)) <= 1e-9 * (1 + np.abs(truth).mean(0))
+    sp = 1 + (np.abs(pred).mean(0) if scale is None else scale[0])
+    st = 1 + (np.abs(truth).mean(0) if scale is None else scale[1])
+    flat_p = np.sqrt((p**2).mean(0)) <= 1e-6 * sp
+    flat_t = np.sqrt((t**2).mean(0)) <= 1e-6 * st
     den = np.sqrt((p**2).sum(0) * (t**2).sum(0))
     ok = ~flat_p & ~flat_t & (den > 0)
     r = np.zeros(pred.shape[1])
@@ -74,9 +80,11 @@ def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def gene_specific_pcc(pred: np.ndarray, truth: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Pearson r per gene between prediction and truth after regressing each on [1, s]."""
+    pred, truth, s = np.asarray(pred, np.float64), np.asarray(truth, np.float64), np.asarray(s, np.float64)
     a = np.column_stack([np.ones_like(s), s])
     proj = a @ np.linalg.pinv(a)
-    return pearson_per_gene(pred - proj @ pred, truth - proj @ truth)
+    scale = (np.abs(pred).mean(0), np.abs(truth).mean(0))
+    return pearson_per_gene(pred - proj @ pred, truth - proj @ truth, scale=scale)
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, mu: np.ndarray, v1: np.ndarray) -> dict:
