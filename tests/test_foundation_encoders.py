@@ -375,3 +375,77 @@ def test_docs_registry_table_matches_the_registry():
         mpp = f"{s.mpp_range[0]:g}–{s.mpp_range[1]:g}" if s.mpp_range else (f"{s.mpp:g}" if s.mpp else "—")
         assert (int(cells[2]), cells[3], int(cells[4]), cells[6]) == (s.dim, s.readout, s.input_size, mpp), key
         assert cells[9] == ("yes" if s.gated else "no"), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the hub paths: what the published loading code is called with (no network: the loaders are stood in for)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_timm_hub_call_carries_the_published_arguments(monkeypatch):
+    import timm
+
+    calls = []
+    real = timm.create_model
+
+    def spy(name, **kw):
+        calls.append((name, dict(kw)))
+        arch = REGISTRY["virchow2"].arch  # build the same architecture locally, one block, no download
+        return real(arch, **{**kw, "pretrained": False, "depth": 1, "img_size": 28})
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    enc = get_encoder("virchow2")
+    name, kw = calls[0]
+    assert name == "hf-hub:paige-ai/Virchow2" and kw["pretrained"] is True
+    assert kw["mlp_layer"] is timm.layers.SwiGLUPacked and kw["act_layer"] == "silu"
+    assert kw["reg_tokens"] == 4 and kw["mlp_ratio"] == 5.3375 and kw["init_values"] == 1e-5
+    assert kw["global_pool"] == "" and kw["num_classes"] == 0 and kw["dynamic_img_size"] is True
+    assert enc.config["weights"] == "hf-hub:paige-ai/Virchow2" and enc.config["random_init"] is False
+    assert enc.module.readout == "cls+mean" and enc.module.num_prefix_tokens == 5
+
+
+def test_transformers_hub_call_uses_from_pretrained(monkeypatch):
+    import transformers
+
+    calls = []
+    small = _small("hibou-b").module.backbone
+
+    def fake(source, **kw):
+        calls.append((source, kw))
+        return small
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fake)
+    enc = get_encoder("hibou-b")
+    assert calls == [("histai/hibou-b", {"trust_remote_code": True, "local_files_only": False})]
+    assert enc.config["weights"] == "hf:histai/hibou-b" and enc.dim == 768
+
+    calls.clear()
+    monkeypatch.setattr(transformers.ViTModel, "from_pretrained", fake)
+    get_encoder("phikon")
+    assert calls == [("owkin/phikon", {"local_files_only": False, "add_pooling_layer": False})]
+
+
+def test_custom_hub_download_loads_the_published_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = _small("ctranspath")
+    path = tmp_path / "CHIEF_CTransPath.pth"
+    torch.save({"model": src.module.state_dict()}, path)
+    calls = []
+
+    def fake_download(**kw):
+        calls.append(kw)
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    enc = get_encoder("ctranspath")
+    assert calls == [
+        {
+            "repo_id": "MahmoodLab/hest-bench",
+            "filename": "fm_v1/ctranspath/CHIEF_CTransPath.pth",
+            "repo_type": "dataset",
+        }
+    ]
+    assert enc.config["weights"] == "hf-dataset:MahmoodLab/hest-bench/fm_v1/ctranspath/CHIEF_CTransPath.pth"
+    x = _batch(2, seed=8)
+    assert torch.equal(_feats(src, x), _feats(enc, x))

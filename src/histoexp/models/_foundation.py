@@ -532,7 +532,8 @@ def register_all(register) -> None:
         mean=KAIKO_MEAN,
         std=KAIKO_STD,
         weights="hf:kaiko-ai/midnight",
-        licence=_licence("MIT", hf + "kaiko-ai/midnight", False),
+        licence=_licence("MIT", hf + "kaiko-ai/midnight", True),
+        gated=True,
         timm_kwargs={
             "hidden_size": 1536,
             "num_hidden_layers": 40,
