@@ -449,3 +449,12 @@ def test_custom_hub_download_loads_the_published_file(tmp_path, monkeypatch):
     assert enc.config["weights"] == "hf-dataset:MahmoodLab/hest-bench/fm_v1/ctranspath/CHIEF_CTransPath.pth"
     x = _batch(2, seed=8)
     assert torch.equal(_feats(src, x), _feats(enc, x))
+
+
+def test_transformers_entries_name_the_extra_when_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"histoexp\[hf\]"):
+        get_encoder("phikon", weights=None)
+    assert get_encoder("conch", weights=None, model_kwargs=small_kwargs("conch")).dim == 512  # others unaffected
