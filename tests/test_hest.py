@@ -233,3 +233,14 @@ def test_datasets_hest_several_samples(c2, hest_root, tmp_path):
     assert set(rec["libraries"]) == {SID, "SPAC2B"}
     src = hx.pp.get_patches(ad, key="hest_patches")
     assert np.array_equal(src.batch([0]), src.batch([n]))  # the same spot in both samples
+
+
+def test_read_hest_output_round_trips_through_h5ad(hest_root, tmp_path):
+    import anndata as ad
+
+    a = hx.io.read_hest(SID, root=hest_root, patches=True)[:20].copy()
+    hx.io.write_h5ad(a, tmp_path / "a.h5ad")
+    b = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert b.uns["spatial"][SID]["metadata"]["hest"]["st_technology"] == "Spatial Transcriptomics"
+    assert b.uns["spatial"][SID]["metadata"]["source_image_path"] == str(hest_root / "wsis" / f"{SID}.tif")
+    assert np.array_equal(hx.pp.get_patches(b, key="hest_patches").batch([0, 19]), a.obsm["hest_patches"][[0, 19]])
