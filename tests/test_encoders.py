@@ -28,7 +28,7 @@ def _uint8(b=2, px=64, seed=0):
 
 
 def test_registry_lists_required_entries():
-    keys = list_encoders()
+    keys = list_encoders().index
     for k in ("resnet50", "resnet18", "densenet121", "handcrafted", "uni", "h-optimus-0"):
         assert k in keys
     uni = enc_mod.REGISTRY["uni"]

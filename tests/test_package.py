@@ -10,7 +10,8 @@ def test_import_is_lazy():
     # a fast import is a property of what gets imported, not a wall-clock figure (noisy on CI)
     code = (
         "import sys; import histoexp as hx; "
-        "print(','.join(m for m in ('torch', 'torchvision', 'squidpy', 'spatialdata', 'timm', 'scanpy') "
+        "print(','.join(m for m in ('torch', 'torchvision', 'squidpy', 'spatialdata', 'timm', 'scanpy', "
+        "'transformers', 'huggingface_hub') "
         "if m in sys.modules))"
     )
     heavy = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()

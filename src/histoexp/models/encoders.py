@@ -41,6 +41,7 @@ __all__ = [
     "Encoder",
     "EncoderSpec",
     "WeightsUnavailableError",
+    "check_patch_mpp",
     "get_encoder",
     "list_encoders",
     "load_weights",
@@ -66,25 +67,44 @@ class EncoderSpec:
     key
         Registry key (also the default name: embeddings go to ``obsm['X_<key>']``).
     source
-        ``'torchvision'``, ``'timm'`` or ``'handcrafted'``.
+        ``'torchvision'``, ``'timm'``, ``'transformers'`` (Hugging Face ``transformers`` architectures, optional
+        extra ``histoexp[hf]``), ``'custom'`` (an architecture histoexp builds itself: CONCH's vision towers,
+        CTransPath) or ``'handcrafted'``.
     arch
-        Architecture: torchvision builder name (``'resnet50'``) or timm model name (``'vit_large_patch16_224'``).
+        Architecture: torchvision builder name (``'resnet50'``), timm model name (``'vit_large_patch16_224'``),
+        ``transformers`` model class (``'Dinov2Model'``) or custom builder name (``'conch_v1'``).
     dim
-        Output feature dimension (after pooling, no classifier head).
+        Output feature dimension (after the read-out, no classifier head).
     input_size
         Side of the square input the model expects (patches are resized to it).
     mean, std
         Per-channel normalisation applied after scaling pixels to [0, 1].
     weights
-        Default weights: a torchvision weights-enum name, or a ``'hf-hub:<id>'`` / timm pretrained tag.
+        Default weights: a torchvision weights-enum name, a ``'hf-hub:<id>'`` timm tag, or ``'hf:<org>/<repo>'``
+        (a Hugging Face repository read through ``huggingface_hub``: ``transformers`` and custom entries).
     licence
         Licence of the weights and any access condition.
     gated
         True when the weights sit in a gated repository (accept the terms on the hub, then log in).
     timm_kwargs
-        Extra keyword arguments for :func:`timm.create_model` (as the model card prescribes).
+        Keyword arguments of the architecture as the authors publish them: for timm entries the arguments of
+        :func:`timm.create_model` (``'mlp_layer': 'SwiGLUPacked'``, ``'act_layer': 'silu'`` are resolved to the timm
+        classes), for ``transformers`` entries the model config, for custom entries the builder's arguments.
     description
         One line for humans.
+    mpp
+        µm per pixel of the images the model was trained on (``None``: unknown or not applicable). It is the
+        default patch geometry and is checked against the patches (:func:`check_patch_mpp`).
+    mpp_range
+        ``(low, high)`` µm/px when the authors trained on several magnifications (e.g. Virchow2: 0.25–2).
+    readout
+        How the token sequence becomes one vector: ``'pooled'`` (the module's own pooled output), ``'cls'``
+        (the class token after the final norm), ``'cls+mean'`` (class token concatenated with the mean of the patch
+        tokens, register tokens excluded), ``'pooler'`` (a ``transformers`` model's ``pooler_output``).
+    hub_file
+        For custom entries: the file of the Hugging Face repository that holds the weights.
+    trust_remote_code
+        ``transformers`` entries whose published loading code lives on the hub (``trust_remote_code=True``).
     """
 
     key: str
@@ -99,7 +119,15 @@ class EncoderSpec:
     gated: bool = False
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    mpp: float | None = None
+    mpp_range: tuple[float, float] | None = None
+    readout: str = "pooled"
+    hub_file: str | None = None
+    trust_remote_code: bool = False
 
+
+_SOURCES = ("torchvision", "timm", "transformers", "custom", "handcrafted")
+_READOUTS = ("pooled", "cls", "cls+mean", "pooler")
 
 REGISTRY: dict[str, EncoderSpec] = {}
 
@@ -123,17 +151,50 @@ def register_encoder(spec: EncoderSpec | None = None, /, *, overwrite: bool = Fa
         spec = EncoderSpec(**kwargs)
     elif kwargs:
         raise TypeError("Pass either an EncoderSpec or its fields as keyword arguments, not both.")
-    if spec.source not in ("torchvision", "timm", "handcrafted"):
-        raise ValueError(f"`source` must be 'torchvision', 'timm' or 'handcrafted', got {spec.source!r}.")
+    if spec.source not in _SOURCES:
+        raise ValueError(f"`source` must be one of {_SOURCES}, got {spec.source!r}.")
+    if spec.readout not in _READOUTS:
+        raise ValueError(f"`readout` must be one of {_READOUTS}, got {spec.readout!r}.")
     if spec.key in REGISTRY and not overwrite:
         raise KeyError(f"Encoder {spec.key!r} is already registered. Pass `overwrite=True` to replace it.")
     REGISTRY[spec.key] = spec
     return spec
 
 
-def list_encoders() -> list[str]:
-    """Registry keys accepted by :func:`get_encoder` (besides ``'timm:<name>'`` and ``'hf-hub:<id>'``)."""
-    return sorted(REGISTRY)
+def list_encoders():
+    """Return the encoder registry as a table: one row per key accepted by :func:`get_encoder`.
+
+    Besides these keys, :func:`get_encoder` accepts ``'timm:<name>'``, ``'hf-hub:<id>'`` and user modules.
+
+    Returns
+    -------
+    :class:`pandas.DataFrame` indexed by ``key``, with columns ``dim`` (feature dimension), ``mpp`` (µm per pixel
+    the model was trained at; a range for multi-magnification models), ``input_size``, ``readout``, ``source``,
+    ``arch``, ``weights`` (default weights), ``licence``, ``gated`` and ``description``. In Jupyter it displays
+    as a table; ``key in list_encoders().index`` tests membership.
+    """
+    import pandas as pd
+
+    rows = []
+    for key in sorted(REGISTRY):
+        s = REGISTRY[key]
+        mpp = f"{s.mpp_range[0]:g}-{s.mpp_range[1]:g}" if s.mpp_range else (f"{s.mpp:g}" if s.mpp else "")
+        rows.append(
+            {
+                "key": key,
+                "dim": s.dim,
+                "mpp": mpp,
+                "input_size": s.input_size,
+                "readout": s.readout,
+                "source": s.source,
+                "arch": s.arch,
+                "weights": s.weights or "",
+                "licence": s.licence.split(",")[0],
+                "gated": s.gated,
+                "description": s.description,
+            }
+        )
+    return pd.DataFrame(rows).set_index("key")
 
 
 _TV_LICENCE = "BSD-3-Clause (torchvision); ImageNet weights: non-commercial research terms of ImageNet"
@@ -186,6 +247,8 @@ register_encoder(
     gated=True,
     timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
     description="UNI (Chen et al. 2024), ViT-L/16 pathology foundation model",
+    mpp=0.5,
+    readout="cls",
 )
 register_encoder(
     key="h-optimus-0",
@@ -199,6 +262,8 @@ register_encoder(
     gated=True,
     timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
     description="H-optimus-0 (Bioptimus), ViT-g/14 pathology foundation model",
+    mpp=0.5,
+    readout="cls",
 )
 
 
@@ -209,6 +274,72 @@ def _fill_handcrafted_dim() -> None:
 
 
 _fill_handcrafted_dim()
+
+
+def _register_foundation_models() -> None:
+    from ._foundation import register_all
+
+    register_all(register_encoder)
+
+
+_register_foundation_models()
+
+
+# tolerance of the patch geometry check: within 25 % nothing is said, from 25 % a warning, from a factor 2 an error
+MPP_WARN_RATIO = 1.25
+MPP_ERROR_RATIO = 2.0
+
+
+def check_patch_mpp(encoder: Encoder, mpp: float | None, *, what: str = "the patches") -> float | None:
+    """Compare the µm per pixel of the patches with the µm per pixel the encoder was trained at.
+
+    Foundation models see tissue at one magnification (UNI, Virchow, H-optimus: 20x, 0.5 µm/px); patches cut at
+    another scale give features of another kind without any error. The rule:
+
+    - within 25 % of the encoder's µm/px (or inside its training range, ``mpp_range``): nothing said;
+    - 25 % to a factor 2 off: a warning through the ``histoexp`` logger;
+    - a factor 2 or more off (another magnification): :class:`ValueError`, naming the remedies: cut the patches at
+      the encoder's µm/px (``hx.pp.extract_patches(adata, mpp=...)``), or build the encoder with
+      ``get_encoder(key, mpp=<your µm/px>)`` to state that this scale is intended (recorded), or ``mpp=None`` to
+      switch the check off.
+
+    Encoders without a training µm/px (ImageNet CNNs, handcrafted features, user modules) are not checked.
+
+    Parameters
+    ----------
+    encoder
+        The resolved encoder.
+    mpp
+        µm per pixel at which the patches were cut (``uns['histoexp'][patches_key]['mpp']``); ``None``: unknown.
+    what
+        How the message names the patches.
+
+    Returns
+    -------
+    The ratio (patches' µm/px over the encoder's, 1 inside a training range), or None when nothing was checked.
+    """
+    ref = encoder.mpp
+    if ref is None or mpp is None:
+        return None
+    mpp = float(mpp)
+    lo, hi = encoder.mpp_range if encoder.mpp_range else (ref, ref)
+    ratio = 1.0 if lo <= mpp <= hi else (mpp / lo if mpp < lo else mpp / hi)
+    off = max(ratio, 1.0 / ratio)
+    trained = f"{lo:g}-{hi:g}" if lo != hi else f"{ref:g}"
+    msg = (
+        f"Encoder {encoder.name!r} was trained on tiles at {trained} µm/px; {what} are at {mpp:.3g} µm/px "
+        f"({off:.2f}x {'coarser' if ratio > 1 else 'finer'})."
+    )
+    if off >= MPP_ERROR_RATIO:
+        raise ValueError(
+            msg + f" That is another magnification, and the features would not be what the model was trained on. "
+            f"Cut the patches at the encoder's scale: `hx.pp.extract_patches(adata, mpp={ref:g}, ...)`; or, if this "
+            f"scale is intended, build the encoder with `hx.models.get_encoder({encoder.config.get('encoder')!r}, "
+            f"mpp={mpp:.3g})` (recorded), or `mpp=None` to switch the check off."
+        )
+    if off > MPP_WARN_RATIO:
+        logger.warning("%s Consider `hx.pp.extract_patches(adata, mpp=%g, ...)`.", msg, ref)
+    return ratio
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -284,6 +415,9 @@ class Encoder:
     transform
         Optional user transform replacing the default resize + normalise: a callable taking the uint8
         (B, H, W, 3) tensor and returning the float (B, 3, S, S) model input.
+    mpp, mpp_range
+        µm per pixel of the model's training tiles (a single value and, for multi-magnification models, a range);
+        ``None`` when unknown or not checked. :func:`check_patch_mpp` compares the patches with it.
     """
 
     module: nn.Module
@@ -295,6 +429,8 @@ class Encoder:
     config: dict[str, Any] = field(default_factory=dict)
     trainable: bool = True
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mpp: float | None = None
+    mpp_range: tuple[float, float] | None = None
 
     def preprocess(self, batch: torch.Tensor) -> torch.Tensor:
         """Turn a uint8 batch (B, H, W, 3) into the model input (B, 3, S, S) float32, on the batch's device."""
@@ -494,7 +630,8 @@ def _build_timm(
 
 def _unknown_message(encoder: str) -> str:
     return (
-        f"Unknown encoder {encoder!r}. Use a registry key {list_encoders()}, 'timm:<model name>' "
+        f"Unknown encoder {encoder!r}. Use a registry key {sorted(REGISTRY)} (hx.models.list_encoders()), "
+        "'timm:<model name>' "
         "(any timm.list_models() name), 'hf-hub:<org>/<repo>' for timm models on the Hugging Face hub, "
         "or pass a torch.nn.Module / Encoder."
     )
@@ -543,6 +680,8 @@ def get_encoder(
     weights: str | os.PathLike | None = "default",
     transform: Callable[[torch.Tensor], torch.Tensor] | Mapping[str, Any] | None = None,
     dim: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    mpp: float | str | None = "default",
 ) -> Encoder:
     """Resolve ``encoder`` into a ready :class:`Encoder` (module in eval mode, on CPU).
 
@@ -565,6 +704,15 @@ def get_encoder(
         module has an ``input_size`` attribute).
     dim
         Output dimension of a user module (inferred by a dry run when not given).
+    model_kwargs
+        Override the entry's architecture arguments (timm ``create_model`` keywords, ``transformers`` config
+        fields, custom builder arguments), e.g. ``{'img_size': 448}`` to run a ViT with a dynamic image size at
+        another input size (``input_size`` follows ``img_size``). Published weights still load when the shapes
+        allow it; a change that alters shapes (``depth``) only makes sense with ``weights=None``.
+    mpp
+        µm per pixel the encoder is meant to see. ``'default'``: the entry's training µm/px (see
+        :func:`list_encoders`); a number: your statement (recorded) that patches at that µm/px are intended;
+        ``None``: no geometry check in :func:`histoexp.tl.embed_patches`.
 
     Returns
     -------
@@ -578,10 +726,10 @@ def get_encoder(
     ValueError
         Unknown encoder name; weights file that does not match; pickle carrying code.
     ImportError
-        A timm / Hugging Face encoder was asked for but timm is not installed.
+        A timm / Hugging Face encoder was asked for but timm (or ``transformers`` for its entries) is not installed.
     """
     if isinstance(encoder, Encoder):
-        if weights not in ("default", None) or transform is not None:
+        if weights not in ("default", None) or transform is not None or model_kwargs or mpp != "default":
             raise ValueError("`encoder` is already an Encoder: pass `weights`/`transform` when building it instead.")
         return encoder
     user_tf, overrides = _transform_overrides(transform)
@@ -590,8 +738,15 @@ def get_encoder(
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
 
+    if mpp != "default" and mpp is not None and (isinstance(mpp, (str, bool)) or not float(mpp) > 0):
+        raise ValueError(f"`mpp` must be 'default', None or a positive number, got {mpp!r}.")
     if isinstance(encoder, nn.Module):
-        return _from_module(encoder, weights=weights, user_tf=user_tf, overrides=overrides, dim=dim)
+        if model_kwargs:
+            raise ValueError("`model_kwargs` applies to registry / timm encoders, not to a user module.")
+        enc = _from_module(encoder, weights=weights, user_tf=user_tf, overrides=overrides, dim=dim)
+        if mpp not in ("default", None):  # a user module has no training µm/px unless the user states one
+            enc.mpp = enc.config["mpp"] = float(mpp)
+        return enc
     if not isinstance(encoder, str):
         raise TypeError(f"`encoder` must be a string, a torch.nn.Module or an Encoder, got {type(encoder).__name__}.")
 
@@ -612,11 +767,32 @@ def get_encoder(
             raise ValueError(_unknown_message(encoder))
         spec = EncoderSpec(key=encoder, source="timm", arch=encoder, dim=0, weights="timm-default")
 
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"`model_kwargs` must be a mapping or None, got {type(model_kwargs).__name__}.")
+    model_kwargs = dict(model_kwargs or {})
+    if model_kwargs and spec.source in ("handcrafted", "torchvision"):
+        raise ValueError(f"`model_kwargs` is not supported for {spec.source} encoders ({spec.key!r}).")
+    if mpp != "default":
+        spec = replace(spec, mpp=None if mpp is None else float(mpp), mpp_range=None)
+
     if spec.source == "handcrafted":
-        return _handcrafted(spec, weights=weights)
-    if spec.source == "torchvision":
-        return _from_torchvision(spec, weights=weights, user_tf=user_tf, overrides=overrides)
-    return _from_timm(spec, weights=weights, user_tf=user_tf, overrides=overrides)
+        enc = _handcrafted(spec, weights=weights)
+    elif spec.source == "torchvision":
+        enc = _from_torchvision(spec, weights=weights, user_tf=user_tf, overrides=overrides)
+    elif spec.source == "transformers":
+        enc = _from_transformers(spec, weights=weights, user_tf=user_tf, overrides=overrides, kwargs=model_kwargs)
+    elif spec.source == "custom":
+        enc = _from_custom(spec, weights=weights, user_tf=user_tf, overrides=overrides, kwargs=model_kwargs)
+    else:
+        enc = _from_timm(spec, weights=weights, user_tf=user_tf, overrides=overrides, kwargs=model_kwargs)
+    enc.mpp, enc.mpp_range = spec.mpp, spec.mpp_range
+    enc.config["mpp"] = spec.mpp
+    enc.config["mpp_range"] = list(spec.mpp_range) if spec.mpp_range else None
+    if model_kwargs:
+        enc.config["model_kwargs"] = {
+            k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in model_kwargs.items()
+        }
+    return enc
 
 
 def _name_of(key: str) -> str:
@@ -694,7 +870,49 @@ def _from_torchvision(spec: EncoderSpec, *, weights, user_tf, overrides) -> Enco
     )
 
 
-def _from_timm(spec: EncoderSpec, *, weights, user_tf, overrides) -> Encoder:
+def _resolve_timm_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Registry kwargs are JSON-like: turn ``'mlp_layer': 'SwiGLUPacked'`` into the timm class."""
+    out = dict(kwargs)
+    if isinstance(out.get("mlp_layer"), str):
+        import timm.layers
+
+        out["mlp_layer"] = getattr(timm.layers, out["mlp_layer"])
+    return out
+
+
+def _local_weights_file(weights: str, spec: EncoderSpec) -> str:
+    """Resolve a weights path: a file as is, or the published weights file inside a folder."""
+    if not os.path.isdir(weights):
+        return weights
+    names = [Path(spec.hub_file).name] if spec.hub_file else []
+    names += ["model.safetensors", "pytorch_model.bin", "pytorch_model.pt", "model.pth"]
+    for name in names:
+        if os.path.isfile(os.path.join(weights, name)):
+            return os.path.join(weights, name)
+    raise FileNotFoundError(
+        f"`weights={weights!r}` is a folder without a weights file: expected one of {names} "
+        f"(found {sorted(os.listdir(weights))[:10]})."
+    )
+
+
+def _wrap_readout(module: nn.Module, spec: EncoderSpec, kind: str) -> nn.Module:
+    if spec.readout in ("pooled",):
+        return module
+    from ._foundation import TokenReadout
+
+    if kind == "timm":
+        n_prefix = int(getattr(module, "num_prefix_tokens", 1))
+    else:
+        n_prefix = 1 + int(getattr(module.config, "num_register_tokens", 0) or 0)
+    return TokenReadout(module, spec.readout, n_prefix, kind)
+
+
+def _backbone(module: nn.Module) -> nn.Module:
+    return getattr(module, "backbone", module)
+
+
+def _from_timm(spec: EncoderSpec, *, weights, user_tf, overrides, kwargs=None) -> Encoder:
+    kwargs = dict(kwargs or {})
     local = weights is not None and weights != "default" and _looks_like_path(weights)
     if weights is not None and weights != "default" and not local:
         raise ValueError(
@@ -706,20 +924,28 @@ def _from_timm(spec: EncoderSpec, *, weights, user_tf, overrides) -> Encoder:
         name = spec.weights if pretrained else spec.arch
     else:
         name = spec.arch
-    module, cfg = _build_timm(name, pretrained=pretrained, kwargs=spec.timm_kwargs, gated=spec.gated)
+    timm_kwargs = {**spec.timm_kwargs, **kwargs}
+    if spec.readout != "pooled":
+        timm_kwargs["global_pool"] = ""  # the read-out works on the tokens
+    if "mlp_layer" in timm_kwargs:
+        _import_timm()
+    module, cfg = _build_timm(name, pretrained=pretrained, kwargs=_resolve_timm_kwargs(timm_kwargs), gated=spec.gated)
     desc = None
     if pretrained:
         desc = spec.weights if spec.weights != "timm-default" else f"timm:{cfg.get('tag') or name}"
     if local:
-        _load_state_into(module, load_weights(weights), weights)
-        desc = os.path.abspath(weights)
+        path = _local_weights_file(weights, spec)
+        _load_state_into(module, load_weights(path), path)
+        desc = os.path.abspath(path)
+    module = _wrap_readout(module, spec, "timm")
     if spec.key in REGISTRY:
-        size, mean, std = spec.input_size, spec.mean, spec.std
+        size, mean, std = int(timm_kwargs.get("img_size", spec.input_size)), spec.mean, spec.std
     else:
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
-    dim = int(getattr(module, "num_features", 0) or 0) or _infer_dim(module, size)
+    nf = int(getattr(_backbone(module), "num_features", 0) or 0)
+    dim = (2 * nf if spec.readout == "cls+mean" else nf) or _infer_dim(module, size)
     return _finish(
         module,
         key=spec.key,
@@ -733,6 +959,128 @@ def _from_timm(spec: EncoderSpec, *, weights, user_tf, overrides) -> Encoder:
         licence=spec.licence,
         gated=spec.gated,
         user_tf=user_tf,
+        extra={"readout": spec.readout},
+    )
+
+
+def _hub_download(spec: EncoderSpec) -> str:
+    """Download the entry's weights file through ``huggingface_hub`` (its cache, token, offline settings)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as err:
+        raise ImportError(
+            f"huggingface_hub is needed to download the weights of {spec.key!r}: `pip install histoexp[hf]` "
+            "(or pass `weights='/local/path'`)."
+        ) from err
+    kind, repo = spec.weights.split(":", 1)
+    try:
+        return hf_hub_download(
+            repo_id=repo, filename=spec.hub_file, repo_type="dataset" if kind == "hf-dataset" else None
+        )
+    except Exception as err:
+        if _is_download_error(err):
+            raise WeightsUnavailableError(
+                _offline_message(f"{spec.key!r} ({repo}, file {spec.hub_file!r})", err, gated=spec.gated)
+            ) from err
+        raise
+
+
+def _from_custom(spec: EncoderSpec, *, weights, user_tf, overrides, kwargs=None) -> Encoder:
+    from ._foundation import CUSTOM_BUILDERS
+
+    _import_timm()
+    build, remap = CUSTOM_BUILDERS[spec.arch]
+    build_kwargs = {**spec.timm_kwargs, **(kwargs or {})}
+    local = weights is not None and weights != "default"
+    if local and not _looks_like_path(weights):
+        raise ValueError(f"`weights={weights!r}` for {spec.key!r}: expected 'default', None or a local path.")
+    path = _local_weights_file(weights, spec) if local else (_hub_download(spec) if weights == "default" else None)
+    module = build(**build_kwargs)
+    desc = None
+    if path is not None:
+        state = load_weights(path)
+        _load_state_into(module, remap(state, module), path)
+        desc = os.path.abspath(path) if local else f"{spec.weights}/{spec.hub_file}"
+    size = int(build_kwargs.get("img_size", spec.input_size))
+    return _finish(
+        module,
+        key=spec.key,
+        arch=f"histoexp.models._foundation.build_{spec.arch}",
+        dim=spec.dim,
+        input_size=overrides.get("input_size", size),
+        mean=overrides.get("mean", spec.mean),
+        std=overrides.get("std", spec.std),
+        weights_desc=desc,
+        random_init=weights is None,
+        licence=spec.licence,
+        gated=spec.gated,
+        user_tf=user_tf,
+        extra={"readout": spec.readout},
+    )
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            "This encoder is a Hugging Face `transformers` model: `pip install histoexp[hf]` "
+            "(or `pip install transformers`)."
+        ) from err
+    return transformers
+
+
+def _from_transformers(spec: EncoderSpec, *, weights, user_tf, overrides, kwargs=None) -> Encoder:
+    transformers = _import_transformers()
+    cls = getattr(transformers, spec.arch)
+    init_kwargs = {"add_pooling_layer": False} if spec.arch == "ViTModel" and spec.readout != "pooler" else {}
+    local = weights is not None and weights != "default"
+    if local and not _looks_like_path(weights):
+        raise ValueError(f"`weights={weights!r}` for {spec.key!r}: expected 'default', None or a local path.")
+    repo = spec.weights.split(":", 1)[1]
+    desc = None
+    if weights == "default" or (local and os.path.isfile(os.path.join(weights, "config.json"))):
+        # the published loading code: from_pretrained on the hub repository (or a local copy of it)
+        source = repo if weights == "default" else weights
+        loader = transformers.AutoModel if spec.trust_remote_code else cls
+        try:
+            module = loader.from_pretrained(
+                source,
+                **({"trust_remote_code": True} if spec.trust_remote_code else {}),
+                local_files_only=weights != "default",
+                **(kwargs or {}),
+                **init_kwargs,
+            )
+        except Exception as err:
+            if weights == "default" and (_is_download_error(err) or "huggingface.co" in str(err)):
+                what = f"{spec.key!r} ({repo})"
+                raise WeightsUnavailableError(_offline_message(what, err, gated=spec.gated)) from err
+            raise
+        desc = f"hf:{repo}" if weights == "default" else os.path.abspath(weights)
+    else:
+        config = cls.config_class(**{**spec.timm_kwargs, **(kwargs or {})})
+        module = cls(config, **init_kwargs)
+        if local:
+            path = _local_weights_file(weights, spec)
+            _load_state_into(module, load_weights(path), path)
+            desc = os.path.abspath(path)
+    module = _wrap_readout(module, spec, "transformers")
+    hidden = int(_backbone(module).config.hidden_size)
+    size = int(getattr(_backbone(module).config, "image_size", spec.input_size))
+    return _finish(
+        module,
+        key=spec.key,
+        arch=f"transformers.{spec.arch}",
+        dim=2 * hidden if spec.readout == "cls+mean" else hidden,
+        input_size=overrides.get("input_size", size if "image_size" in (kwargs or {}) else spec.input_size),
+        mean=overrides.get("mean", spec.mean),
+        std=overrides.get("std", spec.std),
+        weights_desc=desc,
+        random_init=weights is None,
+        licence=spec.licence,
+        gated=spec.gated,
+        user_tf=user_tf,
+        extra={"readout": spec.readout},
     )
 
 

@@ -89,10 +89,12 @@ def embed_patches(
     adata
         Annotated data with patches under ``uns['histoexp'][patches_key]``.
     encoder
-        A registry key (see :func:`histoexp.models.list_encoders`: ``'resnet50'``, ``'resnet18'``,
-        ``'densenet121'``, ``'handcrafted'``, ``'uni'``, ``'h-optimus-0'``), ``'timm:<name>'``,
+        A registry key (see :func:`histoexp.models.list_encoders`: ``'resnet50'``, ``'handcrafted'``, the
+        pathology foundation models ``'uni'``, ``'virchow2'``, ``'h-optimus-0'``, ...), ``'timm:<name>'``,
         ``'hf-hub:<org>/<repo>'``, a :class:`torch.nn.Module` returning (B, dim) features, or an
-        :class:`~histoexp.models.encoders.Encoder` from :func:`histoexp.models.get_encoder`.
+        :class:`~histoexp.models.encoders.Encoder` from :func:`histoexp.models.get_encoder`. A foundation model
+        knows the µm/px it was trained at: patches cut at another scale give a warning from 25 % off and an error
+        from a factor 2 (another magnification), see :func:`histoexp.models.check_patch_mpp`.
     weights
         ``'default'`` (published weights; an error, never a silent fallback, when they cannot be downloaded),
         ``None`` (random initialisation, recorded as ``random_init``) or a local ``.safetensors`` / state-dict
@@ -130,7 +132,7 @@ def embed_patches(
       ``patch_px``, ``mpp``, ``size_um``, ``random_init``, ``input_size``, ``batch_size``, ``device``, ``amp``,
       and the encoder's ``config`` (architecture, normalisation, licence).
     """
-    from ..models.encoders import Encoder, _name_of, get_encoder
+    from ..models.encoders import Encoder, _name_of, check_patch_mpp, get_encoder
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
@@ -158,6 +160,7 @@ def embed_patches(
         raise ValueError(f"The patch source has {len(src)} patches but adata has {adata.n_obs} observations.")
 
     enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
+    check_patch_mpp(enc, getattr(src, "mpp", geometry.get("mpp")))
     if key_added is None:
         key_added = f"X_{enc.name}"
         check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
