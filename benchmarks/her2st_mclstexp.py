@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from her2st import KEYS, LABELS, domain_ari, machine
-from her2st_bleep import HERE, SECTIONS, log, prepare, run_bleep_frozen, run_ridge
+from her2st_bleep import HERE, SECTIONS, fold_summary, log, prepare, run_bleep_frozen, run_ridge
 
 import histoexp as hx
 
@@ -126,13 +126,16 @@ def main() -> None:
         y_tr, y_te = truth_all[tr], truth_all[te]
         fold = {"test": test, "n_test": int(te.sum()), "methods": {}}
 
-        def record(method, pred, secs, fold=fold, query=query, y_te=y_te, test=test):
-            s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, y_te, panel), n_top=50)
+        def record(method, pred, secs, fold=fold, query=query, y_te=y_te, y_tr=y_tr, test=test):
+            s = fold_summary(pred, y_te, y_tr, panel, coords=np.asarray(query.obsm["spatial"], dtype=float))
             m = {k: s[k] for k in KEYS}
             m["ari"] = domain_ari(query, pred, y_te, panel, args.seed)
             m["seconds"] = round(secs, 1)
             fold["methods"][method] = m
-            log(f"{test} {method:34s} PCC@M={m['pcc_mean']:.3f} HVG={m['pcc_hvg']:.3f} ARI={m['ari']:.3f} {secs:.0f}s")
+            log(
+                f"{test} {method:34s} PCC@M={m['pcc_mean']:.3f} spec={m['pcc_specific_mean']:.3f} "
+                f"HVG={m['pcc_hvg']:.3f} ARI={m['ari']:.3f} {secs:.0f}s"
+            )
 
         record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), 0.0)
         for name in args.features:

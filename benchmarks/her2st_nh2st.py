@@ -55,7 +55,7 @@ import histoexp as hx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from her2st import KEYS, LABELS, machine  # noqa: E402
-from her2st_bleep import SECTIONS, load_sections  # noqa: E402
+from her2st_bleep import SECTIONS, fold_summary, load_sections  # noqa: E402
 
 
 def ablation() -> dict[str, dict]:
@@ -166,15 +166,15 @@ def main() -> None:
         y_tr, y_te = truth_all[tr], truth_all[te]
         fold = {"test": test, "train": [s for s in sections if s != test], "n_test": int(te.sum()), "methods": {}}
 
-        def record(method, pred, fit_s, predict_s, fold=fold, y_te=y_te, test=test, **extra):
-            s = hx.tl.summarize_metrics(hx.tl.gene_metrics(pred, y_te, panel), n_top=50)
+        def record(method, pred, fit_s, predict_s, fold=fold, y_te=y_te, y_tr=y_tr, q=query, test=test, **extra):
+            s = fold_summary(pred, y_te, y_tr, panel, coords=np.asarray(q.obsm["spatial"], dtype=float))
             m = {k: s[k] for k in KEYS}
             m.update({k: s[k] for k in ("n_genes", "n_constant_excluded", "n_constant_prediction")})
             m.update(fit_s=round(fit_s, 1), predict_s=round(predict_s, 2), **extra)
             fold["methods"][method] = m
             log(
-                f"{test} {method:26s} PCC@M={m['pcc_mean']:.3f} HVG={m['pcc_hvg']:.3f} HEG={m['pcc_heg']:.3f} "
-                f"MSE={m['mse_mean']:.4f} (fit {fit_s:.0f}s)"
+                f"{test} {method:26s} PCC@M={m['pcc_mean']:.3f} spec={m['pcc_specific_mean']:.3f} "
+                f"HVG={m['pcc_hvg']:.3f} MSE={m['mse_mean']:.4f} (fit {fit_s:.0f}s)"
             )
 
         def timed(fit, key, label, train=train, query=query):
@@ -188,22 +188,32 @@ def main() -> None:
 
         if not args.inner:
             record("mean", np.repeat(y_tr.mean(0, keepdims=True), te.sum(), axis=0), 0.0, 0.0)
+            timed(
+                lambda tr: hx.tl.fit_ridge(
+                    tr, genes=panel, use_rep="X_own", rank=1, crossfit=False, random_state=args.seed, overwrite=True
+                ),
+                "ridge",
+                "one-pattern[own]",
+            )
+            train.uns.pop("ridge", None)
             for rep in ("own", "own+ctx3", "own+grid"):
                 timed(
-                    lambda tr, rep=rep: hx.tl.fit_ridge(tr, genes=panel, use_rep=f"X_{rep}", random_state=args.seed),
+                    lambda tr, rep=rep: hx.tl.fit_ridge(
+                        tr, genes=panel, use_rep=f"X_{rep}", random_state=args.seed, crossfit=False
+                    ),
                     "ridge",
                     f"ridge[{rep}]",
                 )
                 train.uns.pop("ridge", None)
             timed(
                 lambda tr: hx.tl.fit_bleep(
-                    tr, genes=panel, use_rep="X_own", random_state=args.seed, finetune_encoder=False
+                    tr, genes=panel, use_rep="X_own", random_state=args.seed, finetune_encoder=False, crossfit=False
                 ),
                 "bleep",
                 "bleep[own]",
             )
             timed(
-                lambda tr: hx.tl.fit_mclstexp(tr, genes=panel, use_rep="X_own", random_state=args.seed),
+                lambda tr: hx.tl.fit_mclstexp(tr, genes=panel, use_rep="X_own", random_state=args.seed, crossfit=False),
                 "mclstexp",
                 "mclstexp[own]",
             )
@@ -215,6 +225,7 @@ def main() -> None:
                     use_rep="X_own",
                     context_rep="X_own_grid",
                     overwrite=True,
+                    crossfit=False,
                     **nh2st_kw,
                     n_ensemble=args.n_ensemble,
                     **kw,
