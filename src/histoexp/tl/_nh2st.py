@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._geometry import describe, geometry_differences
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -464,6 +465,12 @@ def _frozen_neighbourhood(adata: AnnData, data, context_rep: str | None) -> tupl
                 f"`use_rep` and `context_rep` come from different encoders ({field} {sp_rec[field]!r} vs "
                 f"{rec[field]!r}): the windows must go through the spot's image encoder."
             )
+    diffs = geometry_differences(rec, sp_rec, ("size_um", "mpp", "patch_px"))
+    if diffs:
+        raise ValueError(
+            f"`context_rep` ({ctx!r}) was computed from patches of another geometry than `use_rep`: "
+            f"{describe(diffs, 'use_rep')}; embed both from the same patches (the centre window is the spot's patch)."
+        )
     data.images = np.concatenate([data.images, win], axis=1)
     # the platform's convention: feature_dim is the whole input row, extra_reps the obsm read after use_rep
     data.config.update(
