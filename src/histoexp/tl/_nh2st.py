@@ -375,6 +375,7 @@ def fit_nh2st(
         temperature=float(temperature),
         negative_weight=float(negative_weight),
         neighbour_weight=float(neighbour_weight),
+        augment=bool(augment) if not frozen else None,  # a setting of the training (resume checks it)
     )
 
     def make_net():
