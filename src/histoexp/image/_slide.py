@@ -66,6 +66,21 @@ def _not_rgb(found: str, path: Path, arg: str) -> ValueError:
     )
 
 
+def _check_decode_size(size: tuple[int, int], path: Path, arg: str) -> None:
+    """Refuse a JPEG/PNG whose header declares more pixels than ``hx.settings.max_image_pixels`` (before decoding)."""
+    from .._settings import settings
+
+    w, h = (int(v) for v in size)
+    limit = settings.max_image_pixels
+    if limit is not None and w * h > limit:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} declares {w} x {h} px ({w * h / 1e6:.0f} Mpx, {3 * w * h / 1e9:.2g} GB as RGB), "
+            f"more than hx.settings.max_image_pixels ({limit / 1e6:.0f} Mpx): a JPEG/PNG is decoded whole. If the "
+            "image is genuine, convert it to a tiled pyramidal TIFF (read by region, e.g. with tifffile or vips) or "
+            "raise the limit (hx.settings.max_image_pixels = None for none)."
+        )
+
+
 @contextmanager
 def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
     """Open a JPEG/PNG with PIL (header only until ``load()``), checked to be RGB; PIL errors become ValueErrors.
@@ -88,6 +103,7 @@ def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
                     "expected an RGB uint8 JPEG, PNG or TIFF."
                 ) from e
             with im:
+                _check_decode_size(im.size, path, arg)
                 if im.mode != "RGB":
                     raise _not_rgb(f"PIL mode {im.mode!r}", path, arg)
                 try:
