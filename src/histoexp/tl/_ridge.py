@@ -41,8 +41,7 @@ def fit_ridge(
     of a split; sections of fewer than 10 spots, which cannot be scored alone, are held out together or stay
     in training, with a warning), else efficient leave-one-out (one section; on 100,000 random training spots
     when there are more, e.g. Visium HD bins, as its memory grows as spots x genes several times over). All
-    training spots are used
-    for the final fit (no validation split). Deterministic; no torch training loop.
+    training spots are used for the final fit (no validation split). Deterministic; no torch training loop.
 
     Parameters
     ----------
