@@ -327,14 +327,24 @@ class ExpressionModel:
         missing = [k for k in ("genes", "mode", "n_ensemble") if k not in config]
         if missing:
             raise ValueError(f"{path}/config.json lacks {missing}: not a complete histoexp model folder.")
-        n_members = int(config["n_ensemble"])
-        state = _io.read_tensors(path, "model")
+        state = _io.read_tensors(path, "model")  # verifies the weights and that they were saved with this config
+        n_members = config["n_ensemble"]
+        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+            raise ValueError(f"{path}/config.json: 'n_ensemble' is {n_members!r}, not a positive integer; save again.")
+        if config["mode"] not in ("frozen", "finetune"):
+            raise ValueError(f"{path}/config.json: 'mode' is {config['mode']!r}, not 'frozen' or 'finetune'.")
         nets, preprocess = [], None
         for i in range(n_members):
             encoder = None
             if config["mode"] == "finetune":
                 encoder, preprocess = cls._encoder_from_config(config)
-            net = cls.build_net(config, encoder)
+            try:
+                net = cls.build_net(config, encoder)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{path}/config.json does not describe a {cls.method!r} model ({type(err).__name__}: {err}): it "
+                    "was edited, relabelled to another method, or written by an incompatible histoexp; save again."
+                ) from err
             if n_members == 1:
                 part = state
             else:
