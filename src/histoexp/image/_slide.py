@@ -717,13 +717,28 @@ class SlideImage:
         """Pixels ``[y0, y1) x [x0, x1)`` of level ``li`` (level coordinates), white outside."""
         lv = self._lv()[li]
         if x0 >= 0 and y0 >= 0 and x1 <= lv.width and y1 <= lv.height:
-            return lv.read(y0, y1, x0, x1)
+            return self._read(lv, y0, y1, x0, x1)
         out = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
         cx0, cy0 = max(x0, 0), max(y0, 0)
         cx1, cy1 = min(x1, lv.width), min(y1, lv.height)
         if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = lv.read(cy0, cy1, cx0, cx1)
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read(lv, cy0, cy1, cx0, cx1)
         return out
+
+    def _read(self, lv: _Level, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """``lv.read``; a file that fails to decode (truncated, corrupted) raises a ValueError naming the file."""
+        try:
+            return lv.read(y0, y1, x0, x1)
+        except MemoryError:
+            raise
+        except Exception as e:  # codec errors of tifffile / imagecodecs / zarr have no common base class
+            if self._path is None:
+                raise
+            raise ValueError(
+                f"`source`: cannot decode pixels [{y0}:{y1}, {x0}:{x1}] (downsample {lv.downsample:g}) of "
+                f"{self._path!r} ({type(e).__name__}: {e}); the file looks truncated or corrupted: copy or export it "
+                "again."
+            ) from e
 
     def read_region(self, x0: int, y0: int, width: int, height: int, *, level: int = 0) -> np.ndarray:
         """Read a rectangle given in full-resolution pixels, at the resolution of ``level``.

@@ -492,12 +492,22 @@ class RegressionModel(ExpressionModel):
         known = set(self.genes)
         return [g for g in genes if g not in known]
 
+    def _unpredictable(self) -> str:
+        """Why :meth:`predictable` refuses genes (for the error message)."""
+        return (
+            f"they are not among its {len(self.genes)} training genes (model.genes), and a {self.method} model "
+            "predicts only those. Fit it with these genes (`genes=`), or use hx.tl.fit_zeroshot, which predicts genes "
+            "outside training from gene embeddings."
+        )
+
     def predict(self, images: Any, *, genes: list[str] | None = None, batch_size: int = 256, device=None):
         """Predicted expression ``(n, len(genes))`` (``genes``: default the training genes)."""
         genes = self.genes if genes is None else list(genes)
         unknown = self.predictable(genes)
         if unknown:
-            raise KeyError(f"{len(unknown)} genes cannot be predicted by this model (e.g. {unknown[:5]}).")
+            raise KeyError(
+                f"{len(unknown)} genes cannot be predicted by this model (e.g. {unknown[:5]}): {self._unpredictable()}"
+            )
         pos = {g: i for i, g in enumerate(self.genes)}
         cols = torch.as_tensor([pos[g] for g in genes])
         outs = self._run_images(

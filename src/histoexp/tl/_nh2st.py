@@ -327,6 +327,15 @@ def fit_nh2st(
             # each spot's context patch (grid windows wide) read once a batch and cut into windows in the net
             data.images, _, _, window_px = _context_source(adata, patches_key, grid)
             data.config["patches"]["context_px"] = int(data.images.patch_px)
+    if (neighbours or smooth) and "spatial" in adata.obsm:
+        pos = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+        bad = ~np.isfinite(pos).all(1)
+        if bad.any():
+            raise ValueError(
+                f"adata.obsm['spatial'] has NaN or infinite positions for {int(bad.sum())} spots (e.g. "
+                f"{adata.obs_names[bad][:5].tolist()}): NH2ST's neighbours (and `smooth`) need every spot's position. "
+                "Fix or drop those spots, or pass `neighbours=False, smooth=False`."
+            )
     if smooth:  # training targets only: what impute predicts is still compared with the measured spot
         if data.coords is None:
             raise KeyError("adata.obsm['spatial'] (spot centres) is missing: `smooth=True` needs it.")

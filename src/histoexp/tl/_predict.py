@@ -430,6 +430,8 @@ def impute(
     conf = None
     if model.kind == "retrieval":
         k = model.retrieval_defaults["k"] if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:  # before the images are encoded
+            raise ValueError(f"`k` must be an integer >= 1 (neighbours), got {k!r}.")
         method = model.retrieval_defaults["method"] if method is None else method
         if method not in WEIGHTINGS:
             raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
