@@ -183,6 +183,18 @@ def test_query_of_another_geometry_is_refused_for_every_model(models, wrong_geom
     assert pred.shape == (query.n_obs, N_GENES) and np.isfinite(pred).all()
 
 
+def test_cli_fit_refuses_references_of_different_geometries(raw, tmp_path, capsys):
+    paths = [tmp_path / "c2.h5ad", tmp_path / "c3.h5ad"]
+    raw["C2"].write_h5ad(paths[0])
+    c3 = raw["C3"].copy()
+    hx.pp.extract_patches(c3, patch_px=PX, size_um=200.0, store="memory")  # wider patches, kept in the file
+    c3.write_h5ad(paths[1])
+    args = ["fit", *map(str, paths), "-o", str(tmp_path / "m"), "--method", "ridge", "--patch-px", str(PX), "-q"]
+    assert main([*args, "--genes", "all"]) == 1
+    err = capsys.readouterr().err
+    assert "another geometry" in err and "size_um=200" in err and not (tmp_path / "m").exists()
+
+
 def test_finetuned_query_patches_of_another_geometry_are_refused(tmp_path):
     a = hx.datasets.synthetic(n_sections=2, n_side=6, random_state=1)
     hx.pp.extract_patches(a, size_um=64, patch_px=32)

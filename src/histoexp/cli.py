@@ -73,6 +73,21 @@ def _weighting_arg(value: str | None) -> str | None:
     return value
 
 
+def _same_geometry(parts: Sequence, rep: str, paths: Sequence[str]) -> None:
+    """Refuse references whose features come from patches of different geometries (one model, one patch scale)."""
+    from histoexp._geometry import describe, geometry_differences
+
+    recs = [a.uns.get("histoexp", {}).get("embeddings", {}).get(rep) or {} for a in parts]
+    for path, rec in zip(paths[1:], recs[1:], strict=True):
+        diffs = geometry_differences(rec, recs[0], ("size_um", "mpp", "patch_px"))
+        if diffs:
+            raise CLIError(
+                f"reference {path!r} was embedded from patches of another geometry than {paths[0]!r}: "
+                f"{describe(diffs, paths[0])}; one model reads one patch scale: fit on references of one spot size "
+                "(or give them the same patches with hx.pp.extract_patches(size_um=..., patch_px=...) first)."
+            )
+
+
 def _retrieval_only(args, model) -> None:
     """``--k`` and ``--method`` apply to retrieval models (None: the model's defaults)."""
     given = [opt for opt, v in (("--k", args.k), ("--method", args.method)) if v is not None]
@@ -575,6 +590,7 @@ def cmd_fit(args) -> int:
         prepare_features(a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, device=args.device)
         if nbhd and f"{rep}_grid" not in a.obsm:
             hx.tl.embed_neighbourhood(a, args.encoder, weights=weights, grid=5, device=args.device)
+    _same_geometry(parts, rep, args.references)
     if len(parts) == 1:
         ref = parts[0]
     else:
