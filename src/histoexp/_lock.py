@@ -4,7 +4,8 @@ The lock is a file in the folder holding who took it (pid, host, time). It appea
 is written under a unique name, locked with ``fcntl.flock`` and hard-linked to the lock name (the link fails when
 the name exists). While its process lives the kernel keeps it locked; when the process dies (killed, crashed, the
 machine rebooted) the kernel drops it, so the next process finds the file unlocked, knows it is stale and takes it
-over. Where ``fcntl`` is missing (Windows) a lock is stale when its process, on this host, no longer exists.
+over. Where ``flock`` is missing (Windows, some network file systems) a lock is stale when its process, on this host,
+no longer exists.
 """
 
 from __future__ import annotations
@@ -39,14 +40,20 @@ def _read(path: Path) -> dict:
     return rec if isinstance(rec, dict) else {}
 
 
-def _flock(fd: int) -> bool:
-    """Take the exclusive lock on ``fd`` without waiting; ``False`` when another process holds it."""
+def _flock(fd: int) -> bool | None:
+    """Take the exclusive lock on ``fd`` without waiting.
+
+    Returns ``True``, ``False`` when another process holds it, ``None`` when this platform or file system has no
+    ``flock`` (then a lock is stale when its process is gone).
+    """
     if fcntl is None:  # pragma: no cover - Windows
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError:  # pragma: no cover - e.g. a network file system without locks
+        return None
     return True
 
 
@@ -66,14 +73,15 @@ def _held_by_other(path: Path) -> tuple[bool, int | None]:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False, None  # released meanwhile: try again
-    if fcntl is None:  # pragma: no cover - Windows
+    locked = _flock(fd)
+    if locked is None:  # pragma: no cover - no flock: the recorded process, on this host, must be gone
         rec = _read(path)
         same_host = rec.get("host") == socket.gethostname()
         if not same_host or _pid_alive(int(rec.get("pid", -1))):
             os.close(fd)
             return True, None
         return False, fd
-    if not _flock(fd):
+    if not locked:
         os.close(fd)
         return True, None
     try:  # locked by us: still the file at `path` (not one that was released and unlinked meanwhile)?
