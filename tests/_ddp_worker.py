@@ -9,6 +9,7 @@ model folder and checkpoints through histoexp's writers, which must appear for r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,40 @@ from safetensors.torch import save_file
 import histoexp as hx
 from histoexp import _distributed
 from histoexp import train as hxt
+
+
+@contextlib.contextmanager
+def first_step(noise: float = 0.0, seed: int = 0):
+    """Record the gradients of the first AdamW step in the block (one training), in parameter order.
+
+    ``noise``: add ``noise * s * u`` to every gradient of every step (``u`` uniform in [-1, 1], seeded; ``s`` the
+    largest gradient of the step), the size of the rounding of a reordered sum (``benchmarks/ddp_rounding.py``
+    measures how training amplifies it).
+    """
+    grads: list[torch.Tensor] = []
+    real = torch.optim.AdamW.step
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not grads:
+            grads.extend(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params)
+        if noise:
+            scale = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.add_(noise * scale * (2 * torch.rand(p.grad.shape, generator=gen) - 1))
+        return real(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        yield grads
+    finally:
+        torch.optim.AdamW.step = real
+
+
+def save_grads(grads: list, path: Path) -> None:
+    save_file({f"{i:03d}": g.contiguous() for i, g in enumerate(grads)}, str(path))
 
 
 def features(adata) -> np.ndarray:
@@ -168,12 +203,18 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     mine = out / f"rank{rank}"
     mine.mkdir(parents=True, exist_ok=True)
-    w_bleep, h_bleep = bleep(out, f"rank{rank}")
+    with first_step() as g_bleep:
+        w_bleep, h_bleep = bleep(out, f"rank{rank}")
     w_again, _ = bleep(out, f"again_rank{rank}")  # the same seed once more in the same process group
     w_samp, h_samp = sampler_fit(out, f"rank{rank}")
-    w_mcl, h_mcl = mclstexp(f"rank{rank}")
-    w_zs, h_zs = zeroshot(f"rank{rank}")
-    w_nh, h_nh = nh2st(f"rank{rank}")
+    with first_step() as g_mcl:
+        w_mcl, h_mcl = mclstexp(f"rank{rank}")
+    with first_step() as g_zs:
+        w_zs, h_zs = zeroshot(f"rank{rank}")
+    with first_step() as g_nh:
+        w_nh, h_nh = nh2st(f"rank{rank}")
+    for name, grads in (("bleep", g_bleep), ("mclstexp", g_mcl), ("zeroshot", g_zs), ("nh2st", g_nh)):
+        save_grads(grads, mine / f"{name}_grad0.safetensors")  # the first step's gradients (DDP-averaged)
     zeroshot(f"draws_rank{rank}", genes_per_step=5)  # genes drawn per step: rank 0's draw on every rank
     with _distributed._gathering(True):
         drawn = _distributed.broadcast_batch(torch.tensor([10 + rank]))

@@ -20,6 +20,23 @@ from histoexp.train import _rank_batches
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 
+# DDP and one process compute each step's gradient from the same weights up to float rounding (another summation
+# order), and another CPU rounds differently again; AdamW then amplifies those differences over the steps (a weight
+# whose gradient is ~0 steps by up to lr with the sign of the noise: on another machine NH2ST's final weights differed
+# by 1.2e-3 where 1e-5 was asserted). What holds on any CPU: the first step's gradients, computed from the same weights,
+# agree to rounding (asserted tightly: the DDP gradient is the one-process gradient); the final weights and per-epoch
+# losses agree to ten times the largest difference that noise of the size of a reordered sum's rounding, added to
+# every step's gradients in one process, makes (benchmarks/ddp_rounding.py, 8 seeds, results in
+# benchmarks/results/ddp_rounding.md; losses at least 1e-5). NH2ST's key bias is left out of its weights (zero gradient
+# in exact arithmetic, no effect on any output).
+#: largest difference of a final weight, DDP vs one process (measured: bleep 2.3e-5, mclstexp 1.4e-2, zeroshot
+#: 2.0e-3, nh2st 8.4e-3; the weights are of order 1)
+FINAL_WEIGHT_TOL = {"bleep": 2.5e-4, "mclstexp": 0.15, "zeroshot": 0.02, "nh2st": 0.09}
+#: largest relative difference of a per-epoch loss (measured: 1.1e-7, 8.0e-8, 1.4e-5, 5.3e-7)
+LOSS_RTOL = {"bleep": 1e-5, "mclstexp": 1e-5, "zeroshot": 1.5e-4, "nh2st": 1e-5}
+#: the first step's gradients: relative to the largest gradient (float32 rounding of a sum is ~1e-7 of it)
+GRAD_RTOL = 1e-5
+
 
 def _torchrun(out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -36,6 +53,27 @@ def _weights(out: Path, rank: int, name: str) -> dict:
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _worker():
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _ddp_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    return _ddp_worker
+
+
+def _same_first_step(out: Path, method: str, single: list) -> None:
+    """The first step's DDP-averaged gradients (every rank) equal the one-process ones up to float rounding."""
+    scale = max(float(g.abs().max()) for g in single)
+    assert scale > 0
+    for rank in (0, 1):
+        saved = _weights(out, rank, f"{method}_grad0.safetensors")
+        ddp = [saved[k] for k in sorted(saved)]
+        assert len(ddp) == len(single)
+        for a, b in zip(ddp, single, strict=True):
+            torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale)
 
 
 @pytest.fixture(scope="module")
@@ -79,47 +117,36 @@ def test_sharded_inference_gathers_every_row(runs):
 
 
 def test_embed_patches_shards_and_gathers(runs):
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import _ddp_worker
-    finally:
-        sys.path.remove(str(WORKER.parent))
-    single, record = _ddp_worker.embedded()  # one process: every patch here
+    single, record = _worker().embedded()  # one process: every patch here
     assert record["world_size"] == 1
-    for r in (0, 1):
-        np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour.npy"), single, rtol=1e-6, atol=1e-6)
+    for r in (0, 1):  # other batches: other reduction blocks, so rounding only (colours are in [0, 1])
+        np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour.npy"), single, rtol=1e-5, atol=1e-6)
         assert json.loads((runs[0] / f"rank{r}" / "history.json").read_text())["embed_world_size"] == 2
 
 
 def test_ddp_equals_one_process_with_the_same_global_batch(runs, tmp_path):
     """BLEEP gathers its embeddings across the ranks: the 2-process model is the 1-process one up to rounding."""
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import _ddp_worker
-    finally:
-        sys.path.remove(str(WORKER.parent))
+    worker = _worker()
     hx.settings.progress = False
-    with hxt.torch_threads(1):
-        single, hist = _ddp_worker.bleep(tmp_path, "single")
+    with hxt.torch_threads(1), worker.first_step() as grads:
+        single, hist = worker.bleep(tmp_path, "single")
+    _same_first_step(runs[0], "bleep", grads)
     ddp = _weights(runs[0], 0, "weights.safetensors")
     diff = max(float((ddp[f"bleep.{k}"] - v).abs().max()) for k, v in single.items())
-    assert diff < 1e-5
+    assert diff < FINAL_WEIGHT_TOL["bleep"], diff
     h = json.loads((runs[0] / "rank0" / "history.json").read_text())["bleep"]
-    np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=LOSS_RTOL["bleep"])
 
 
 @pytest.mark.parametrize("method", ["mclstexp", "zeroshot", "nh2st"])
 def test_other_methods_ddp_equal_one_process(runs, method):
     """mclSTExp's sentence, zero-shot's batch Pearson and NH2ST's InfoNCE negatives span the global batch under DDP:
     the same model as one process."""
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import _ddp_worker
-    finally:
-        sys.path.remove(str(WORKER.parent))
+    worker = _worker()
     hx.settings.progress = False
-    with hxt.torch_threads(1):
-        single, hist = getattr(_ddp_worker, method)("single")
+    with hxt.torch_threads(1), worker.first_step() as grads:
+        single, hist = getattr(worker, method)("single")
+    _same_first_step(runs[0], method, grads)  # the invariant: the same gradient from the same weights
     ddp = [_weights(runs[0], r, f"{method}.safetensors") for r in (0, 1)]
     assert _equal(ddp[0], ddp[1]), "the ranks hold different weights"
     ddp0 = {k: ddp[0][f"{method}.{k}"].clone() for k in single}
@@ -130,11 +157,11 @@ def test_other_methods_ddp_equal_one_process(runs, method):
         for w in (ddp0["pooling.in_proj_bias"], single["pooling.in_proj_bias"]):
             w[dim : 2 * dim] = 0
     diff = max(float((ddp0[k] - v).abs().max()) for k, v in single.items())
-    assert diff < 1e-5, diff
+    assert diff < FINAL_WEIGHT_TOL[method], diff  # rounding amplified by training, measured (see the top)
     h = json.loads((runs[0] / "rank0" / "history.json").read_text())[method]
     assert h["world_size"] == 2
-    np.testing.assert_allclose(h["train_loss"], hist["train_loss"], rtol=1e-5)
-    np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(h["train_loss"], hist["train_loss"], rtol=LOSS_RTOL[method])
+    np.testing.assert_allclose(h["val_loss"], hist["val_loss"], rtol=LOSS_RTOL[method])
 
 
 def test_broadcast_batch_gives_rank0s_value(runs):

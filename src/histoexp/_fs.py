@@ -30,6 +30,7 @@ __all__ = [
     "is_ours",
     "mark_created",
     "sha256_file",
+    "stale_siblings",
     "write_h5ad",
 ]
 
@@ -276,6 +277,45 @@ def _swap_in(tmp: Path, path: Path, **check: Any) -> None:
     _fsync_dir(path.parent)
 
 
+#: an unfinished temporary folder (no marker) older than this is abandoned, not being written
+STALE_TMP_SECONDS = 3600
+
+
+def stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Hidden temporaries of :func:`atomic_dir` next to ``path``: ``.<name>.tmp-<hex>`` and ``.<name>.old-<hex>``.
+
+    A save killed between its two renames leaves ``path`` absent, the previous folder as ``.<name>.old-*`` and the
+    new, complete one as ``.<name>.tmp-*``; a save killed while building leaves an unfinished ``.tmp-*``.
+    """
+    import re
+
+    path = Path(path).expanduser()
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-[0-9a-f]{{8}}$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(e for e in entries if pat.match(e.name) and e.is_dir() and not e.is_symlink())
+
+
+def _clean_stale(path: Path, kind: str, owned: Callable[[Path], bool] | None) -> None:
+    """Remove histoexp's own leftovers of interrupted writes of ``path`` (after a write of it succeeded).
+
+    Complete folders of this kind (histoexp's marker, nothing else in them) go; an unfinished temporary folder only
+    when it has not changed for :data:`STALE_TMP_SECONDS` (another process may be writing it).
+    """
+    import time
+
+    for sib in stale_siblings(path):
+        complete = is_ours(sib, kind) or (owned is not None and owned(sib))
+        try:
+            old = time.time() - sib.stat().st_mtime > STALE_TMP_SECONDS
+        except OSError:
+            continue
+        if complete or (".tmp-" in sib.name and old and _read_marker(sib) is None):
+            shutil.rmtree(sib, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(
     path: str | os.PathLike,
@@ -314,6 +354,7 @@ def atomic_dir(
     except BaseException:
         _remove(tmp)
         raise
+    _clean_stale(path, kind, owned)
 
 
 def write_h5ad(adata, path: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:

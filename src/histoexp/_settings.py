@@ -16,6 +16,8 @@ if not logger.handlers:
     logger.addHandler(_handler)
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
+#: default of ``hx.settings.max_image_pixels``: the largest JPEG/PNG decoded whole
+MAX_IMAGE_PIXELS = 300_000_000
 #: ``hx.settings.verbosity`` -> logging level (the index is the verbosity)
 _VERBOSITY_LEVELS = (logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
 _VERBOSITY_NAMES = ("error", "warning", "info", "debug")
@@ -45,6 +47,11 @@ class Settings:
     data_dir
         Where datasets are looked up and downloaded; defaults to ``$HISTOEXP_DATA_DIR`` or the
         user cache (``pooch.os_cache('histoexp')``).
+    max_image_pixels
+        Largest JPEG/PNG, in pixels, that histoexp decodes (a JPEG/PNG is decoded whole, unlike a tiled TIFF):
+        default 300 million (about 0.9 GB as RGB, several times that while decoding). A file whose header
+        declares more raises a ``ValueError`` before anything is decoded (a small PNG can declare a huge image);
+        raise the limit for a genuinely large image, or ``None`` for no limit.
     """
 
     def __init__(self) -> None:
@@ -54,7 +61,18 @@ class Settings:
         self._num_workers = 0
         self._data_dir: Path | None = None
         self._verbosity = 1
+        self._max_image_pixels: int | None = MAX_IMAGE_PIXELS
         logger.setLevel(_VERBOSITY_LEVELS[self._verbosity])
+
+    @property
+    def max_image_pixels(self) -> int | None:
+        return self._max_image_pixels
+
+    @max_image_pixels.setter
+    def max_image_pixels(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"`max_image_pixels` must be a positive integer or None (no limit), got {value!r}.")
+        self._max_image_pixels = None if value is None else int(value)
 
     @property
     def device(self) -> str:

@@ -64,6 +64,48 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
+def _weighting_arg(value: str | None) -> str | None:
+    """Check ``--method``: any registered retrieval weighting (``None``: the model's default)."""
+    from histoexp.tl._retrieval import WEIGHTINGS
+
+    if value is not None and value not in WEIGHTINGS:
+        raise CLIError(f"--method {value!r}: expected one of {sorted(WEIGHTINGS)} (retrieval weightings).")
+    return value
+
+
+def _same_geometry(parts: Sequence, rep: str, paths: Sequence[str]) -> None:
+    """Refuse references whose features come from patches of different geometries (one model, one patch scale)."""
+    from histoexp._geometry import describe, geometry_differences
+
+    recs = [a.uns.get("histoexp", {}).get("embeddings", {}).get(rep) or {} for a in parts]
+    for path, rec in zip(paths[1:], recs[1:], strict=True):
+        diffs = geometry_differences(rec, recs[0], ("size_um", "mpp", "patch_px"))
+        if diffs:
+            raise CLIError(
+                f"reference {path!r} was embedded from patches of another geometry than {paths[0]!r}: "
+                f"{describe(diffs, paths[0])}; one model reads one patch scale: fit on references of one spot size "
+                "(or give them the same patches with hx.pp.extract_patches(size_um=..., patch_px=...) first)."
+            )
+
+
+def _retrieval_only(args, model) -> None:
+    """``--k`` and ``--method`` apply to retrieval models (None: the model's defaults)."""
+    given = [opt for opt, v in (("--k", args.k), ("--method", args.method)) if v is not None]
+    if given and model.kind != "retrieval":
+        opts = " and ".join(given)
+        raise CLIError(f"{opts} apply to retrieval models; {model.method!r} predicts from the image alone.")
+
+
+def _check_not_in_model(out: Path, model_dir: Path, opt: str = "--output") -> None:
+    """Refuse an output folder that is the model folder or inside it (predictions never go into a model)."""
+    o, m = out.expanduser().absolute().resolve(), model_dir.expanduser().absolute().resolve()
+    if _same_path(out, model_dir) or m in o.parents:
+        raise CLIError(
+            f"{opt} {str(out)!r} is {'the model folder' if o == m else 'inside the model folder'} MODEL_DIR "
+            f"{str(model_dir)!r}; predictions are never written into a model folder: choose another output folder."
+        )
+
+
 def _check_outputs(
     *,
     overwrite: bool,
@@ -368,6 +410,7 @@ def cmd_demo(args) -> int:
     _positive("--epochs", args.epochs)
     _positive("--k", args.k)
     _positive("--n-maps", args.n_maps, 0)
+    _weighting_arg(args.method)
     epochs = args.epochs if args.epochs is not None else (10 if args.quick else None)
     genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
     patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
@@ -547,6 +590,7 @@ def cmd_fit(args) -> int:
         prepare_features(a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, device=args.device)
         if nbhd and f"{rep}_grid" not in a.obsm:
             hx.tl.embed_neighbourhood(a, args.encoder, weights=weights, grid=5, device=args.device)
+    _same_geometry(parts, rep, args.references)
     if len(parts) == 1:
         ref = parts[0]
     else:
@@ -593,6 +637,7 @@ def cmd_impute_slides(args, model_dir: Path) -> int:
         shard = hx.tl._slides.parse_shard(args.shard, arg="--shard")
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(str(err).replace("`QUERY`", "QUERY").replace("`--shard`", "--shard")) from None
+    _check_not_in_model(out, model_dir)
     for opt, path in [("--output", out)]:
         for q in table["path"]:
             if _same_path(path, Path(q)):
@@ -608,6 +653,7 @@ def cmd_impute_slides(args, model_dir: Path) -> int:
     if model.kind != "retrieval" and args.reference:
         raise CLIError(f"--reference applies to retrieval models; {model.method!r} predicts from the image alone.")
     index_kw = _index_args(args, model)  # a regression model with --index, or no faiss: an error before any slide
+    _retrieval_only(args, model)
     retrieval = {"k": args.k, "method": args.method, **index_kw} if model.kind == "retrieval" else {}
     if args.reference:  # read once for every slide (impute_slides prepares the bank once, too)
         refs = [_read_h5ad(p) for p in args.reference]
@@ -667,6 +713,7 @@ def cmd_impute(args) -> int:
             raise CLIError(f"query {str(q)!r} does not exist.")
     _positive("--k", args.k)
     _positive("--n-maps", args.n_maps, 0)
+    _weighting_arg(args.method)
     _positive("--batch-size", args.batch_size)
     _positive("--num-workers", args.num_workers, 0)
     if not 0 <= args.min_tissue <= 1:
@@ -677,6 +724,7 @@ def cmd_impute(args) -> int:
         raise CLIError("--shard applies to many slides (a folder, a manifest or several QUERY paths).")
     qpath = Path(args.query[0])
     out = Path(args.output)
+    _check_not_in_model(out, model_dir)
     for path in args.reference or []:
         if not Path(path).exists():
             raise CLIError(f"--reference {str(path)!r} does not exist.")
@@ -696,6 +744,7 @@ def cmd_impute(args) -> int:
     step(f"loading model {model_dir}")
     model = hx.tl.load_model(model_dir)
     index_kw = _index_args(args, model)  # before reading anything large
+    _retrieval_only(args, model)
     emb = model.image_spec()
     if qpath.suffix == ".h5ad" and model.mode != "frozen":
         raise CLIError("the CLI imputes .h5ad queries with frozen-feature models only; use hx.tl.impute from Python.")
@@ -754,7 +803,10 @@ def cmd_impute(args) -> int:
         retrieval = {}
     retrieval.update(index_kw)
     index_note = f", index {args.index}" if args.index != "exact" else ""
-    step(f"predicting ({key}" + (f", {args.method}, k={args.k}{index_note})" if retrieval else ")"))
+    if retrieval:
+        k = args.k if args.k is not None else model.retrieval_defaults["k"]
+        how = f", {args.method or model.retrieval_defaults['method']}, k={k}{index_note})"
+    step(f"predicting ({key}" + (how if retrieval else ")"))
     pred = hx.tl.impute(query, model, genes=_genes_arg(args.genes), device=args.device, **retrieval)
     return _write_prediction(pred, key, out, args, step, args.overwrite, plt)
 
@@ -906,7 +958,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's, early stopping)")
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
     p.add_argument("--k", type=int, default=50, help="reference spots averaged per prediction (default 50)")
-    p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
+    p.add_argument(
+        "--method",
+        default="average",
+        help="retrieval weighting: average (default), simple, weighted, inverse_distance, inverse_distance_l2",
+    )
     p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
     p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
     _add_overwrite(p)
@@ -958,8 +1014,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", nargs="+", default=None, metavar="REF.h5ad", help="reference bank (default: training)"
     )
     p.add_argument("--genes", default=None, help="genes to predict: all | A,B,C | file (default: model genes)")
-    p.add_argument("--k", type=int, default=50, help="neighbours averaged (default 50)")
-    p.add_argument("--method", default="average", choices=["simple", "average", "weighted"], help="retrieval rule")
+    p.add_argument(
+        "--k", type=int, default=None, help="retrieval neighbours (default: the model's, BLEEP 50, mclSTExp 200)"
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        help="retrieval weighting: average, simple, weighted, inverse_distance, inverse_distance_l2 (default: the "
+        "model's, BLEEP average, mclSTExp inverse_distance)",
+    )
     p.add_argument(
         "--index",
         default="exact",

@@ -20,6 +20,7 @@ checkpoint whose files do not match ``state.json`` refuses to resume instead of 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import hashlib
 import io
@@ -36,6 +37,7 @@ import pandas as pd
 from ._distributed import gather_batch, init_distributed, is_main_process
 from ._fs import _fsync_dir, _fsync_file, atomic_write
 from ._settings import logger, settings
+from ._utils import jsonable
 from ._utils import progress as _progress
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "torch_threads",
 ]
 
+#: set while this thread's fit holds its checkpoint folder's lock
+_LOCKED: contextvars.ContextVar[bool] = contextvars.ContextVar("histoexp_checkpoint_locked", default=False)
 _STATE = "state.json"
 _LAST = "last.safetensors"
 _BEST = "best.safetensors"
@@ -268,6 +272,32 @@ def _save_checkpoint(ckpt: Path, model, optimizer, scaler, state: dict, best_wei
     _fsync_dir(ckpt)
 
 
+def _check_settings(ckpt: Path, saved: dict, now: dict | None) -> None:
+    """Refuse a resume whose model settings differ from the checkpoint's (they change the model it continues)."""
+    before = saved.get("model_settings")
+    if before == now:
+        return
+    if before is None or now is None:
+        raise ValueError(
+            f"Cannot resume from {ckpt}: the checkpoint was written "
+            f"{'without' if before is None else 'with'} the model's settings and this run passes "
+            f"{'some' if before is None else 'none'}, so it cannot be told that it continues this model (a checkpoint "
+            "of an older histoexp, or of another caller). Start again in another `checkpoint_dir`."
+        )
+
+    def short(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    names = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+    diff = ", ".join(f"{k}: {short(before.get(k))} -> {short(now.get(k))}" for k in names)
+    raise ValueError(
+        f"Cannot resume from {ckpt}: the model's settings differ from the checkpoint's (saved -> now) {diff}. A "
+        "checkpoint continues the model it was trained as: resume with its settings, or start again in another "
+        "`checkpoint_dir`."
+    )
+
+
 def _is_checkpoint(ckpt: Path) -> bool:
     try:
         saved = json.loads((ckpt / _STATE).read_text())
@@ -352,6 +382,7 @@ def fit(
     desc: str = "training",
     fingerprint: str | None = None,
     distributed: bool | None = None,
+    model_settings: Mapping | None = None,
 ) -> dict:
     """Train ``model`` by minimising ``loss_fn`` with early stopping on the validation loss.
 
@@ -393,9 +424,12 @@ def fit(
         state, hyper-parameters, data fingerprint, the sha256 of the other files). Written as one set
         (see the module notes). Without ``resume``, a folder already holding a checkpoint (or files of
         these names) raises :class:`FileExistsError`: nothing is overwritten silently.
+        One training at a time per folder: it is locked (``training.lock``, created atomically) while ``fit``
+        runs, and a second ``fit`` on it raises :class:`FileExistsError` before any work; the lock of a process
+        that died is stale and taken over.
     resume
         Continue from the checkpoint in ``checkpoint_dir`` (if there is one): the result equals the
-        uninterrupted run. The hyper-parameters and ``fingerprint`` must match those of the
+        uninterrupted run. The hyper-parameters, ``fingerprint`` and ``model_settings`` must match those of the
         checkpoint, and its files their recorded sha256.
     drop_last
         Drop the last incomplete training batch (``None``: when there are more training samples than
@@ -421,6 +455,10 @@ def fit(
         Train with DistributedDataParallel over the ranks of the torch.distributed process group (see
         *Distributed training* below); ``None``: when one with more than one process is initialised (e.g.
         :func:`init_distributed` under ``torchrun``). ``False`` trains in this process alone.
+    model_settings
+        JSON-able settings that shape the model besides the optimiser's hyper-parameters (architecture, loss
+        settings such as a temperature, ...); stored in the checkpoint, and a resume with other settings raises
+        :class:`ValueError` naming the ones that differ (``fit_*`` functions pass their whole model config).
 
     Returns
     -------
@@ -450,6 +488,17 @@ def fit(
     rounding (summation order), so without dropout the weights agree to rounding, amplified by training;
     dropout draws other masks per rank.
     """
+    call = dict(locals())  # every argument, to run again under the checkpoint folder's lock
+    if checkpoint_dir is not None and not _LOCKED.get() and is_main_process():
+        from ._lock import folder_lock
+
+        token = _LOCKED.set(True)
+        try:
+            with folder_lock(checkpoint_dir, arg="checkpoint_dir", what="training"):
+                return fit(**call)
+        finally:
+            _LOCKED.reset(token)
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -513,6 +562,7 @@ def fit(
         "hparams": hparams,
     }
     best_weights = None
+    settings_now = None if model_settings is None else json.loads(json.dumps(jsonable(dict(model_settings))))
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and ckpt is None:
         raise ValueError("`resume=True` needs `checkpoint_dir`.")
@@ -529,6 +579,7 @@ def fit(
                 f"Cannot resume from {ckpt}: `fingerprint` differs (saved {saved.get('fingerprint')!r}, now "
                 f"{fingerprint!r}): the checkpoint was trained on other data. Start again in another `checkpoint_dir`."
             )
+        _check_settings(ckpt, saved, settings_now)
         state.update({k: v for k, v in saved.items() if k in state and k != "hparams"})
         state["stopped_early"] = False
         from safetensors.torch import load
@@ -657,9 +708,10 @@ def fit(
             bar.set_postfix(postfix)
         logger.debug("%s epoch %d: %s", desc, epoch, postfix)
         if ckpt is not None and rank == 0:
-            _save_checkpoint(
-                ckpt, model, opt, scaler, state | {"hparams": hparams, "fingerprint": fingerprint}, best_weights
-            )
+            record = state | {"hparams": hparams, "fingerprint": fingerprint}
+            if settings_now is not None:
+                record["model_settings"] = settings_now
+            _save_checkpoint(ckpt, model, opt, scaler, record, best_weights)
     if patience is not None and val_ds is not None and state["bad_epochs"] >= patience and state["epoch"] + 1 < epochs:
         state["stopped_early"] = True
     if state["stopped_early"]:

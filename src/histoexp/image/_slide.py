@@ -66,6 +66,21 @@ def _not_rgb(found: str, path: Path, arg: str) -> ValueError:
     )
 
 
+def _check_decode_size(size: tuple[int, int], path: Path, arg: str) -> None:
+    """Refuse a JPEG/PNG whose header declares more pixels than ``hx.settings.max_image_pixels`` (before decoding)."""
+    from .._settings import settings
+
+    w, h = (int(v) for v in size)
+    limit = settings.max_image_pixels
+    if limit is not None and w * h > limit:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} declares {w} x {h} px ({w * h / 1e6:.0f} Mpx, {3 * w * h / 1e9:.2g} GB as RGB), "
+            f"more than hx.settings.max_image_pixels ({limit / 1e6:.0f} Mpx): a JPEG/PNG is decoded whole. If the "
+            "image is genuine, convert it to a tiled pyramidal TIFF (read by region, e.g. with tifffile or vips) or "
+            "raise the limit (hx.settings.max_image_pixels = None for none)."
+        )
+
+
 @contextmanager
 def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
     """Open a JPEG/PNG with PIL (header only until ``load()``), checked to be RGB; PIL errors become ValueErrors.
@@ -88,6 +103,7 @@ def _open_pil(path: Path, arg: str = "source") -> Iterator[Any]:
                     "expected an RGB uint8 JPEG, PNG or TIFF."
                 ) from e
             with im:
+                _check_decode_size(im.size, path, arg)
                 if im.mode != "RGB":
                     raise _not_rgb(f"PIL mode {im.mode!r}", path, arg)
                 try:
@@ -701,13 +717,28 @@ class SlideImage:
         """Pixels ``[y0, y1) x [x0, x1)`` of level ``li`` (level coordinates), white outside."""
         lv = self._lv()[li]
         if x0 >= 0 and y0 >= 0 and x1 <= lv.width and y1 <= lv.height:
-            return lv.read(y0, y1, x0, x1)
+            return self._read(lv, y0, y1, x0, x1)
         out = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
         cx0, cy0 = max(x0, 0), max(y0, 0)
         cx1, cy1 = min(x1, lv.width), min(y1, lv.height)
         if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = lv.read(cy0, cy1, cx0, cx1)
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read(lv, cy0, cy1, cx0, cx1)
         return out
+
+    def _read(self, lv: _Level, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """``lv.read``; a file that fails to decode (truncated, corrupted) raises a ValueError naming the file."""
+        try:
+            return lv.read(y0, y1, x0, x1)
+        except MemoryError:
+            raise
+        except Exception as e:  # codec errors of tifffile / imagecodecs / zarr have no common base class
+            if self._path is None:
+                raise
+            raise ValueError(
+                f"`source`: cannot decode pixels [{y0}:{y1}, {x0}:{x1}] (downsample {lv.downsample:g}) of "
+                f"{self._path!r} ({type(e).__name__}: {e}); the file looks truncated or corrupted: copy or export it "
+                "again."
+            ) from e
 
     def read_region(self, x0: int, y0: int, width: int, height: int, *, level: int = 0) -> np.ndarray:
         """Read a rectangle given in full-resolution pixels, at the resolution of ``level``.

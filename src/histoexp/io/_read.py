@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -276,6 +277,38 @@ def _find_source_image(path: Path) -> str:
     return str(cands[0].resolve()) if len(cands) == 1 else ""
 
 
+def _check_visium_files(path: Path, counts_file: str) -> None:
+    """Clear errors for a damaged count file or scale-factor JSON, before squidpy's raw HDF5 / JSON errors."""
+    counts = path / counts_file
+    if counts.is_file() and counts.suffix == ".h5":
+        import h5py
+
+        if not h5py.is_hdf5(counts):
+            raise ValueError(
+                f"`path`: the count file {str(counts)!r} is not an HDF5 file (Space Ranger's "
+                f"{counts.name}): it is damaged, truncated or something else under that name; copy it again "
+                "(or pass `counts_file=`)."
+            )
+    sf = path / "spatial" / "scalefactors_json.json"
+    if sf.is_file():
+        try:
+            rec = json.loads(sf.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(
+                f"`path`: {str(sf)!r} is not readable JSON ({err}); expected Space Ranger's scale factors "
+                "(spot_diameter_fullres, tissue_hires_scalef, ...): copy it again."
+            ) from err
+        if not isinstance(rec, dict):
+            raise ValueError(f"`path`: {str(sf)!r} holds {type(rec).__name__}, not the JSON object of scale factors.")
+        bad = {k: v for k, v in rec.items() if k.endswith(("scalef", "fullres")) and not _positive_number(v)}
+        if bad:
+            raise ValueError(f"`path`: {str(sf)!r} has scale factors that are not positive numbers: {bad}.")
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+
+
 def read_visium(
     path: str | os.PathLike,
     *,
@@ -322,6 +355,7 @@ def read_visium(
             f"`path`: {str(path)!r} looks like a Visium HD output (binned_outputs/). Read it with "
             "`spatialdata_io.visium_hd(path)` and convert a table with `histoexp.io.from_spatialdata`."
         )
+    _check_visium_files(path, kwargs.get("counts_file", "filtered_feature_bc_matrix.h5"))
     with library_verbosity():
         adata = sq.read.visium(path, library_id=library_id, **kwargs)
     if "spatial" not in adata.uns or not adata.uns["spatial"]:

@@ -3,9 +3,11 @@
 A model folder holds ``config.json`` (JSON-able config, always with ``'method'``, ``'format_version'``,
 the ``'versions'`` of histoexp/torch/python that wrote it, the ``'files'`` and their ``'sha256'``),
 one or more ``<name>.safetensors`` files (``model.safetensors`` for the weights; methods may add
-others, e.g. a reference bank) and histoexp's marker ``.histoexp.json`` (which also records the
-sha256 of ``config.json``). Reading verifies the hashes, so a folder whose files were edited or
-mixed with another model's fails loudly instead of loading a different model.
+others, e.g. a reference bank), each carrying the digest of the config in its metadata
+(:func:`config_digest`), and histoexp's marker ``.histoexp.json`` (which also records the sha256 of
+``config.json``). Reading verifies the hashes both ways (the config names the weights, the weights name the
+config), so a folder whose files were edited or mixed with another model's fails loudly instead of loading a
+different model, even when it was copied without its hidden marker.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .._settings import logger
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 KIND = "model"
+#: safetensors metadata key holding the digest of the config saved with the weights (see :func:`config_digest`)
+CONFIG_DIGEST = "histoexp_config_sha256"
 
 
 def versions() -> dict:
@@ -47,6 +51,50 @@ def _load_json(file: Path) -> dict:
     if not isinstance(rec, dict):
         raise ValueError(f"{str(file)!r} holds {type(rec).__name__}, not a JSON object; save the model again.")
     return rec
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a model config as JSON (sorted keys), without its ``'sha256'`` entry.
+
+    Written into the metadata of every safetensors file of the folder: the weights name the config they were saved
+    with, so an edited ``config.json`` (genes swapped, another method) is detected whatever else was copied or not
+    (the hidden marker is lost by ``cp model/* copy/``). ``'sha256'`` is left out: it holds the files' own hashes.
+    """
+    body = {k: v for k, v in config.items() if k != "sha256"}
+    text = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """Return the ``__metadata__`` of a safetensors file's header (``{}`` when there is none or it is unreadable)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if not 0 < n <= len(data) - 8:
+            return {}
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def interrupted_save_hint(path: str | os.PathLike) -> str:
+    """Where a save of ``path`` killed between its two renames left the models (``''``: no such leftovers)."""
+    from .._fs import stale_siblings
+
+    found = []
+    for sib in stale_siblings(path):
+        try:
+            verify_folder(sib)
+        except (OSError, ValueError):
+            continue  # unfinished, or not a model
+        found.append(("the previous model" if ".old-" in sib.name else "the new model, complete,", sib))
+    if not found:
+        return ""
+    where = "; ".join(f"{what} is at {str(sib)!r}" for what, sib in found)
+    return (
+        f" A save into it was interrupted between its two renames: {where}. Rename the one you want to "
+        f"{str(Path(path))!r} (the next save into that path removes these leftovers)."
+    )
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -94,16 +142,17 @@ def save_folder(
     if "method" not in config:
         raise ValueError("A model config must name its 'method'.")
     with atomic_dir(path, overwrite=overwrite, kind=KIND, arg="path", owned=is_model_folder) as tmp:
+        full = {k: v for k, v in config.items() if k != "sha256"}
+        full["format_version"] = FORMAT_VERSION
+        full["versions"] = versions()
+        full["files"] = sorted(f"{name}.safetensors" for name in tensors)
+        digest = config_digest(full)  # the config as it will read back, named inside every weights file
         sha = {}
         for name, tdict in tensors.items():
             clean = {k: v.detach().to("cpu").contiguous() for k, v in tdict.items()}
             file = f"{name}.safetensors"
-            save_file(clean, str(tmp / file))
+            save_file(clean, str(tmp / file), metadata={CONFIG_DIGEST: digest})
             sha[file] = sha256_file(tmp / file)
-        full = dict(config)
-        full["format_version"] = FORMAT_VERSION
-        full["versions"] = versions()
-        full["files"] = sorted(sha)
         full["sha256"] = dict(sorted(sha.items()))
         (tmp / CONFIG).write_text(json.dumps(full, indent=1))
         mark_created(tmp, KIND, sha256={CONFIG: sha256_file(tmp / CONFIG)})
@@ -114,7 +163,8 @@ def read_config(path: str | os.PathLike) -> dict:
     """Read ``config.json`` of a model folder (clear error when it is not one, or was edited)."""
     path = Path(path)
     if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a histoexp model folder: no {CONFIG} in it.")
+        what = "does not exist" if not path.exists() else f"is not a histoexp model folder: no {CONFIG} in it"
+        raise FileNotFoundError(f"{path} {what}.{interrupted_save_hint(path)}")
     raw = (path / CONFIG).read_bytes()
     marker = path / MARKER
     if marker.is_file():
@@ -145,6 +195,15 @@ def _checked_bytes(path: Path, file: str, config: dict) -> bytes:
         raise ValueError(
             f"{str(target)!r} does not match the sha256 recorded in {CONFIG}: the weights were edited, "
             "damaged or mixed with another model's files; save the model again."
+        )
+    saved = _safetensors_metadata(data).get(CONFIG_DIGEST)
+    if saved is None:
+        logger.debug("%s: %s names no config (saved by an older histoexp); config.json not verified.", path, file)
+    elif saved != config_digest(config):
+        raise ValueError(
+            f"{str(path / CONFIG)!r} differs from the config saved with the weights (its digest is in the metadata "
+            f"of {file}): the model folder was edited (genes, method, settings) or mixed with another model's files. "
+            "Loading it would mislabel or misbuild the model: save the model again."
         )
     return data
 

@@ -384,14 +384,24 @@ class ExpressionModel:
         missing = [k for k in ("genes", "mode", "n_ensemble") if k not in config]
         if missing:
             raise ValueError(f"{path}/config.json lacks {missing}: not a complete histoexp model folder.")
-        n_members = int(config["n_ensemble"])
-        state = _io.read_tensors(path, "model")
+        state = _io.read_tensors(path, "model")  # verifies the weights and that they were saved with this config
+        n_members = config["n_ensemble"]
+        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+            raise ValueError(f"{path}/config.json: 'n_ensemble' is {n_members!r}, not a positive integer; save again.")
+        if config["mode"] not in ("frozen", "finetune"):
+            raise ValueError(f"{path}/config.json: 'mode' is {config['mode']!r}, not 'frozen' or 'finetune'.")
         nets, preprocess = [], None
         for i in range(n_members):
             encoder = None
             if config["mode"] == "finetune":
                 encoder, preprocess = cls._encoder_from_config(config)
-            net = cls.build_net(config, encoder)
+            try:
+                net = cls.build_net(config, encoder)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{path}/config.json does not describe a {cls.method!r} model ({type(err).__name__}: {err}): it "
+                    "was edited, relabelled to another method, or written by an incompatible histoexp; save again."
+                ) from err
             if n_members == 1:
                 part = state
             else:
@@ -539,6 +549,14 @@ class RegressionModel(ExpressionModel):
         known = set(self.genes)
         return [g for g in genes if g not in known]
 
+    def _unpredictable(self) -> str:
+        """Why :meth:`predictable` refuses genes (for the error message)."""
+        return (
+            f"they are not among its {len(self.genes)} training genes (model.genes), and a {self.method} model "
+            "predicts only those. Fit it with these genes (`genes=`), or use hx.tl.fit_zeroshot, which predicts genes "
+            "outside training from gene embeddings."
+        )
+
     def predict(
         self,
         images: Any,
@@ -556,7 +574,9 @@ class RegressionModel(ExpressionModel):
         genes = self.genes if genes is None else list(genes)
         unknown = self.predictable(genes)
         if unknown:
-            raise KeyError(f"{len(unknown)} genes cannot be predicted by this model (e.g. {unknown[:5]}).")
+            raise KeyError(
+                f"{len(unknown)} genes cannot be predicted by this model (e.g. {unknown[:5]}): {self._unpredictable()}"
+            )
         pos = {g: i for i, g in enumerate(self.genes)}
         cols = torch.as_tensor([pos[g] for g in genes])
         outs = self._run_images(

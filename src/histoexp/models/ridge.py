@@ -45,21 +45,26 @@ def fit_ridge_net(
 
     The standardisation and the PCA are fitted on ``x``. ``alpha`` is chosen by sklearn's ``RidgeCV``: with
     two or more ``groups`` (sections) by leave-one-group-out cross-validation (R², averaged over genes), so
-    neighbouring spots of one section never sit on both sides of a split; otherwise by efficient
+    neighbouring spots of one section never sit on both sides of a split (sections of fewer than
+    :data:`histoexp._cv.MIN_FOLD_SPOTS` spots are held out together, or stay in training: see
+    :func:`histoexp._cv.leave_one_section_out`); otherwise by efficient
     leave-one-out, on a random subset of ``LOO_MAX_SPOTS`` training spots when there are more (its memory grows
     as spots x genes several times over). The inner folds reuse the PCA fitted on all training spots (training
     data only).
     """
     from sklearn.linear_model import Ridge, RidgeCV
-    from sklearn.model_selection import LeaveOneGroupOut
+
+    from .._cv import leave_one_section_out
 
     net.features.fit(x, random_state=random_state)
     with torch.no_grad():
         z = net.features(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
     cv = None
     zs, ys = z, y
-    if groups is not None and len(np.unique(groups)) >= 2:
-        cv = list(LeaveOneGroupOut().split(z, y, groups))
+    # sections too small to be scored alone (one spot: NaN R²) are pooled or kept in training, never NaN folds
+    splits = leave_one_section_out(groups, purpose="fit_ridge (alpha)") if groups is not None else None
+    if splits is not None and splits.folds is not None:
+        cv = splits.folds
     elif len(z) > LOO_MAX_SPOTS:
         # efficient leave-one-out holds several spots x genes float64 arrays (~2.6 GB for 500,000 Visium HD bins
         # x 100 genes): choose alpha on a random subset, fit on all

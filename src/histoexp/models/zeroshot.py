@@ -277,6 +277,12 @@ class ZeroshotModel(RegressionModel):
         known = set(self.embedding_genes)
         return [g for g in genes if g not in known]
 
+    def _unpredictable(self) -> str:
+        return (
+            f"they have no embedding in the model's gene-embedding table ({len(self.embedding_genes)} genes, "
+            "model.embedding_genes); fit with a table that embeds them (hx.pp.gene_embeddings)."
+        )
+
     def _repr_extra(self) -> str:
         parts = [f"{len(self.embedding_genes)} genes with embeddings"]
         for name in ("prompter_layers", "graph_k", "nuclei_dim"):

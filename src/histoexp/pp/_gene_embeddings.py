@@ -234,6 +234,7 @@ def _read_table(source: Any, *, varm_key: str | None, gene_column: str | None) -
         elif any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
             sep = "\t" if ".tsv" in suffix or ".txt" in suffix else ","
             table = pd.read_csv(path, sep=sep, index_col=None if gene_column else 0)
+            _check_header(table, path)
         else:
             raise ValueError(f"`source`: cannot read {path.name!r}; expected .csv, .tsv, .parquet or .h5ad.")
     elif isinstance(source, pd.DataFrame):
@@ -250,6 +251,25 @@ def _read_table(source: Any, *, varm_key: str | None, gene_column: str | None) -
     return table
 
 
+def _is_number(value: Any) -> bool:
+    try:
+        float(str(value).strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _check_header(table: pd.DataFrame, path: Path) -> None:
+    """Refuse a text table whose first line is data: its values became column names (and its gene was lost)."""
+    cols = [str(c) for c in table.columns]
+    if cols and all(_is_number(c) for c in cols) and not all(float(c).is_integer() for c in cols):
+        raise ValueError(
+            f"`source`: the first line of {str(path)!r} looks like data, not a header (column names {cols[:4]}): read "
+            "as a header, its gene's row would be lost. Add a header line (e.g. 'gene,dim0,dim1,...') or pass a "
+            "DataFrame: pd.read_csv(path, header=None, index_col=0)."
+        )
+
+
 def _clean_table(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     nonnum = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
     if nonnum:
@@ -260,6 +280,19 @@ def _clean_table(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     if table.shape[1] == 0:
         raise ValueError("`source`: the table has no embedding columns.")
     values = table.to_numpy(dtype=np.float64)
+    names = pd.Series(table.index, dtype=object)
+    blank = names.isna() | (names.astype(str).str.strip() == "")
+    if blank.any():
+        raise ValueError(
+            f"`source`: {int(blank.sum())} rows of the table have no gene name (NaN or empty; rows "
+            f"{np.flatnonzero(blank.to_numpy())[:5].tolist()}); every row must name its gene. Drop or name them."
+        )
+    if len(names) and all(_is_number(g) for g in names):
+        raise ValueError(
+            f"`source`: the gene names of the table are numbers (e.g. {names.astype(str).tolist()[:5]}): the genes "
+            "are in another column (pass `gene_column=`), the table has no header line, or its index was not set to "
+            "the gene symbols."
+        )
     index = pd.Index([str(g).strip() for g in table.index], name="gene")
     if not index.is_unique:
         dup = index[index.duplicated()].unique().tolist()
@@ -494,6 +527,11 @@ def gene_embeddings(
         genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
         if not genes:
             raise ValueError("`genes`: got an empty list; pass gene names or None.")
+        unique = list(dict.fromkeys(genes))
+        if len(unique) < len(genes):  # one row per gene: a repeated name is asked once
+            dup = sorted({g for g in genes if genes.count(g) > 1})
+            logger.warning("gene_embeddings: `genes` names %s more than once; each gene is embedded once.", dup[:5])
+            genes = unique
     if adata is not None:
         key_added = key_added or f"X_gene_{method}"
         check_key_free(adata.varm, key_added, where="adata.varm", overwrite=overwrite)

@@ -109,11 +109,21 @@ def _reopenable(img: Any) -> str | None:
 
 
 def _resolve_libraries(
-    adata: AnnData, library_id: str | None, library_key: str | None
+    adata: AnnData, library_id: str | None, library_key: str | None, image: Any = None
 ) -> tuple[str | None, dict[str, np.ndarray]]:
     spatial = adata.uns.get("spatial", {}) or {}
-    if library_key is None and library_id is None and "library_id" in adata.obs and len(spatial) > 1:
-        library_key = "library_id"
+    if library_key is None and library_id is None and "library_id" in adata.obs:
+        named = library_ids(adata, "library_id")
+        if len(spatial) > 1 or len(named) > 1:
+            # every section from its own image, even when only one image is left in uns['spatial']
+            library_key = "library_id"
+        elif image is None and len(spatial) == 1 and named and named[0] not in spatial:
+            only = next(iter(spatial))
+            raise ValueError(
+                f"obs['library_id'] names section {named[0]!r} but adata.uns['spatial'] holds only the image of "
+                f"{only!r}: histoexp never cuts a section's spots from another section's image. Pass "
+                f"`library_id={only!r}` if that image is section {named[0]!r}'s, or `image=` with its image."
+            )
     if library_key is not None:
         if library_key not in adata.obs:
             raise KeyError(f"`library_key={library_key!r}` is not a column of adata.obs.")
@@ -256,8 +266,17 @@ def extract_patches(
     if copy:
         adata = adata.copy()
 
-    library_key, groups = _resolve_libraries(adata, library_id, library_key)
+    library_key, groups = _resolve_libraries(adata, library_id, library_key, image)
     multi = library_key is not None
+    spatial = adata.uns.get("spatial", {}) or {}
+    lost = [lib for lib in groups if multi and lib not in spatial and _image_for(image, lib, multi) is None]
+    if lost:
+        raise ValueError(
+            f"Sections {lost[:5]} (obs[{library_key!r}]) have no image in adata.uns['spatial'] (which holds "
+            f"{sorted(map(str, spatial))}): histoexp never cuts a section's spots from another section's image. "
+            f"Restore uns['spatial'][{lost[0]!r}], pass `image={{{lost[0]!r}: <its image>, ...}}`, or subset adata "
+            "to the sections that have images."
+        )
     slides: dict[str, SlideImage] = {}
     img_records: dict[str, str | None] = {}
     for lib in groups:

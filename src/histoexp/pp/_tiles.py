@@ -17,6 +17,8 @@ from ..image._slide import SlideImage
 
 __all__ = ["tile_tissue", "tissue_mask"]
 
+#: fewest full-resolution pixels a tile may span: smaller tiles mean a wrong ``mpp`` (e.g. 40 µm/px for 0.4)
+MIN_TILE_PX = 8
 #: longest side of the thumbnail on which tissue is detected (and stored as ``'hires'``, the same size as read_st's)
 THUMBNAIL_PX = HIRES_MAX_SIDE
 #: floors of the thresholds: below them nothing counts as tissue, even if Otsu says so (blank glass)
@@ -146,7 +148,8 @@ def tile_tissue(
     Raises
     ------
     ValueError
-        No tissue at all on the image (blank glass, an empty scan), no µm per pixel, or a bad argument.
+        No tissue at all on the image (blank glass, an empty scan), no µm per pixel, a tile smaller than
+        :data:`MIN_TILE_PX` pixels of the slide (an implausible ``mpp``), or a bad argument.
     """
     if not (np.isfinite(tile_um) and tile_um > 0):
         raise ValueError(f"`tile_um` must be a positive number of µm, got {tile_um!r}.")
@@ -163,6 +166,13 @@ def tile_tissue(
     h, w = slide.shape
     tile_px = tile_um / res
     n_rows, n_cols = int(h // tile_px), int(w // tile_px)
+    if tile_px < MIN_TILE_PX:  # a unit mistake in `mpp`: millions of tiles of a few pixels, for hours
+        raise ValueError(
+            f"`mpp={res:g}` µm per pixel ({slide.mpp_source or 'argument'}) makes a tile of `tile_um={tile_um:g}` µm "
+            f"{tile_px:.3g} px of the slide, below {MIN_TILE_PX} px ({n_rows * n_cols:,} tiles over {h} x {w} px). "
+            "`mpp` is micrometres per pixel of the full-resolution image (H&E scans: about 0.25 at 40x, 0.5 at 20x, "
+            "1 at 10x): check it, or pass a larger `tile_um`."
+        )
     if n_rows == 0 or n_cols == 0:
         raise ValueError(f"`tile_um={tile_um}` ({tile_px:.1f} px) is larger than the image ({h} x {w} px).")
 

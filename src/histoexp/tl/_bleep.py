@@ -229,6 +229,7 @@ def fit_bleep(
     frozen = data.mode == "frozen"
     set_n_pcs(data, n_pcs)
     data.config.update(projection_dim=int(projection_dim), dropout=float(dropout), temperature=float(temperature))
+    data.config["augment"] = bool(augment) if not frozen else None  # a setting of the training (resume checks it)
 
     def make_net():
         net = BleepModel.build_net(data.config, None if frozen else data.new_encoder())

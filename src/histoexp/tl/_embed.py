@@ -402,13 +402,16 @@ def embed_query(
     batch_size: int = 64,
     device: str | None = None,
     num_workers: int | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Compute the image features a frozen-feature model reads, as it was trained on (missing ones only).
 
     ``obsm[model.use_rep]`` with :func:`embed_patches` and each neighbourhood input of the model (NH2ST's
     windows) with :func:`embed_neighbourhood`, with the encoder, weights and grid of the training records.
-    Features already in ``obsm`` are kept (:func:`histoexp.tl.impute` checks that their records match the
-    model). A fine-tuned model reads patches: nothing to compute.
+    Features already in ``obsm`` whose records match the model's (encoder and weights exactly, patch geometry
+    within 1 %) are kept; ones that differ raise a ``ValueError``, or are computed again with ``overwrite=True``.
+    The query's patches must have the model's geometry (``model.image_spec()``). A fine-tuned model reads patches:
+    nothing to compute.
 
     Parameters
     ----------
@@ -419,11 +422,16 @@ def embed_query(
         A histoexp model.
     batch_size, device, num_workers
         As in :func:`embed_patches`.
+    overwrite
+        Compute again the features whose records differ from the model's (default: an error says so).
 
     Returns
     -------
     The ``obsm`` keys computed.
     """
+    from .._geometry import check_query_record, describe, geometry_differences
+    from ._fit import _embedding_record
+
     if model.mode != "frozen":
         return []
     spec = model.image_spec()
@@ -435,12 +443,29 @@ def embed_query(
             "query as for the training data."
         )
     kw = {"weights": spec["weights"], "batch_size": batch_size, "device": device, "num_workers": num_workers}
-    done = []
-    if model.use_rep not in query.obsm:
-        embed_patches(query, spec["encoder"], key_added=model.use_rep, **kw)
-        done.append(model.use_rep)
-    for rep, info in extra.items():
-        if rep not in query.obsm:
-            embed_neighbourhood(query, spec["encoder"], grid=int(info["embedding"]["grid"]), key_added=rep, **kw)
-            done.append(rep)
-    return done
+    records = {model.use_rep: model.config.get("embedding"), **{r: info.get("embedding") for r, info in extra.items()}}
+    todo = []
+    for rep, m_rec in records.items():
+        if rep in query.obsm:
+            try:
+                check_query_record(rep, _embedding_record(query, rep), m_rec)
+                continue
+            except ValueError:
+                if not overwrite:
+                    raise
+        todo.append(rep)
+    patches = query.uns.get("histoexp", {}).get("patches")
+    diffs = geometry_differences(patches or {}, records[model.use_rep] or {}, ("size_um", "mpp", "patch_px"))
+    if todo and diffs:
+        raise ValueError(
+            f"The query's patches (uns['histoexp']['patches']) differ from the model's training patches: "
+            f"{describe(diffs)}; features from them would be silently wrong. Extract them at the model's geometry: "
+            f"hx.pp.extract_patches(query, size_um={spec['size_um']}, patch_px={spec['patch_px']}, overwrite=True)."
+        )
+    for rep in todo:
+        if rep == model.use_rep:
+            embed_patches(query, spec["encoder"], key_added=rep, overwrite=overwrite, **kw)
+        else:
+            grid = int(extra[rep]["embedding"]["grid"])
+            embed_neighbourhood(query, spec["encoder"], grid=grid, key_added=rep, overwrite=overwrite, **kw)
+    return todo

@@ -254,6 +254,27 @@ def prepare_fit(
     return data
 
 
+#: config entries that do not shape a member's training: the data (its own fingerprint), records, results
+_NOT_SETTINGS = ("data_fingerprint", "expression_mean", "embedding", "params", "history")
+#: hyper-parameters a resume may change: how long to train, and how many members (each has its own checkpoint)
+_RESUMABLE_HP = ("epochs", "patience", "n_ensemble")
+
+
+def training_settings(data: FitData) -> dict:
+    """Return what shapes a member's model besides the data: the method's config and the hyper-parameters.
+
+    The config holds the architecture, loss settings (a temperature, a loss weight, ...), genes, normalisation,
+    mode and encoder. Stored with each checkpoint by :func:`histoexp.train.fit` (``model_settings``): a resume
+    with any of them changed is refused. Generic on purpose: a setting a ``fit_<method>`` writes into
+    ``data.config`` before training is covered without listing it here.
+    """
+    cfg = {k: v for k, v in data.config.items() if k not in _NOT_SETTINGS}
+    if isinstance(cfg.get("extra_reps"), dict):  # their features are in the data fingerprint; keep their widths
+        cfg["extra_reps"] = {rep: {"dim": (v or {}).get("dim")} for rep, v in cfg["extra_reps"].items()}
+    hp = {k: v for k, v in data.hp.items() if k not in _RESUMABLE_HP}
+    return jsonable({**cfg, **hp})
+
+
 def train_members(
     data: FitData,
     make_net: Callable[[], Any],
@@ -277,15 +298,22 @@ def train_members(
     Returns the trained networks and the history (member 0's, with every member's under ``'members'``
     keyed by member number, so it stays storable in ``uns``).
     """
+    import contextlib
+
     import torch
 
+    from .._distributed import is_main_process
+    from .._lock import folder_lock
     from ..train import fit, torch_threads
 
     hp = data.hp
     train_ds, val_ds = datasets if datasets is not None else data.datasets()
     n = int(hp.get("n_ensemble", 1))
     nets, histories = [], []
-    with torch_threads(1 if data.mode == "frozen" and data.device.type == "cpu" else None):
+    # an ensemble's folder is locked as a whole (each member's fit locks its own subfolder too)
+    whole = checkpoint_dir is not None and n > 1 and is_main_process()
+    lock = folder_lock(checkpoint_dir, arg="checkpoint_dir") if whole else contextlib.nullcontext()
+    with lock, torch_threads(1 if data.mode == "frozen" and data.device.type == "cpu" else None):
         for member in range(n):
             seed = random_state + member
             with torch.random.fork_rng(devices=[]):
@@ -309,6 +337,7 @@ def train_members(
                 checkpoint_dir=ckpt,
                 resume=resume,
                 fingerprint=data.config.get("data_fingerprint"),
+                model_settings=training_settings(data),  # after make_net, which records a fine-tuned encoder
                 desc=desc if n == 1 else f"{desc} {member + 1}/{n}",
                 **fit_kwargs,
             )

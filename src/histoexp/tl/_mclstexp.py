@@ -323,6 +323,7 @@ def fit_mclstexp(
         "positions": position_source,
     }
     data.config.update(settings)
+    data.config["augment"] = bool(augment) if not frozen else None  # a setting of the training (resume checks it)
     set_n_pcs(data, n_pcs)
 
     def make_net():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._geometry import describe, geometry_differences
 from ._crossfit import supports_crossfit
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
@@ -346,6 +347,15 @@ def fit_nh2st(
             # each spot's context patch (grid windows wide) read once a batch and cut into windows in the net
             data.images, _, _, window_px = _context_source(adata, patches_key, grid)
             data.config["patches"]["context_px"] = int(data.images.patch_px)
+    if (neighbours or smooth) and "spatial" in adata.obsm:
+        pos = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+        bad = ~np.isfinite(pos).all(1)
+        if bad.any():
+            raise ValueError(
+                f"adata.obsm['spatial'] has NaN or infinite positions for {int(bad.sum())} spots (e.g. "
+                f"{adata.obs_names[bad][:5].tolist()}): NH2ST's neighbours (and `smooth`) need every spot's position. "
+                "Fix or drop those spots, or pass `neighbours=False, smooth=False`."
+            )
     if smooth:  # training targets only: what impute predicts is still compared with the measured spot
         if data.coords is None:
             raise KeyError("adata.obsm['spatial'] (spot centres) is missing: `smooth=True` needs it.")
@@ -394,6 +404,7 @@ def fit_nh2st(
         temperature=float(temperature),
         negative_weight=float(negative_weight),
         neighbour_weight=float(neighbour_weight),
+        augment=bool(augment) if not frozen else None,  # a setting of the training (resume checks it)
     )
 
     def make_net():
@@ -484,6 +495,12 @@ def _frozen_neighbourhood(adata: AnnData, data, context_rep: str | None) -> tupl
                 f"`use_rep` and `context_rep` come from different encoders ({field} {sp_rec[field]!r} vs "
                 f"{rec[field]!r}): the windows must go through the spot's image encoder."
             )
+    diffs = geometry_differences(rec, sp_rec, ("size_um", "mpp", "patch_px"))
+    if diffs:
+        raise ValueError(
+            f"`context_rep` ({ctx!r}) was computed from patches of another geometry than `use_rep`: "
+            f"{describe(diffs, 'use_rep')}; embed both from the same patches (the centre window is the spot's patch)."
+        )
     data.images = np.concatenate([data.images, win], axis=1)
     # the platform's convention: feature_dim is the whole input row, extra_reps the obsm read after use_rep
     data.config.update(

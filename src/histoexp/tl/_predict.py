@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
+from .._geometry import check_query_record, describe, geometry_differences
 from .._settings import logger, settings
 from .._utils import jsonable, resolve_library_key
 from ._evaluate import MEASURED
@@ -66,12 +67,15 @@ def _query_images(query: AnnData, model, patches_key: str | None):
             f"Run hx.pp.extract_patches(query, size_um={geo.get('size_um')}, mpp={geo.get('mpp')}, "
             f"patch_px={geo.get('patch_px')}) first."
         ) from err
-    for field in ("patch_px", "mpp"):
-        # a model reading context patches (NH2ST's windows) records their side as context_px
-        want = geo.get("context_px", geo.get(field)) if field == "patch_px" else geo.get(field)
-        got = getattr(src, field, None)
-        if want is not None and got is not None and not np.isclose(float(want), float(got)):
-            logger.warning("Query patches have %s=%s but the model was trained with %s.", field, got, want)
+    # a model reading context patches (NH2ST's windows) records their side as context_px
+    want = {"patch_px": geo.get("context_px", geo.get("patch_px")), "mpp": geo.get("mpp")}
+    diffs = geometry_differences({f: getattr(src, f, None) for f in want}, want)
+    if diffs:
+        raise ValueError(
+            f"The query's patches under {key!r} differ from the model's training patches: {describe(diffs)}. "
+            f"Extract them at the model's geometry: hx.pp.extract_patches(query, size_um={geo.get('size_um')}, "
+            f"patch_px={geo.get('patch_px')}, context={geo.get('context', 1.0)}, overwrite=True)."
+        )
     return src
 
 
@@ -90,14 +94,8 @@ def _query_rep(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: st
         raise ValueError(f"query.obsm[{rep!r}] has shape {feats.shape}; the model expects {width} features a spot.")
     if not np.isfinite(feats).all():
         raise ValueError(f"query.obsm[{rep!r}] contains NaN or infinite values.")
-    q_rec = _embedding_record(query, rep)
-    if q_rec and m_rec:
-        for field in ("encoder", "weights", "random_init", "grid", "window_um"):
-            if field in q_rec and field in m_rec and str(q_rec[field]) != str(m_rec[field]):
-                raise ValueError(
-                    f"query.obsm[{rep!r}] was computed with {field}={q_rec[field]!r} but the model was trained on "
-                    f"{field}={m_rec[field]!r}: re-embed the query with the model's encoder."
-                )
+    # encoder and weights exactly; patch and window sizes with a tolerance (they are computed: 99.99999999999999 µm)
+    check_query_record(rep, _embedding_record(query, rep), m_rec)
     return feats
 
 
@@ -467,6 +465,8 @@ def impute(
     conf = None
     if model.kind == "retrieval":
         k = model.retrieval_defaults["k"] if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:  # before the images are encoded
+            raise ValueError(f"`k` must be an integer >= 1 (neighbours), got {k!r}.")
         method = model.retrieval_defaults["method"] if method is None else method
         if method not in WEIGHTINGS:
             raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")

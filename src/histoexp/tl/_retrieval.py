@@ -220,6 +220,17 @@ def _index_params(index: str, params: dict | None, n_bank: int) -> dict:
     for name, v in out.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"`index_params[{name!r}]` must be an integer >= 1, got {v!r}.")
+    if index == "faiss-ivf":  # faiss' k-means fails in C++ on these: say it here, naming the parameter
+        if out["nlist"] > n_bank:
+            raise ValueError(
+                f"`index_params['nlist']={out['nlist']}` is larger than the reference ({n_bank} spots): k-means cannot "
+                f"make more lists than spots. Pass nlist <= {n_bank} (about sqrt(n) is usual), or leave it unset."
+            )
+        if out["train_size"] < out["nlist"]:
+            raise ValueError(
+                f"`index_params['train_size']={out['train_size']}` is below `nlist={out['nlist']}`: k-means needs at "
+                "least one training spot per list (39 or more is usual). Pass a larger train_size or a smaller nlist."
+            )
     return {k: int(v) for k, v in out.items()}
 
 
@@ -328,8 +339,8 @@ def retrieve(
 
     if method not in WEIGHTINGS:
         raise ValueError(f"`method` must be one of {tuple(WEIGHTINGS)}, got {method!r}.")
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:  # True is an int: not 1 neighbour
+        raise ValueError(f"`k` must be an integer >= 1 (neighbours), got {k!r}.")
     n_bank = bank_emb.shape[0]
     if n_bank == 0:
         raise ValueError("The reference bank is empty.")

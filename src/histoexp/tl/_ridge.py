@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._cv import leave_one_section_out
 from ._crossfit import RANK_CANDIDATES, crossfit_groups, mean_pcc, supports_crossfit
 from ._fit import prepare_fit, write_fit_keys
 
@@ -84,9 +85,10 @@ def fit_ridge(
     training spots), then ridge regression to the log-normalised expression of ``genes``. The penalty is
     chosen among ``alphas`` by cross-validation *inside* the training data: leave-one-section-out over
     ``obs[library_key]`` when there are two or more sections (spots of one section are never on both sides
-    of a split), else efficient leave-one-out (one section; on 100,000 random training spots when there are more,
-    e.g. Visium HD bins, as its memory grows as spots x genes several times over). All training spots are used
-    for the final fit (no validation split). Deterministic; no torch training loop.
+    of a split; sections of fewer than 10 spots, which cannot be scored alone, are held out together or stay
+    in training, with a warning), else efficient leave-one-out (one section; on 100,000 random training spots
+    when there are more, e.g. Visium HD bins, as its memory grows as spots x genes several times over). All
+    training spots are used for the final fit (no validation split). Deterministic; no torch training loop.
 
     Parameters
     ----------
@@ -180,8 +182,9 @@ def fit_ridge(
         rank = None  # as many axes as genes: full rank
     if rank is None or len(alphas) == 1 and rank != "auto":
         alpha = fit_ridge_net(net, data.images, data.expr, groups=groups, alphas=alphas, random_state=random_state)
-        by_section = groups is not None and len(np.unique(groups)) > 1
-        cv = "leave-one-section-out" if by_section else "leave-one-out"
+        splits = leave_one_section_out(groups, warn=False) if groups is not None else None  # what fit_ridge_net used
+        by_section = splits is not None and splits.folds is not None
+        cv = splits.description if by_section else "leave-one-out"
         if not by_section and n_spots > LOO_MAX_SPOTS:
             cv = f"leave-one-out on {LOO_MAX_SPOTS} random training spots (seed random_state)"
         if len(alphas) == 1:

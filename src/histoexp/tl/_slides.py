@@ -322,6 +322,31 @@ def _write_json(path: Path, rec: dict, *, overwrite: bool = True) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(rec, indent=1, default=str)), overwrite=overwrite)
 
 
+def _run_record(path: Path) -> dict | None:
+    """Return the run record of an output folder (``None``: none yet); raise a ValueError when it is not histoexp's.
+
+    A truncated or foreign file is never taken for "no record": the model check would be off for good and the
+    folder would mix models. It is never replaced either (histoexp cannot tell it wrote it).
+    """
+    if not (path.exists() or path.is_symlink()):
+        return None
+    rec = _read_json(path)
+    if rec is None or rec.get("created_by") != "histoexp" or not isinstance(rec.get("run_id"), str):
+        raise ValueError(
+            f"`out_dir`: {str(path)!r} is not a run record of impute_slides (unreadable, truncated or another "
+            "program's file), so histoexp cannot tell which model and parameters wrote this folder's outputs; it "
+            "neither ignores nor replaces the file. Choose another `out_dir`, or move the file (and the outputs "
+            "it described) away."
+        )
+    return rec
+
+
+def _is_ours(path: Path, slide_id: str) -> bool:
+    """Whether the JSON file ``path`` is a per-slide record impute_slides wrote for ``slide_id``."""
+    rec = _read_json(path)
+    return rec is not None and rec.get("created_by") == "histoexp" and rec.get("slide_id") == slide_id
+
+
 def _h5ad_run_id(path: Path) -> str | None:
     """Return the run id an ``.h5ad`` of :func:`impute_slides` carries (``uns/histoexp/slide/run_id``), else None."""
     try:
@@ -375,11 +400,14 @@ def impute_slides(
 
     Each slide runs through :func:`impute_slide`. Its prediction is written to ``out_dir/<slide_id>.h5ad``
     atomically (complete or absent), then a completion marker ``<slide_id>.done.json`` (model fingerprint, the
-    slide file's size and modification time, tiles, timings). Run again with the same arguments, the function
-    skips every slide whose marker matches and computes the others: a slide that was half done when the process
-    was killed has no marker and is computed again (a hidden temporary file it left is removed). A slide that
-    raises is recorded in ``<slide_id>.failed.json`` (error and traceback) and the run goes on; the record is
-    removed when the slide later succeeds.
+    slide file's size and modification time, the slide's own inputs: its path, µm/px (from the manifest row or
+    ``mpp``) and tile settings, tiles, timings). Run again, the function skips every slide whose marker matches and
+    computes the others: a slide whose manifest row changed (e.g. a corrected ``mpp``) is computed again, and so is
+    a slide that was half done when the process was killed (it has no marker; a hidden temporary file it left is
+    removed). A slide that raises is recorded in ``<slide_id>.failed.json`` (error and traceback) and the run goes
+    on; the record is removed when the slide later succeeds. Files of these names that this function did not
+    write (a ``.h5ad``, ``.done.json`` or ``.failed.json`` of the user's) are never replaced or removed: the slide
+    fails with an error saying so.
 
     Parameters
     ----------
@@ -391,7 +419,9 @@ def impute_slides(
     out_dir
         Output folder (created if needed). It holds :data:`RUN_RECORD` (the model fingerprint and parameters);
         a later run into the same folder must use the same model and parameters (else a ValueError), or pass
-        ``overwrite=True`` to recompute every slide (replacing only outputs this function wrote).
+        ``overwrite=True`` to recompute every slide (replacing only outputs this function wrote). A
+        :data:`RUN_RECORD` that is unreadable or not histoexp's raises a ValueError (it is never ignored or
+        replaced).
     mpp
         µm per pixel for slides whose file and manifest do not say it (a manifest's ``mpp`` column wins).
     reference
@@ -428,6 +458,13 @@ def impute_slides(
     from ..image._slide import clear_cache
     from ._predict import _as_model, prepare_reference
 
+    if isinstance(model, (str, os.PathLike)):
+        m, o = Path(model).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+        if o == m or m in o.parents:
+            raise ValueError(
+                f"`out_dir`: {str(out_dir)!r} is the model folder {str(model)!r} or inside it; predictions are never "
+                "written into a model folder: choose another `out_dir`."
+            )
     model = _as_model(model)
     retrieval = _retrieval_kwargs(model, reference=reference, k=k, method=method, index=index, params=index_params)
     table = read_slide_list(slides)
@@ -461,12 +498,12 @@ def impute_slides(
     run_id = hashlib.sha256(json.dumps([fingerprint, params], sort_keys=True).encode()).hexdigest()[:16]
     record = {"created_by": "histoexp", "run_id": run_id, "model_fingerprint": fingerprint, "params": params}
     rec_path = out / RUN_RECORD
-    old = _read_json(rec_path)
+    old = _run_record(rec_path)
     if old is None:
         try:
             _write_json(rec_path, {**record, "created_at": _now()}, overwrite=False)
         except FileExistsError:  # another shard wrote it meanwhile
-            old = _read_json(rec_path)
+            old = _run_record(rec_path)
     if old is not None and old.get("run_id") != run_id:
         if not overwrite:
             before = old.get("params") if isinstance(old.get("params"), dict) else {}
@@ -497,7 +534,7 @@ def impute_slides(
                 model,
                 out,
                 run_id=run_id,
-                mpp=float(slide_mpp) if np.isfinite(slide_mpp) else mpp,
+                mpp=float(slide_mpp) if np.isfinite(slide_mpp) else (None if mpp is None else float(mpp)),
                 kw={
                     "tile_um": tile_um,
                     "min_tissue": min_tissue,
@@ -543,6 +580,9 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
         "tiles_per_s": np.nan,
         "error": "",
     }
+    # what this slide's output depends on besides the run's model and parameters: a manifest row that changes
+    # (its µm/px, its path) makes the slide due again
+    inputs = jsonable({"path": path, "mpp": mpp, "tile_um": kw.get("tile_um"), "min_tissue": kw.get("min_tissue")})
     try:
         stamp = _source_stamp(path)
     except OSError as e:
@@ -555,6 +595,7 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
             and rec is not None
             and rec.get("run_id") == run_id
             and rec.get("source") == stamp
+            and rec.get("inputs") == inputs
             and h5.is_file()
         ):
             return {
@@ -570,6 +611,10 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
             if h5.exists() and _h5ad_run_id(h5) is None:
                 raise FileExistsError(
                     f"{str(h5)!r} exists and was not written by impute_slides; move it away (it is never replaced)."
+                )
+            if (done.exists() or done.is_symlink()) and not _is_ours(done, slide_id):
+                raise FileExistsError(
+                    f"{str(done)!r} exists and was not written by impute_slides; move it away (it is never replaced)."
                 )
             pred = impute_slide(path, model, mpp=mpp, library_id=slide_id, **kw)
             if not keep_features and model.use_rep:
@@ -589,6 +634,7 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
                     "slide_id": slide_id,
                     "source_path": path,
                     "source": stamp,
+                    "inputs": inputs,
                     "n_tiles": info["n_tiles"],
                     "seconds": round(secs, 3),
                     "tiles_per_s": info["n_tiles"] / max(secs, 1e-9),
@@ -597,8 +643,9 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
                     "pid": os.getpid(),
                 },
             )
-            with contextlib.suppress(FileNotFoundError):
-                failed.unlink()
+            if _is_ours(failed, slide_id):  # a user's file of that name stays
+                with contextlib.suppress(FileNotFoundError):
+                    failed.unlink()
             return {
                 **row,
                 "status": "done",
@@ -612,6 +659,9 @@ def _one_slide(slide_id, path, model, out: Path, *, run_id, mpp, kw, keep_featur
     else:
         tb = ""
     logger.error("slide %s failed: %s", slide_id, err)
+    if (failed.exists() or failed.is_symlink()) and not _is_ours(failed, slide_id):
+        logger.error("slide %s: %s is not impute_slides' record; the failure is not written there.", slide_id, failed)
+        return {**row, "status": "failed", "error": err}
     with contextlib.suppress(Exception):
         _write_json(
             failed,

@@ -208,6 +208,17 @@ def fit_zeroshot(
             f"`gene_embeddings` lacks {len(missing)} of the {len(gene_list)} training genes (e.g. {missing[:5]}); "
             "pass `genes=` with the genes that have embeddings, or `aliases=` for renamed genes."
         )
+    shared: dict[str, list[str]] = {}
+    for g in gene_list:
+        shared.setdefault(mapping[g], []).append(g)
+    clash = {row: names for row, names in shared.items() if len(names) > 1}
+    if clash:
+        row, names = next(iter(clash.items()))
+        raise ValueError(
+            f"Training genes {names} all match the embedding of {row!r} (equal up to case or through `aliases`), "
+            f"and {len(clash)} such group(s) in all: one embedding cannot stand for two genes. Keep one name of each "
+            "(`genes=`, or adata.var_names), or fix `aliases`."
+        )
     if graph_k and graph_k >= len(gene_list):
         raise ValueError(f"`graph_k={graph_k}` must be below the number of training genes ({len(gene_list)}).")
     # the stored table is indexed by the training data's names for matched training genes
@@ -269,6 +280,8 @@ def fit_zeroshot(
         prompter_layers=int(prompter_layers),
         image_tokens=int(image_tokens),
         graph_k=int(graph_k),
+        # the training genes' embeddings shape the model: another table with the same genes is another model
+        gene_embeddings_sha256=data_fingerprint(seen)[:16],
     )
     seen_t = torch.as_tensor(seen)
     tr = data.train_idx
