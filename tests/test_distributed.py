@@ -86,8 +86,11 @@ def test_embed_patches_shards_and_gathers(runs):
         sys.path.remove(str(WORKER.parent))
     single, record = _ddp_worker.embedded()  # one process: every patch here
     assert record["world_size"] == 1
+    multi, ms_record = _ddp_worker.embedded(scales=(1, 2.5, 4))
+    assert multi.shape == (single.shape[0], 9) and ms_record["scales"] == [1.0, 2.5, 4.0]
     for r in (0, 1):
         np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour.npy"), single, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour_ms.npy"), multi, rtol=1e-6, atol=1e-6)
         assert json.loads((runs[0] / f"rank{r}" / "history.json").read_text())["embed_world_size"] == 2
 
 
