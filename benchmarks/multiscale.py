@@ -142,18 +142,13 @@ def gene_specific(pred: np.ndarray, truth: np.ndarray, s: np.ndarray) -> np.ndar
     """Per-gene Pearson of prediction and truth after regressing each on ``[1, s]`` (0 for a constant residual)."""
     z = np.column_stack([np.ones_like(s), s])
     proj = z @ np.linalg.pinv(z)
-
-    def resid(x):
-        r = x - proj @ x
-        return r - r.mean(0)
-
-    rp, rt = resid(pred.astype(np.float64)), resid(truth.astype(np.float64))
-    num = (rp * rt).sum(0)
-    den = np.sqrt((rp**2).sum(0) * (rt**2).sum(0))
-    out = np.zeros(pred.shape[1])
-    ok = den > 1e-12
-    out[ok] = num[ok] / den[ok]
-    return out
+    rp, rt = (x - proj @ x for x in (pred.astype(np.float64), truth.astype(np.float64)))
+    norm_p, norm_t = np.sqrt((rp**2).sum(0)), np.sqrt((rt**2).sum(0))
+    # a prediction whose residual is rounding noise (the mean predictor, a pure one-axis predictor) scores 0
+    const = norm_p <= 1e-9 * np.maximum(np.abs(pred).max(0), 1.0) * np.sqrt(len(pred))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (rp * rt).sum(0) / (norm_p * norm_t)
+    return np.where(const, 0.0, r)
 
 
 def one_pattern(train, query, y_tr, rep: str, mean: np.ndarray, axis: np.ndarray, seed: int) -> np.ndarray:
