@@ -504,6 +504,7 @@ def cmd_demo(args) -> int:
                 "test": test,
                 "encoder": args.encoder,
                 "weights": weights,
+                "scales": None if scales is None else list(scales),
                 "epochs": epochs,
                 "bleep": pred.uns["bleep"]["metrics"],
                 "ridge": rpred.uns["ridge"]["metrics"],
