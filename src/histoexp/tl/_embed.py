@@ -98,9 +98,8 @@ def embed_patches(
     1x crop only): any patch store works, but not patches extracted from an in-memory ``image=``. It costs
     ``len(scales)`` times the encoder work of one scale plus the resampling of each crop; the single read saves
     little on a JPEG (decoded once anyway) and the repeated region reads of a tiled slide (not measured here).
-    ``benchmarks/multiscale.py`` (732 her2st
-    spots, JPEG, handcrafted, scales 1, 2, 3, 5): 5.9x one scale, 1.0x the four scales embedded one by one, 0.28x
-    :func:`embed_neighbourhood` with ``grid=5``.
+    ``benchmarks/multiscale.py`` (732 her2st spots, JPEG, handcrafted, scales 1, 2, 3, 5): 5.9x one scale, 1.0x
+    the four scales embedded one by one, 0.28x :func:`embed_neighbourhood` with ``grid=5``.
 
     Parameters
     ----------
