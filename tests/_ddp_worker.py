@@ -187,11 +187,11 @@ class MeanColour(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def embedded() -> tuple[np.ndarray, dict]:
+def embedded(scales=None) -> tuple[np.ndarray, dict]:
     """``hx.tl.embed_patches`` of small synthetic patches (sharded across the ranks under torchrun)."""
     adata = hx.datasets.synthetic(n_sections=1, n_side=7, random_state=2)
     hx.pp.extract_patches(adata, patch_px=16, store="memory")
-    hx.tl.embed_patches(adata, MeanColour(), key_added="X_colour", batch_size=5, device="cpu")
+    hx.tl.embed_patches(adata, MeanColour(), scales=scales, key_added="X_colour", batch_size=5, device="cpu")
     return adata.obsm["X_colour"], dict(adata.uns["histoexp"]["embeddings"]["X_colour"])
 
 
@@ -222,6 +222,8 @@ def main() -> None:
     emb = hxt.infer(lambda b: b["image"] * 2 + b["index"][:, None], x, batch_size=4, device="cpu", distributed=True)
     colour, record = embedded()
     np.save(mine / "colour.npy", colour)
+    # multi-scale: 3 crops a spot, the ranks' blocks of crops need not hold whole spots
+    np.save(mine / "colour_ms.npy", embedded(scales=(1, 2.5, 4))[0])
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_bleep.items()}, str(mine / "weights.safetensors"))
     save_file({f"bleep.{k}": v.contiguous() for k, v in w_again.items()}, str(mine / "weights_again.safetensors"))
     save_file({f"sampler.{k}": v.contiguous() for k, v in w_samp.items()}, str(mine / "sampler.safetensors"))

@@ -119,8 +119,11 @@ def test_sharded_inference_gathers_every_row(runs):
 def test_embed_patches_shards_and_gathers(runs):
     single, record = _worker().embedded()  # one process: every patch here
     assert record["world_size"] == 1
+    multi, ms_record = _worker().embedded(scales=(1, 2.5, 4))
+    assert multi.shape == (single.shape[0], 9) and ms_record["scales"] == [1.0, 2.5, 4.0]
     for r in (0, 1):  # other batches: other reduction blocks, so rounding only (colours are in [0, 1])
         np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour.npy"), single, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(runs[0] / f"rank{r}" / "colour_ms.npy"), multi, rtol=1e-5, atol=1e-6)
         assert json.loads((runs[0] / f"rank{r}" / "history.json").read_text())["embed_world_size"] == 2
 
 

@@ -27,6 +27,10 @@ DEMO_SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 DEMO_GENES = ("ERBB2", "GNAS")
 #: patch side per encoder: the handcrafted encoder works at 112 px, torchvision CNNs at 224 px.
 DEFAULT_PATCH_PX = {"handcrafted": 112}
+_SCALES_HELP = (
+    "multi-scale image features, e.g. 1,2,3,5: crops of 1x, 2x, ... the patch side around each spot, each at "
+    "--patch-px pixels, encoded and concatenated (default: the patch alone)"
+)
 
 
 class CLIError(Exception):
@@ -205,6 +209,21 @@ def _weights_arg(value: str | None) -> str | None:
     return value
 
 
+def _scales_arg(value: str | None) -> tuple[float, ...] | None:
+    """``--scales 1,2,3,5`` -> ``(1.0, 2.0, 3.0, 5.0)`` (checked as ``hx.tl.embed_patches`` checks them)."""
+    if value is None:
+        return None
+    from histoexp.tl._embed import check_scales
+
+    try:
+        return check_scales([float(v) for v in value.split(",")])
+    except ValueError:
+        raise CLIError(
+            f"--scales {value!r}: expected distinct positive numbers separated by commas, e.g. 1,2,3,5 (multiples "
+            "of the patch side)."
+        ) from None
+
+
 def _genes_arg(value: str | None):
     """``her2st`` | ``all`` | an integer (that many HVGs) | a file (one gene per line) | a comma-separated list."""
     if value is None:
@@ -279,23 +298,25 @@ def prepare_features(
     patch_px: int | None = None,
     size_um: float | None = None,
     mpp: float | None = None,
+    scales: Sequence[float] | None = None,
     device: str | None = None,
 ) -> str:
     """Extract patches and embed them unless already done; return the ``obsm`` key of the features.
 
     Used by the CLI and the benchmarks: ``hx.pp.extract_patches`` (memory store; ``patch_px`` default
-    112 for ``'handcrafted'``, else 224) then ``hx.tl.embed_patches`` into ``obsm[f'X_{encoder}']``.
+    112 for ``'handcrafted'``, else 224) then ``hx.tl.embed_patches`` into ``obsm[f'X_{encoder}']``, or with
+    ``scales`` (multi-scale features, each scale's crop read from the slide) into ``obsm[f'X_{encoder}_ms']``.
     """
     import histoexp as hx
 
-    rep = f"X_{encoder}"
+    rep = f"X_{encoder}" if scales is None else f"X_{encoder}_ms"
     if rep in adata.obsm:
         return rep
     if "patches" not in adata.obsm and "patches" not in adata.uns.get("histoexp", {}):
         px = patch_px or DEFAULT_PATCH_PX.get(encoder, 224)
         kw = {"patch_px": px} if mpp is None else {"mpp": mpp, "patch_px": patch_px}
         hx.pp.extract_patches(adata, size_um=size_um, store="memory", **kw)
-    hx.tl.embed_patches(adata, encoder=encoder, weights=weights, device=device)
+    hx.tl.embed_patches(adata, encoder=encoder, scales=scales, weights=weights, device=device)
     if rep not in adata.obsm:  # pragma: no cover - embed_patches contract
         raise CLIError(f"embed_patches did not write obsm[{rep!r}] (found {list(adata.obsm)}).")
     return rep
@@ -415,6 +436,7 @@ def cmd_demo(args) -> int:
     genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
     patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
     weights = _weights_arg(args.weights)
+    scales = _scales_arg(args.scales)
     out = Path(args.out)
     if args.data_dir is not None:
         _check_her2st_dir(args.data_dir, [*train, test])
@@ -434,7 +456,8 @@ def cmd_demo(args) -> int:
     if not args.quiet:  # -q: only the results on stdout
         print(
             f"histoexp demo: BLEEP on HER2ST, train {','.join(train)} -> predict {test}; encoder={args.encoder} "
-            f"(weights={weights}), genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
+            f"(weights={weights}{f', scales {args.scales}' if scales else ''}), "
+            f"genes={genes if not isinstance(genes, list) else f'{len(genes)} listed'}, "
             f"epochs={epochs or 'default (early stopping)'}, output {out}",
             file=sys.stderr,
             flush=True,
@@ -450,8 +473,9 @@ def cmd_demo(args) -> int:
     step.note(f"reference: {ref.n_obs} spots x {ref.n_vars} genes; query {test}: {query.n_obs} spots")
 
     step(f"extracting patches and {args.encoder} image features")
-    rep = prepare_features(ref, encoder=args.encoder, weights=weights, patch_px=patch_px, device=args.device)
-    prepare_features(query, encoder=args.encoder, weights=weights, patch_px=patch_px, device=args.device)
+    feat_kw = {"encoder": args.encoder, "weights": weights, "patch_px": patch_px, "scales": scales}
+    rep = prepare_features(ref, device=args.device, **feat_kw)
+    prepare_features(query, device=args.device, **feat_kw)
     step.note(f"features obsm[{rep!r}]: {ref.obsm[rep].shape[1]} dims")
 
     step("training BLEEP (frozen image features -> projection heads, contrastive loss) and the ridge baseline")
@@ -523,6 +547,7 @@ def cmd_demo(args) -> int:
                 "test": test,
                 "encoder": args.encoder,
                 "weights": weights,
+                "scales": None if scales is None else list(scales),
                 "epochs": epochs,
                 "bleep": pred.uns["bleep"]["metrics"],
                 "ridge": rpred.uns["ridge"]["metrics"],
@@ -563,6 +588,12 @@ def cmd_fit(args) -> int:
     _positive("--epochs", args.epochs)
     weights = _weights_arg(args.weights)
     genes = _genes_arg(args.genes)
+    scales = _scales_arg(args.scales)
+    if scales is not None and args.method == "nh2st":
+        raise CLIError(
+            "--scales applies to bleep, mclstexp and ridge: NH2ST reads the spot's surroundings itself (its 5 x 5 "
+            "windows of the spot patch's size)."
+        )
     for path in args.references:
         if not Path(path).exists():
             raise CLIError(f"{str(path)!r} does not exist.")
@@ -587,7 +618,9 @@ def cmd_fit(args) -> int:
     step(f"patches and {args.encoder} features" + (" (spots and their 5 x 5 windows)" if nbhd else ""))
     rep = f"X_{args.encoder}"
     for a in parts:
-        prepare_features(a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, device=args.device)
+        rep = prepare_features(
+            a, encoder=args.encoder, weights=weights, patch_px=args.patch_px, scales=scales, device=args.device
+        )
         if nbhd and f"{rep}_grid" not in a.obsm:
             hx.tl.embed_neighbourhood(a, args.encoder, weights=weights, grid=5, device=args.device)
     _same_geometry(parts, rep, args.references)
@@ -789,6 +822,7 @@ def cmd_impute(args) -> int:
         weights=emb["weights"],
         patch_px=emb.get("patch_px"),
         size_um=emb.get("size_um"),
+        scales=emb.get("scales"),  # the model's: multi-scale features at its scales
         device=args.device,
     )
     hx.tl.embed_query(query, model, device=args.device)  # e.g. NH2ST's neighbourhood windows
@@ -965,6 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
     p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
+    p.add_argument("--scales", default=None, help=_SCALES_HELP)
     _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
@@ -982,6 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to fit on frozen features (default bleep)",
     )
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
+    p.add_argument("--scales", default=None, help=_SCALES_HELP + "; not with nh2st")
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
     _add_overwrite(p)
     _add_common(p)

@@ -836,30 +836,66 @@ class SlideImage:
         -------
         ``uint8`` array ``(n, out_px, out_px, 3)``; white where a patch lies outside the image.
         """
+        return self.read_patches_multiscale(centres, [size_px_fullres], out_px, window_px=window_px)[:, 0]
+
+    def read_patches_multiscale(
+        self, centres: np.ndarray, sizes_px_fullres, out_px: int, *, window_px: int = READ_WINDOW_PX
+    ) -> np.ndarray:
+        """Read several concentric patches per centre, all resampled to ``out_px``, from one read of the widest.
+
+        ``out[:, j]`` is exactly :meth:`read_patches` ``(centres, sizes_px_fullres[j], out_px)``: each side is
+        read from the pyramid level :meth:`read_patch` picks for it and resampled (Lanczos) from the same
+        level pixels on the same sub-pixel box. The sides that share a level are cut from one window per group
+        of neighbouring centres, the union of their read windows (the widest side's, with its resampling
+        margin): a single-level image (JPEG, PNG, array) is read once per group whatever the number of sides.
+
+        Parameters
+        ----------
+        centres
+            ``(n, 2)`` patch centres ``(x, y)`` in full-resolution pixels.
+        sizes_px_fullres
+            Patch sides in full-resolution pixels, one per output patch of a centre.
+        out_px
+            Output side in pixels (the same for every side: wider patches get coarser pixels).
+        window_px
+            Side of the grid cells grouping the centres, in pixels of the level read.
+
+        Returns
+        -------
+        ``uint8`` array ``(n, len(sizes_px_fullres), out_px, out_px, 3)``; white where a patch lies outside
+        the image.
+        """
         from PIL import Image
 
         centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
-        out = np.empty((len(centres), out_px, out_px, 3), dtype=np.uint8)
-        if not len(centres):
+        sizes = [float(s) for s in sizes_px_fullres]
+        out = np.empty((len(centres), len(sizes), out_px, out_px, 3), dtype=np.uint8)
+        if not len(centres) or not sizes:
             return out
-        li, bx0, by0, side, (wx0, wy0, wx1, wy1) = self._patch_geometry(
-            centres[:, 0], centres[:, 1], size_px_fullres, out_px
-        )
+        geo = [self._patch_geometry(centres[:, 0], centres[:, 1], s, out_px) for s in sizes]
         cell = max(int(window_px), 1)
-        gx, gy = np.floor_divide(wx0, cell), np.floor_divide(wy0, cell)
-        keys = (gy - gy.min()) * (int(gx.max() - gx.min()) + 1) + (gx - gx.min())
-        order = np.argsort(keys, kind="stable")
-        bounds = np.flatnonzero(np.diff(keys[order])) + 1
-        for grp in np.split(order, bounds):
-            x0, y0 = int(wx0[grp].min()), int(wy0[grp].min())
-            win = self._window(li, x0, y0, int(wx1[grp].max()), int(wy1[grp].max()))
-            for i in grp:
-                sub = win[wy0[i] - y0 : wy1[i] - y0, wx0[i] - x0 : wx1[i] - x0]
-                ox, oy = float(bx0[i] - wx0[i]), float(by0[i] - wy0[i])
-                im = Image.fromarray(np.ascontiguousarray(sub)).resize(
-                    (out_px, out_px), Image.Resampling.LANCZOS, box=(ox, oy, ox + side, oy + side)
-                )
-                out[i] = np.asarray(im)
+        for li in sorted({g[0] for g in geo}):
+            js = [j for j, g in enumerate(geo) if g[0] == li]
+            # per centre, the union of the read windows of the sides read from this level
+            wx0, wy0 = (np.min([geo[j][4][k] for j in js], axis=0) for k in (0, 1))
+            wx1, wy1 = (np.max([geo[j][4][k] for j in js], axis=0) for k in (2, 3))
+            gx, gy = np.floor_divide(wx0, cell), np.floor_divide(wy0, cell)
+            keys = (gy - gy.min()) * (int(gx.max() - gx.min()) + 1) + (gx - gx.min())
+            order = np.argsort(keys, kind="stable")
+            bounds = np.flatnonzero(np.diff(keys[order])) + 1
+            for grp in np.split(order, bounds):
+                x0, y0 = int(wx0[grp].min()), int(wy0[grp].min())
+                win = self._window(li, x0, y0, int(wx1[grp].max()), int(wy1[grp].max()))
+                for j in js:
+                    _, bx0, by0, side, (ax0, ay0, ax1, ay1) = geo[j]
+                    for i in grp:
+                        # the patch's own read window, cut from the group's: the pixels read_patch resamples
+                        sub = win[ay0[i] - y0 : ay1[i] - y0, ax0[i] - x0 : ax1[i] - x0]
+                        ox, oy = float(bx0[i] - ax0[i]), float(by0[i] - ay0[i])
+                        im = Image.fromarray(np.ascontiguousarray(sub)).resize(
+                            (out_px, out_px), Image.Resampling.LANCZOS, box=(ox, oy, ox + side, oy + side)
+                        )
+                        out[i, j] = np.asarray(im)
         return out
 
     def thumbnail(self, max_px: int = HIRES_MAX_SIDE) -> tuple[np.ndarray, float]:

@@ -262,6 +262,8 @@ class ExpressionModel:
 
         ``weights`` is an argument of :func:`histoexp.tl.embed_patches` (``None`` for random initialisation or
         weight-free encoders, a file path, or ``'default'``), read back from the training embedding record.
+        ``scales`` is the ``scales`` argument of :func:`histoexp.tl.embed_patches` the features were computed
+        with (a list of multiples of the patch side, in order; ``None``: the patch alone).
         ``slide_mpp`` is ``{section: µm per pixel}`` of the training slides (empty when not recorded): a hint
         for a query image whose µm/px is unknown, never applied without the user's say.
         """
@@ -280,6 +282,7 @@ class ExpressionModel:
             "weights": weights,
             "patch_px": emb.get("patch_px", geo.get("patch_px")),
             "size_um": emb.get("size_um", geo.get("size_um")),
+            "scales": None if emb.get("scales") is None else [float(v) for v in np.ravel(emb["scales"])],
             "slide_mpp": {
                 str(k): float(v) for k, v in (emb.get("slide_mpp") or {}).items() if isinstance(v, int | float)
             },

@@ -238,7 +238,8 @@ def extract_patches(
         pixels (see ``store``) and ``uns['histoexp'][key_added]`` with the keys ``size_um``,
         ``context``, ``fov_um``, ``patch_px``, ``mpp`` (the effective output µm/px),
         ``mpp_requested``, ``store``, ``path``, ``library_key`` and ``libraries`` (per section:
-        ``mpp`` (the slide's own), ``mpp_source``, ``size_px_fullres``, ``image``, ``shape``).
+        ``mpp`` (the slide's own), ``mpp_source``, ``size_px_fullres``, ``image``, ``reopenable`` (whether the
+        slide can be read again later, e.g. for context: ``False`` for an in-memory ``image``), ``shape``).
 
     Raises
     ------
@@ -439,6 +440,8 @@ def extract_patches(
                     "mpp_source": slides[lib].mpp_source,
                     "size_px_fullres": size_px[lib],
                     "image": img_records[lib] or "",
+                    # False: the image was an in-memory object; the slide cannot be read again from the record
+                    "reopenable": img_records[lib] is not None,
                     "shape": list(slides[lib].shape),
                 }
                 for lib in groups

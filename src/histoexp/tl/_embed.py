@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
+from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,6 +69,7 @@ def embed_patches(
     adata: AnnData,
     encoder: Any = "resnet50",
     *,
+    scales: Sequence[float] | None = None,
     weights: str | os.PathLike | None = "default",
     patches_key: str = "patches",
     batch_size: int = 64,
@@ -78,11 +81,25 @@ def embed_patches(
     copy: bool = False,
     distributed: bool | None = None,
 ) -> AnnData | None:
-    """Embed the patch of every spot with an image encoder.
+    """Embed the patch of every spot with an image encoder, at one scale or several.
 
     Streams the patches stored by :func:`histoexp.pp.extract_patches` (in memory, in a zarr store, or read from
     the slide on the fly) through a DataLoader, resizes and normalises them on ``device`` and runs the encoder in
     eval mode under :func:`torch.inference_mode`. Deterministic on CPU.
+
+    **Multi-scale** (``scales=(1, 2, 3, 5)``): scale ``s`` is the square centred on the spot whose side is ``s``
+    times the patches' field of view (``fov_um`` of the patch record), resampled to the same ``patch_px``, so
+    wider scales have coarser µm/px and show the tissue architecture around the spot. Each scale's crop is
+    exactly the patch ``hx.pp.extract_patches(adata, size_um=s * fov_um, patch_px=patch_px)`` would cut (same
+    full-resolution region, same pyramid level, same Lanczos resampling). Each spot's widest context is read from
+    the slide once (once per pyramid level used) and cut and resampled for every scale; memory holds one batch
+    of contexts. Parts beyond the image are white. The crops go through the same encoder and the features of the
+    scales are concatenated in the order given. The slide must be readable again (the stored patches hold the
+    1x crop only): any patch store works, but not patches extracted from an in-memory ``image=``. It costs
+    ``len(scales)`` times the encoder work of one scale plus the resampling of each crop; the single read saves
+    little on a JPEG (decoded once anyway) and the repeated region reads of a tiled slide (not measured here).
+    ``benchmarks/multiscale.py`` (732 her2st spots, JPEG, handcrafted, scales 1, 2, 3, 5): 5.9x one scale, 1.0x
+    the four scales embedded one by one, 0.28x :func:`embed_neighbourhood` with ``grid=5``.
 
     Parameters
     ----------
@@ -95,6 +112,10 @@ def embed_patches(
         :class:`~histoexp.models.encoders.Encoder` from :func:`histoexp.models.get_encoder`. A foundation model
         knows the µm/px it was trained at: patches cut at another scale give a warning from 25 % off and an error
         from a factor 2 (another magnification), see :func:`histoexp.models.check_patch_mpp`.
+    scales
+        ``None`` (default): the stored patch of each spot, one scale. A sequence of distinct positive numbers
+        (e.g. ``(1, 2, 3, 5)``): the crops at these multiples of the patch side, in this order (see above); a
+        scale below 1 zooms in.
     weights
         ``'default'`` (published weights; an error, never a silent fallback, when they cannot be downloaded),
         ``None`` (random initialisation, recorded as ``random_init``) or a local ``.safetensors`` / state-dict
@@ -102,7 +123,7 @@ def embed_patches(
     patches_key
         ``key_added`` used with :func:`histoexp.pp.extract_patches`.
     batch_size
-        Patches per forward pass.
+        Patches per forward pass (with ``scales``: rounded up to a multiple of ``len(scales)``, whole spots).
     device
         ``'cpu'``, ``'cuda'``, ``'mps'``, ... (default: ``hx.settings.device``: cuda > mps > cpu).
     num_workers
@@ -111,7 +132,8 @@ def embed_patches(
     amp
         Mixed-precision autocast on CUDA (default: ``hx.settings.amp``). Ignored on CPU.
     key_added
-        Embeddings go to ``obsm[key_added]`` (default ``'X_<encoder name>'``, e.g. ``'X_resnet50'``).
+        Embeddings go to ``obsm[key_added]`` (default ``'X_<encoder name>'``, e.g. ``'X_resnet50'``; with
+        ``scales``: ``'X_<encoder name>_ms'``, e.g. ``'X_handcrafted_ms'``).
     overwrite
         Replace an existing ``obsm[key_added]``.
     copy
@@ -127,15 +149,20 @@ def embed_patches(
     -------
     ``None``, or a copy of ``adata`` when ``copy=True``. Sets
 
-    - ``obsm[key_added]``: float32 (n_obs, dim);
+    - ``obsm[key_added]``: float32 (n_obs, dim); with ``scales``, ``dim = len(scales) * scale_dim`` and scale
+      ``scales[j]`` in columns ``j * scale_dim : (j + 1) * scale_dim``;
     - ``uns['histoexp']['embeddings'][key_added]``: ``encoder``, ``weights``, ``dim``, ``patches_key``,
       ``patch_px``, ``mpp``, ``size_um``, ``random_init``, ``input_size``, ``batch_size``, ``device``, ``amp``,
-      and the encoder's ``config`` (architecture, normalisation, licence).
+      and the encoder's ``config`` (architecture, normalisation, licence); with ``scales`` also ``scales``,
+      ``scale_dim``, ``scales_um`` (side of each scale's crop in µm), ``scales_mpp`` (its µm/px) and ``layout``.
+      A model trained on these features records them: :func:`embed_query` computes the same scales for a query
+      and :func:`histoexp.tl.impute` refuses features computed with other scales.
     """
     from ..models.encoders import Encoder, _name_of, check_patch_mpp, get_encoder
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    scales = check_scales(scales)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     num_workers = settings.num_workers if num_workers is None else num_workers
@@ -147,29 +174,37 @@ def embed_patches(
             f"No patches found under uns['histoexp'][{patches_key!r}] (`patches_key={patches_key!r}`). "
             f"Run `hx.pp.extract_patches(adata, key_added={patches_key!r})` first."
         )
+    suffix = "" if scales is None else "_ms"
     # fail fast on an occupied key before loading any weights
     if key_added is None and isinstance(encoder, str):
-        key_added = f"X_{_name_of(encoder)}"
+        key_added = f"X_{_name_of(encoder)}{suffix}"
     if key_added is not None:
         check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
 
     import histoexp.pp as pp
 
-    src = pp.get_patches(adata, key=patches_key)
-    if len(src) != adata.n_obs:
+    if scales is None:
+        src = pp.get_patches(adata, key=patches_key)
+        n_items = adata.n_obs
+    else:
+        src = _scale_source(adata, patches_key, scales)
+        n_items = adata.n_obs * len(scales)
+        batch_size = -(-int(batch_size) // len(scales)) * len(scales)  # whole spots: each context read once
+    if len(src) != n_items:
         raise ValueError(f"The patch source has {len(src)} patches but adata has {adata.n_obs} observations.")
 
     enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
     check_patch_mpp(enc, getattr(src, "mpp", geometry.get("mpp")))
     if key_added is None:
-        key_added = f"X_{enc.name}"
+        key_added = f"X_{enc.name}{suffix}"
         check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
 
     dev = settings.resolve_device(device)
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
     logger.info(
-        "Embedding %d patches with %r (dim %d) on %s%s.",
+        "Embedding %d patches%s with %r (dim %d) on %s%s.",
         adata.n_obs,
+        "" if scales is None else f" at scales {[f'{x:g}' for x in scales]}",
         enc.name,
         enc.dim,
         dev,
@@ -185,10 +220,13 @@ def embed_patches(
         device=dev,
         num_workers=num_workers,
         amp=use_amp,
+        desc=None if scales is None else f"embedding {len(scales)} scales ({enc.name})",
         distributed=distributed,
     )
     if not np.isfinite(feats).all():
         logger.warning("Encoder %r produced %d non-finite values.", enc.name, int((~np.isfinite(feats)).sum()))
+    if scales is not None:  # item i * S + j is scale j of spot i: rows of blocks, scale j in block j
+        feats = feats.reshape(adata.n_obs, len(scales) * feats.shape[1])
 
     if copy:
         adata = adata.copy()
@@ -197,7 +235,7 @@ def embed_patches(
     params = {
         "encoder": cfg.get("encoder", enc.name),
         "weights": cfg.get("weights") or ("random_init" if enc.random_init else "none"),
-        "dim": int(enc.dim),
+        "dim": int(feats.shape[1]),
         "patches_key": patches_key,
         "patch_px": getattr(src, "patch_px", geometry.get("patch_px")),
         "mpp": getattr(src, "mpp", geometry.get("mpp")),
@@ -213,9 +251,126 @@ def embed_patches(
         "world_size": world_size() if distributed else 1,
         "config": cfg,
     }
+    if scales is not None:
+        params.update(
+            scales=list(scales),
+            scale_dim=int(enc.dim),
+            scales_um=[float(x * src.fov_um) for x in scales],
+            scales_mpp=[float(x * src.fov_um / src.patch_px) for x in scales],
+            layout="scale blocks x dim (block j: scales[j])",
+        )
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
     return adata if copy else None
+
+
+def check_scales(scales: Any) -> tuple[float, ...] | None:
+    """Validate ``scales`` of :func:`embed_patches`: ``None``, or a tuple of distinct positive finite floats."""
+    if scales is None:
+        return None
+    what = "`scales` must be a non-empty sequence of distinct positive numbers, e.g. (1, 2, 3, 5)"
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
+        raise ValueError(f"{what}; got {scales!r} (one scale s: pass (s,)).")
+    values = list(scales)
+    if not values:
+        raise ValueError(f"{what}; got an empty {type(scales).__name__} (no scale: pass scales=None).")
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (Real, np.integer, np.floating)):
+            raise ValueError(f"{what}; got {scales!r}, whose element {v!r} is not a number.")
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{what}; got {scales!r}, whose element {v!r} is not positive and finite.")
+        out.append(float(v))
+    dup = sorted({v for v in out if out.count(v) > 1})
+    if dup:
+        raise ValueError(f"{what}; got {scales!r}, which repeats {[f'{v:g}' for v in dup]}.")
+    return tuple(out)
+
+
+def recorded_scales(record: dict | None) -> tuple[float, ...] | None:
+    """Scales of an embedding record (``(1.0,)`` for a single-scale one; ``None`` without a record)."""
+    if record is None:
+        return None
+    sc = record.get("scales")
+    return (1.0,) if sc is None else tuple(float(v) for v in np.asarray(sc, dtype=float).ravel())
+
+
+class _ScaleCrops:
+    """Patch source of every spot's crop at each scale (torch-free, picklable).
+
+    Item ``i`` is scale ``i % S`` of spot ``i // S``. A batch reads each of its spots' widest context once per
+    pyramid level (:meth:`~histoexp.image.SlideImage.read_patches_multiscale`, which groups neighbouring spots
+    into one region read) and resamples it to ``patch_px`` for every scale, so memory holds one batch of
+    contexts.
+    """
+
+    def __init__(self, centres, lib_codes, slides, sizes_px, *, n_scales: int, rec: dict) -> None:
+        self.centres, self.lib_codes, self.slides = centres, np.asarray(lib_codes), slides
+        self.sizes_px = [list(map(float, s)) for s in sizes_px]  # per section, the side of each scale (full res)
+        self.n_scales = int(n_scales)
+        # the geometry of the 1x patches (as a PatchSource of them describes it)
+        self.patch_px, self.mpp, self.size_um = int(rec["patch_px"]), float(rec["mpp"]), float(rec["size_um"])
+        self.fov_um = float(rec.get("fov_um", self.size_um * float(rec.get("context", 1.0))))
+
+    def __len__(self) -> int:
+        return len(self.centres) * self.n_scales
+
+    def batch(self, indices) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        spots, scale = np.divmod(idx, self.n_scales)
+        uniq, inv = np.unique(spots, return_inverse=True)
+        px = self.patch_px
+        crops = np.empty((len(uniq), self.n_scales, px, px, 3), dtype=np.uint8)
+        codes = self.lib_codes[uniq]
+        for code in np.unique(codes):
+            sel = np.flatnonzero(codes == code)
+            crops[sel] = self.slides[int(code)].read_patches_multiscale(
+                self.centres[uniq[sel]], self.sizes_px[int(code)], px
+            )
+        return np.ascontiguousarray(crops[inv.ravel(), scale])
+
+
+def _scale_source(adata: AnnData, patches_key: str, scales: tuple[float, ...]) -> _ScaleCrops:
+    """Return the source of every spot's crops at ``scales`` x the field of view of ``patches_key`` (slide reads)."""
+    from ..pp._patches import _record_slides
+
+    rec = adata.uns["histoexp"][patches_key]
+    fov = float(rec.get("fov_um", float(rec["size_um"]) * float(rec.get("context", 1.0))))
+    widest = f"{max(scales) * fov:.4g} µm"
+    why = (
+        f"`scales`: multi-scale embedding reads each spot's context (up to {widest}) from the slide, as the patches "
+        f"under uns['histoexp'][{patches_key!r}] hold the {fov:.4g} µm crop only"
+    )
+    libs = dict(rec["libraries"])
+    fixed = [lib for lib, v in libs.items() if not bool(v.get("reopenable", True))]
+    if fixed:
+        raise ValueError(
+            f"{why}; but the patches of sections {fixed} were extracted from an in-memory `image`, which histoexp "
+            "cannot read again. Re-run hx.pp.extract_patches(adata, image=<path of the slide>, ...) (or with the "
+            "image in uns['spatial']), then embed."
+        )
+    if "spatial" not in adata.obsm:
+        raise KeyError(f"{why}; adata.obsm['spatial'] (spot centres in full-resolution pixels) is missing.")
+    try:
+        libs, names, codes, slides = _record_slides(adata, rec, patches_key)
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        raise ValueError(
+            f"{why}; but the slides cannot be read again: {err} Make the image readable where the record says "
+            "(uns['spatial'][<section>]['metadata']['source_image_path'] or the recorded path), or re-run "
+            "hx.pp.extract_patches(adata, image=<path of the slide>, ...)."
+        ) from err
+    for lib, slide in zip(names, slides, strict=True):
+        shape = libs[lib].get("shape")
+        if shape is not None and tuple(int(v) for v in np.asarray(shape).ravel()) != tuple(slide.shape):
+            raise ValueError(
+                f"{why}; but the image now found for section {lib!r} has shape {tuple(slide.shape)}, not the "
+                f"{tuple(int(v) for v in np.asarray(shape).ravel())} the patches were cut from. Re-run "
+                "hx.pp.extract_patches(adata, image=<path of the slide>, ...)."
+            )
+    # as extract_patches(size_um=s * fov_um, patch_px=...) computes the side: (s * fov_um) / the slide's µm/px
+    sizes = [[(s * fov) / float(libs[lib]["mpp"]) for s in scales] for lib in names]
+    centres = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    return _ScaleCrops(centres, np.asarray(codes), slides, sizes, n_scales=len(scales), rec=rec)
 
 
 class _GridWindows:
@@ -406,8 +561,8 @@ def embed_query(
 ) -> list[str]:
     """Compute the image features a frozen-feature model reads, as it was trained on (missing ones only).
 
-    ``obsm[model.use_rep]`` with :func:`embed_patches` and each neighbourhood input of the model (NH2ST's
-    windows) with :func:`embed_neighbourhood`, with the encoder, weights and grid of the training records.
+    ``obsm[model.use_rep]`` with :func:`embed_patches` (at the training ``scales`` for multi-scale features) and each neighbourhood input of the model (NH2ST's
+    windows) with :func:`embed_neighbourhood`, with the encoder, weights, scales and grid of the training records.
     Features already in ``obsm`` whose records match the model's (encoder and weights exactly, patch geometry
     within 1 %) are kept; ones that differ raise a ``ValueError``, or are computed again with ``overwrite=True``.
     The query's patches must have the model's geometry (``model.image_spec()``). A fine-tuned model reads patches:
@@ -423,7 +578,8 @@ def embed_query(
     batch_size, device, num_workers
         As in :func:`embed_patches`.
     overwrite
-        Compute again the features whose records differ from the model's (default: an error says so).
+        Compute again the features whose records differ from the model's (default: an error says so), e.g. features computed
+        at other scales.
 
     Returns
     -------
@@ -449,6 +605,12 @@ def embed_query(
         if rep in query.obsm:
             try:
                 check_query_record(rep, _embedding_record(query, rep), m_rec)
+                q_scales, m_scales = recorded_scales(_embedding_record(query, rep)), recorded_scales(m_rec)
+                if q_scales is not None and m_scales is not None and q_scales != m_scales:
+                    raise ValueError(
+                        f"query.obsm[{rep!r}] was computed at scales {q_scales}, the model's features at {m_scales}; "
+                        "pass overwrite=True to compute them again."
+                    )
                 continue
             except ValueError:
                 if not overwrite:
@@ -464,7 +626,7 @@ def embed_query(
         )
     for rep in todo:
         if rep == model.use_rep:
-            embed_patches(query, spec["encoder"], key_added=rep, overwrite=overwrite, **kw)
+            embed_patches(query, spec["encoder"], scales=spec.get("scales"), key_added=rep, overwrite=overwrite, **kw)
         else:
             grid = int(extra[rep]["embedding"]["grid"])
             embed_neighbourhood(query, spec["encoder"], grid=grid, key_added=rep, overwrite=overwrite, **kw)

@@ -14,6 +14,7 @@ from .._constants import DEFAULT_TARGET_SUM
 from .._geometry import check_query_record, describe, geometry_differences
 from .._settings import logger, settings
 from .._utils import jsonable, resolve_library_key
+from ._embed import recorded_scales
 from ._evaluate import MEASURED
 from ._fit import _embedding_record
 
@@ -81,13 +82,23 @@ def _query_images(query: AnnData, model, patches_key: str | None):
 
 def _query_rep(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: str | None) -> np.ndarray:
     """``query.obsm[rep]`` as float32, checked against the model's width and embedding record."""
+    m_scales = recorded_scales(m_rec)
     if rep not in query.obsm:
         how = f"hx.tl.embed_patches(query, encoder={enc!r}, weights=...)" if enc else "the training's method"
         if m_rec and m_rec.get("grid"):  # a neighbourhood embedding (NH2ST)
             how = f"hx.tl.embed_neighbourhood(query, encoder={enc!r}, grid={m_rec['grid']})"
+        if m_scales is not None and m_scales != (1.0,):
+            how = f"hx.tl.embed_query(query, model) (embed_patches with scales={_fmt_scales(m_scales)})"
         raise KeyError(
             f"The model reads image features from obsm[{rep!r}], which the query lacks "
             f"(query obsm: {list(query.obsm)}). Compute them with {how} as for the training data."
+        )
+    q_scales = recorded_scales(_embedding_record(query, rep))
+    if m_scales is not None and q_scales is not None and m_scales != q_scales:
+        raise ValueError(
+            f"query.obsm[{rep!r}] was computed at scales={_fmt_scales(q_scales)} but the model was trained on "
+            f"features at scales={_fmt_scales(m_scales)} (multiples of the patch side, in this order): recompute "
+            "them with hx.tl.embed_query(query, model, overwrite=True)."
         )
     feats = np.asarray(query.obsm[rep], dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != width:
@@ -97,6 +108,10 @@ def _query_rep(query: AnnData, rep: str, width: int, m_rec: dict | None, enc: st
     # encoder and weights exactly; patch and window sizes with a tolerance (they are computed: 99.99999999999999 µm)
     check_query_record(rep, _embedding_record(query, rep), m_rec)
     return feats
+
+
+def _fmt_scales(scales: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in scales) + ("," if len(scales) == 1 else "") + ")"
 
 
 def _center_sections(x: np.ndarray, labels: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -66,7 +66,8 @@ def impute_slide(
     Runs :func:`histoexp.pp.tile_tissue` (tissue detected on a thumbnail; a tile grid at ``tile_um``),
     :func:`histoexp.pp.extract_patches` with ``store='none'`` (each tile's patch is read from the slide by region
     when it is embedded, at the model's patch geometry), :func:`histoexp.tl.embed_query` (the model's encoder in
-    batches of ``batch_size``, and NH2ST's neighbourhood windows) and :func:`histoexp.tl.impute`.
+    batches of ``batch_size``, at the model's ``scales`` for multi-scale features, and NH2ST's neighbourhood
+    windows) and :func:`histoexp.tl.impute`.
 
     Parameters
     ----------
