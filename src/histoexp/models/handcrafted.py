@@ -6,8 +6,7 @@ deterministic, independent of the batch size, and runs on CPU. Patches are expec
 Features, in order (:data:`FEATURE_NAMES`):
 
 - ``rgb_mean_{r,g,b}``, ``rgb_std_{r,g,b}``: colour statistics on [0, 1];
-- ``{h,e,d}_{mean,std,p90}``: haematoxylin, eosin and DAB optical densities (:func:`skimage.color.rgb2hed`,
-  computed per channel: :func:`_stain_densities`);
+- ``{h,e,d}_{mean,std,p90}``: haematoxylin, eosin and DAB optical densities (:func:`skimage.color.rgb2hed`);
 - ``tissue_fraction``: fraction of non-white pixels (luminance < 0.85);
 - ``nuclei_fraction``: fraction of pixels with haematoxylin density above :data:`NUCLEI_H_THRESHOLD`;
   ``nuclei_count``: number of connected blobs (8-connectivity, at least :data:`NUCLEI_MIN_AREA` pixels) in that
@@ -106,23 +105,6 @@ def _nuclei(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     area = np.bincount(patch_of[keep], weights=sizes[keep], minlength=b)
     mean_area = np.divide(area, count, out=np.zeros(b), where=count > 0)
     return count * (1e4 / (h * w)), mean_area
-
-
-def _stain_densities(channels: np.ndarray) -> np.ndarray:
-    """Haematoxylin, eosin and DAB densities of channel-first pixels (B, 3, N) in [0, 1]; float32 (B, 3, N).
-
-    :func:`skimage.color.rgb2hed` (Ruifrok & Johnston colour deconvolution with scikit-image's ``hed_from_rgb``
-    matrix, optical densities clipped at 0), computed per channel on contiguous rows instead of as an (N, 3)
-    float64 matrix product: equal to it up to float32 rounding.
-    """
-    from skimage.color import hed_from_rgb
-
-    od = np.log(np.maximum(channels, np.float32(1e-6))) / np.float32(np.log(1e-6))
-    m = np.asarray(hed_from_rgb, dtype=np.float32)
-    out = np.empty_like(od)
-    for j in range(3):
-        out[:, j] = od[:, 0] * m[0, j] + od[:, 1] * m[1, j] + od[:, 2] * m[2, j]
-    return np.maximum(out, 0, out=out)
 
 
 def _percentile_rows(x: np.ndarray, q: float) -> np.ndarray:
@@ -230,6 +212,8 @@ def handcrafted_features(rgb: np.ndarray) -> np.ndarray:
     -------
     float32 array (B, len(FEATURE_NAMES)); see :data:`FEATURE_NAMES`.
     """
+    from skimage.color import rgb2hed
+
     rgb = np.asarray(rgb)
     if rgb.ndim == 3:
         rgb = rgb[None]
@@ -243,7 +227,7 @@ def handcrafted_features(rgb: np.ndarray) -> np.ndarray:
     channels = np.ascontiguousarray(np.moveaxis(x, -1, 1)).reshape(b, 3, -1)
     feats = [channels.mean(axis=2), channels.std(axis=2)]
 
-    stains = _stain_densities(channels)
+    stains = np.ascontiguousarray(np.moveaxis(rgb2hed(x), -1, 1), dtype=np.float32).reshape(b, 3, -1)
     p90 = _percentile_rows(stains, 90)
     mean, std = stains.mean(axis=2), stains.std(axis=2)
     feats += [np.stack([mean[:, c], std[:, c], p90[:, c]], axis=1) for c in range(3)]
