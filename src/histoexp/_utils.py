@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import sys
 import warnings
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._settings import settings
+from ._settings import logger, settings
 
 
 def progress(iterable: Iterable | None = None, **kwargs):
@@ -103,11 +105,184 @@ def import_scanpy():
 
 
 def check_key_free(mapping: Mapping, key: str, *, where: str, overwrite: bool, arg: str = "key_added") -> None:
-    """Raise if ``key`` already exists in ``mapping`` and ``overwrite`` is False."""
+    """Raise if ``key`` already exists in ``mapping`` and ``overwrite`` is False.
+
+    For mappings outside an AnnData. Keys of an AnnData go through :func:`claim_key`, which also lets a re-run
+    replace what histoexp itself wrote.
+    """
     if key in mapping and not overwrite:
         raise KeyError(
             f"{where}[{key!r}] already exists. Pass `overwrite=True` to replace it, or choose another `{arg}`."
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Keys histoexp wrote: a re-run replaces them (as scanpy does); anything else needs overwrite=True
+# --------------------------------------------------------------------------------------------------------------
+
+#: ``uns['histoexp'][WRITTEN][attr][key] = {'by': function, 'fingerprint': content hash}`` for every key histoexp wrote
+WRITTEN = "written"
+#: the AnnData attributes :func:`claim_key` manages; ``'histoexp'`` is histoexp's own records in ``uns['histoexp']``
+_ATTRS = ("obs", "obsm", "varm", "uns", "histoexp")
+
+
+def _where(attr: str, key: str) -> str:
+    return f"adata.uns['histoexp'][{key!r}]" if attr == "histoexp" else f"adata.{attr}[{key!r}]"
+
+
+def _container(adata: AnnData, attr: str):
+    if attr not in _ATTRS:
+        raise ValueError(f"attr must be one of {_ATTRS}, got {attr!r}.")
+    if attr == "histoexp":
+        hist = adata.uns.get("histoexp")
+        return hist if isinstance(hist, Mapping) else {}
+    return adata.obs.columns if attr == "obs" else getattr(adata, attr)
+
+
+def _canonical(obj: Any) -> Any:
+    """Return a JSON-able form of an ``uns`` record that survives ``write_h5ad`` / ``read_h5ad`` unchanged.
+
+    h5ad turns lists into arrays (ints and floats into one dtype), tuples into lists and Python scalars into
+    numpy scalars: numbers become floats, arrays lists, mappings sorted dicts.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return _canonical(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, float, np.integer, np.floating)):
+        return float(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def fingerprint(value: Any) -> str | None:
+    """Return a content hash of an AnnData value (array, column, data frame, sparse matrix or ``uns`` record).
+
+    Equal for equal contents, whatever the memory layout, and after an h5ad round trip; ``None`` for a value it
+    cannot hash (such a key is never taken for histoexp's).
+    """
+    import scipy.sparse as sp
+
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(value, (pd.Series, pd.Index)):
+        series = pd.Series(value)
+        h.update(f"series{series.dtype}".encode())
+        h.update(pd.util.hash_pandas_object(series, index=False).to_numpy().tobytes())
+    elif isinstance(value, pd.DataFrame):
+        h.update(b"frame" + json.dumps([str(c) for c in value.columns]).encode())
+        h.update(pd.util.hash_pandas_object(value, index=False).to_numpy().tobytes())
+    elif sp.issparse(value):
+        m = sp.csr_matrix(value, copy=True)  # sorting the copy's indices leaves the user's matrix as it was
+        m.sort_indices()
+        h.update(f"csr{m.shape}{m.dtype}".encode())
+        for part in (m.data, m.indices, m.indptr.astype(np.int64)):
+            h.update(np.ascontiguousarray(part).tobytes())
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufc":
+            return None
+        h.update(f"array{value.shape}{value.dtype.str}".encode())
+        rows = value.reshape(len(value), -1) if value.ndim else value.reshape(1, 1)
+        step = max(1, (64 << 20) // max(1, rows.itemsize * rows.shape[1]))  # blocks of ~64 MB: no full copy
+        for start in range(0, len(rows), step):
+            h.update(np.ascontiguousarray(rows[start : start + step]).tobytes())
+    elif isinstance(value, Mapping):
+        h.update(b"record" + json.dumps(_canonical(value), sort_keys=True).encode())
+    else:
+        return None
+    return h.hexdigest()
+
+
+def _value(adata: AnnData, attr: str, key: str) -> Any:
+    return adata.obs[key] if attr == "obs" else _container(adata, attr)[key]
+
+
+def _ledger(adata: AnnData, attr: str) -> Mapping:
+    hist = adata.uns.get("histoexp")
+    written = hist.get(WRITTEN) if isinstance(hist, Mapping) else None
+    entries = written.get(attr) if isinstance(written, Mapping) else None
+    return entries if isinstance(entries, Mapping) else {}
+
+
+def written_by(adata: AnnData, attr: str, key: str) -> str | None:
+    """Return the histoexp function that wrote ``adata.<attr>[key]`` if it still holds that (else ``None``)."""
+    entry = _ledger(adata, attr).get(key)
+    if not isinstance(entry, Mapping) or key not in _container(adata, attr):
+        return None
+    fp = fingerprint(_value(adata, attr, key))
+    return str(entry.get("by", "histoexp")) if fp is not None and fp == entry.get("fingerprint") else None
+
+
+def claim_keys(
+    adata: AnnData, keys: Iterable[tuple[str, str]], *, overwrite: bool, arg: str = "key_added"
+) -> list[tuple[str, str]]:
+    """Check that a histoexp function may write the ``(attr, key)`` pairs of ``adata``; return those it replaces.
+
+    A key is free when absent. An existing key is replaced when ``overwrite=True``, or when histoexp wrote it and
+    it still holds what histoexp wrote (:func:`mark_written` recorded its fingerprint): re-running a notebook cell
+    replaces the function's own results, as scanpy does, with a message at info level. A key the user made, or
+    one changed since histoexp wrote it (edited, subset, concatenated), raises a ``KeyError`` naming the remedy;
+    every key is checked before anything is reported, so a refusal leaves nothing half-claimed.
+
+    Parameters
+    ----------
+    adata
+        The object written to.
+    keys
+        ``(attr, key)`` pairs; ``attr`` is ``'obs'`` (a column), ``'obsm'``, ``'varm'``, ``'uns'`` or
+        ``'histoexp'`` (a record in ``uns['histoexp']``).
+    overwrite
+        Replace whatever is there.
+    arg
+        The argument naming the keys, for the message.
+    """
+    replaced = []
+    for attr, key in keys:
+        if key not in _container(adata, attr):
+            continue
+        by = None if overwrite else written_by(adata, attr, key)
+        if not overwrite and by is None:
+            why = (
+                "has changed since histoexp wrote it (edited, subset or concatenated)"
+                if key in _ledger(adata, attr)
+                else "was not written by histoexp"
+            )
+            raise KeyError(
+                f"{_where(attr, key)} already exists and {why}; histoexp replaces only its own results. Pass "
+                f"`overwrite=True` to replace it, or choose another `{arg}`."
+            )
+        replaced.append((attr, key, by))
+    for attr, key, by in replaced:  # said once every key is known to be free
+        how = f"written by an earlier {by} call" if by is not None else "overwrite=True"
+        logger.info("Replacing %s (%s).", _where(attr, key), how)
+    return [(attr, key) for attr, key, _ in replaced]
+
+
+def claim_key(adata: AnnData, attr: str, key: str, *, overwrite: bool, arg: str = "key_added") -> bool:
+    """:func:`claim_keys` for one key; return whether it replaces a value."""
+    return bool(claim_keys(adata, [(attr, key)], overwrite=overwrite, arg=arg))
+
+
+def mark_written(adata: AnnData, attr: str, key: str, *, by: str) -> None:
+    """Record that histoexp's ``by`` wrote ``adata.<attr>[key]`` (its fingerprint), so a re-run may replace it."""
+    fp = fingerprint(_value(adata, attr, key))
+    hist = adata.uns.setdefault("histoexp", {})
+    entries = hist.setdefault(WRITTEN, {}).setdefault(attr, {})
+    if fp is None:
+        entries.pop(key, None)
+    else:
+        entries[key] = {"by": by, "fingerprint": fp}
+
+
+def forget_written(adata: AnnData, attr: str, key: str) -> None:
+    """Drop the record of ``adata.<attr>[key]`` (histoexp removed the key)."""
+    entries = _ledger(adata, attr)
+    if key in entries:
+        del entries[key]
 
 
 def resolve_library_key(adata: AnnData, library_key: str | None = None, *, default: str = "library_id") -> str | None:

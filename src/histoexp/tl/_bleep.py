@@ -162,7 +162,7 @@ def fit_bleep(
         (``params``, ``genes``, ``history``; an ensemble's history is member 0's, with all members'
         under ``'members'`` keyed ``'0'``, ``'1'``, ...).
     overwrite
-        Replace those keys if they exist.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed of the initialisation, split, shuffling and dropout: the same seed on the same device
         gives the same model.

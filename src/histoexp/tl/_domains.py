@@ -9,7 +9,15 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import check_key_free, import_scanpy, import_squidpy, jsonable, library_verbosity, resolve_library_key
+from .._utils import (
+    claim_keys,
+    import_scanpy,
+    import_squidpy,
+    jsonable,
+    library_verbosity,
+    mark_written,
+    resolve_library_key,
+)
 
 
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
@@ -104,7 +112,8 @@ def spatial_domains(
     random_state
         Seed of PCA and leiden.
     overwrite
-        Replace an existing ``obs[key_added]``.
+        Replace an existing ``obs[key_added]`` / ``uns[key_added]`` that histoexp did not write (a re-run replaces
+        the domains this function wrote without it).
 
     Returns
     -------
@@ -117,7 +126,7 @@ def spatial_domains(
     sc = import_scanpy()
 
     key = key_added or (f"{layer}_domains" if layer is not None else "measured_domains")
-    check_key_free(adata.obs, key, where="adata.obs", overwrite=overwrite)
+    claim_keys(adata, [("obs", key), ("uns", key)], overwrite=overwrite)  # a re-run replaces its own domains
     min_spots = max(3, n_spatial_neighbors + 1) if use_spatial else 3
     if adata.n_obs < min_spots:
         raise ValueError(
@@ -203,6 +212,8 @@ def spatial_domains(
     else:
         logger.info("spatial_domains %s: %d domains", key, len(cats))
     adata.uns[key] = jsonable(info)
+    mark_written(adata, "obs", key, by="spatial_domains")
+    mark_written(adata, "uns", key, by="spatial_domains")
 
 
 def ari(adata: AnnData, key1: str, key2: str) -> float:

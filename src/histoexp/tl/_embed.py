@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger, settings
-from .._utils import check_key_free, jsonable
+from .._utils import claim_key, jsonable, mark_written
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -111,7 +111,8 @@ def embed_patches(
     key_added
         Embeddings go to ``obsm[key_added]`` (default ``'X_<encoder name>'``, e.g. ``'X_resnet50'``).
     overwrite
-        Replace an existing ``obsm[key_added]``.
+        Replace an existing ``obsm[key_added]`` that histoexp did not write. Without it, a key this function (or
+        another of histoexp's) wrote and nobody changed since is replaced (a re-run), anything else raises.
     copy
         Return a modified copy instead of writing in place.
     distributed
@@ -149,7 +150,7 @@ def embed_patches(
     if key_added is None and isinstance(encoder, str):
         key_added = f"X_{_name_of(encoder)}"
     if key_added is not None:
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
 
     import histoexp.pp as pp
 
@@ -160,7 +161,7 @@ def embed_patches(
     enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
     if key_added is None:
         key_added = f"X_{enc.name}"
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
 
     dev = settings.resolve_device(device)
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
@@ -212,6 +213,7 @@ def embed_patches(
     }
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    mark_written(adata, "obsm", key_added, by="embed_patches")
     return adata if copy else None
 
 
@@ -316,7 +318,7 @@ def embed_neighbourhood(
     key_added
         ``obsm`` key (default ``'X_<encoder name>_grid'``).
     overwrite
-        Replace an existing ``obsm[key_added]``.
+        As in :func:`embed_patches`: needed only to replace a key histoexp did not write.
     copy
         Return a modified copy instead of writing in place.
 
@@ -343,14 +345,14 @@ def embed_neighbourhood(
     if key_added is None and isinstance(encoder, str):
         key_added = f"X_{_name_of(encoder)}_grid"
     if key_added is not None:
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
     grid = int(grid)
     ctx, rec, _, window_px = _context_source(adata, patches_key, grid)
     windows = _GridWindows(ctx, grid, int(rec["patch_px"]))
     enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
     if key_added is None:
         key_added = f"X_{enc.name}_grid"
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
     dev = settings.resolve_device(device)
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
     g2 = grid * grid
@@ -389,6 +391,7 @@ def embed_neighbourhood(
     }
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    mark_written(adata, "obsm", key_added, by="embed_neighbourhood")
     return adata if copy else None
 
 

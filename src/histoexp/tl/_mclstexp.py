@@ -230,7 +230,7 @@ def fit_mclstexp(
         spot of ``adata``, the spot branch over its sections' inference sentences) and ``uns[key_added]``
         (``params``, ``genes``, ``history``).
     overwrite
-        Replace those keys if they exist.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed of the initialisation, split, sentences and shuffling: the same seed on the same device gives the
         same model.

@@ -250,7 +250,8 @@ def fit_nh2st(
     key_added
         ``uns[key_added]`` receives ``params``, ``genes`` and ``history``.
     overwrite
-        Replace ``uns[key_added]`` if it exists.
+        Replace ``uns[key_added]`` when histoexp did not write it (a re-run replaces the keys this function wrote
+        without it).
     random_state
         Seed of the initialisation, split, shuffling and dropout.
     device

@@ -161,7 +161,7 @@ def fit_zeroshot(
         Writes ``obsm[f'X_{key_added}_image']`` (spot embeddings; an ensemble's first member) and
         ``uns[key_added]`` (``params``, ``genes``, ``history``).
     overwrite
-        Replace those keys.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed: the same seed on the same device gives the same model.
     device
