@@ -14,7 +14,7 @@ def test_domains_recovered_from_good_prediction(synth):
     hx.tl.spatial_domains(synth, layer=None)
     assert isinstance(synth.obs["measured_domains"].dtype, pd.CategoricalDtype)
     assert synth.uns["measured_domains"]["n_domains"] >= 2
-    hx.tl.spatial_domains(synth, compare="measured_domains")
+    hx.tl.spatial_domains(synth, layer="bleep", compare="measured_domains")  # two prediction layers: name one
     hx.tl.spatial_domains(synth, layer="shuffled", compare="measured_domains")
     good, bad = synth.uns["bleep_domains"]["ari"], synth.uns["shuffled_domains"]["ari"]
     assert good > 0.6, good
@@ -68,7 +68,7 @@ def test_domains_real_section(her2st_c2):
     shuffled[:, idx] = X[rng.permutation(a.n_obs)]
     a.layers["shuffled"] = shuffled
     hx.tl.spatial_domains(a, layer=None, genes=genes)
-    hx.tl.spatial_domains(a, genes=genes, compare="measured_domains")
+    hx.tl.spatial_domains(a, layer="bleep", genes=genes, compare="measured_domains")
     hx.tl.spatial_domains(a, layer="shuffled", genes=genes, compare="measured_domains")
     assert 2 <= a.uns["measured_domains"]["n_domains"] <= 12
     assert a.uns["bleep_domains"]["params"]["n_genes"] == 200

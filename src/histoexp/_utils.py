@@ -325,3 +325,44 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which layer holds the predictions
+# --------------------------------------------------------------------------------------------------------------
+
+#: the layer of :func:`histoexp.tl.impute`'s output holding the query's own measurement
+MEASURED_LAYER = "measured"
+
+
+def prediction_key(adata: AnnData, layer: str | None = None, *, exclude: Iterable[str] = (), arg: str = "layer") -> str:
+    """Return the layer holding the predictions of ``adata`` (the one way ``evaluate`` and the plots resolve it).
+
+    ``layer`` given: that layer (it must exist and must not be the measurement). ``None``: the only layer other
+    than ``'measured'`` (and ``exclude``), as in the output of :func:`histoexp.tl.impute`, whatever the model
+    (``'bleep'``, ``'ridge'``, ``'nh2st'``, ...). None or several raise an error that lists the layers and says
+    what to pass: several layers are never guessed between.
+    """
+    found = list(adata.layers)
+    if layer is not None:
+        if layer == MEASURED_LAYER:
+            raise ValueError(f"`{arg}='measured'` is the measurement, not a prediction; pass the prediction layer.")
+        if layer not in adata.layers:
+            raise KeyError(
+                f"`{arg}={layer!r}` is not in adata.layers (found {found}): pass the layer hx.tl.impute wrote "
+                "(its `key_added`; by default the model's method, e.g. 'bleep' or 'ridge')."
+            )
+        return layer
+    skip = {MEASURED_LAYER, *exclude}
+    candidates = [k for k in found if k not in skip]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise KeyError(
+            f"adata holds no prediction layer (layers: {found}): pass the output of hx.tl.impute (it holds "
+            f"layers[key_added]), or `{arg}=` naming the layer with the predictions."
+        )
+    raise ValueError(
+        f"Pass `{arg}=` to choose the predictions: adata holds several layers besides 'measured' {candidates} "
+        f"(e.g. {arg}={candidates[0]!r})."
+    )

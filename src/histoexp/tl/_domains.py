@@ -16,6 +16,7 @@ from .._utils import (
     jsonable,
     library_verbosity,
     mark_written,
+    prediction_key,
     resolve_library_key,
 )
 
@@ -23,6 +24,12 @@ from .._utils import (
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
     if layer is None:
         from ..pp import expression_matrix
+
+        if adata.X is None:
+            raise ValueError(
+                "`layer=None` reads the measured counts in adata.X, which is None (the output of hx.tl.impute keeps "
+                "its measurement in layers['measured']): pass `layer='measured'`, or `layer=` with the predictions."
+            )
 
         genes = list(adata.var_names) if genes is None else list(genes)
         return expression_matrix(adata, genes, normalize=normalize), genes
@@ -48,7 +55,7 @@ def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tup
 def spatial_domains(
     adata: AnnData,
     *,
-    layer: str | None = "bleep",
+    layer: str | None = "auto",
     genes: Sequence[str] | None = None,
     normalize: str = "log1p",
     n_pcs: int = 30,
@@ -84,7 +91,9 @@ def spatial_domains(
     adata
         Annotated data with ``obsm['spatial']``.
     layer
-        Layer with (predicted) expression, or ``None`` for the measured, log-normalised ``X``.
+        Layer with (predicted) expression, or ``None`` for the measured, log-normalised ``X``. ``'auto'``: the one
+        prediction layer (the layer :func:`histoexp.tl.impute` wrote, whatever the model: ``'bleep'``,
+        ``'ridge'``, ...; an error lists the layers when there are several).
     genes
         Restrict to these genes (default: all usable genes).
     normalize
@@ -125,6 +134,8 @@ def spatial_domains(
 
     sc = import_scanpy()
 
+    if layer == "auto":
+        layer = prediction_key(adata, arg="layer")
     key = key_added or (f"{layer}_domains" if layer is not None else "measured_domains")
     claim_keys(adata, [("obs", key), ("uns", key)], overwrite=overwrite)  # a re-run replaces its own domains
     min_spots = max(3, n_spatial_neighbors + 1) if use_spatial else 3
