@@ -72,3 +72,15 @@ def test_prediction_key_rules(ridge_pred):
     hx.tl.evaluate(two, truth="truth")
     assert two.uns["ridge"]["metrics"]["truth"] == "layers['truth']"
 
+
+def test_mclstexp_defaults_to_the_encoder_of_every_fit():
+    """One default image encoder: embed_patches(adata) then any fit_* reads obsm['X_resnet50']."""
+    import inspect
+
+    fits = [hx.tl.fit_bleep, hx.tl.fit_mclstexp, hx.tl.fit_nh2st, hx.tl.fit_ridge, hx.tl.fit_zeroshot]
+    defaults = {f.__name__: inspect.signature(f).parameters["encoder"].default for f in fits}
+    assert set(defaults.values()) == {inspect.signature(hx.tl.embed_patches).parameters["encoder"].default}
+    ad = hx.datasets.synthetic(n_sections=2, random_state=0)
+    ad.obsm["X_resnet50"] = np.random.default_rng(0).normal(size=(ad.n_obs, 16)).astype(np.float32)
+    model = hx.tl.fit_mclstexp(ad, genes="all", epochs=1, batch_size=32, n_heads=2, head_dim=8, n_ensemble=1)
+    assert model.use_rep == "X_resnet50"
