@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import sys
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,22 +21,227 @@ from anndata import AnnData
 
 from ._settings import logger, settings
 
+#: seconds a loop runs before its progress appears (the many short loops of a run print nothing)
+PROGRESS_DELAY = 1.0
+#: seconds between two plain progress lines when the output is not a terminal (a log file, a pipe)
+LINE_INTERVAL = 30.0
+
+_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("histoexp_progress_step", default=None)
+
 
 def progress(iterable: Iterable | None = None, **kwargs):
-    """``tqdm.auto`` progress bar that honours ``hx.settings.progress``.
+    """``tqdm`` progress that honours ``hx.settings.progress``: one bar per user-visible step.
 
-    A bar appears only once its loop has run for a second (``delay``), so the many short loops of a run
-    (one retrieval, one ensemble member's embeddings) print nothing. Without ipywidgets (where ``tqdm.auto``
-    would warn ``IProgress not found`` in Jupyter) it is tqdm's plain text bar.
+    - A bar appears only once its loop has run for :data:`PROGRESS_DELAY` seconds (``delay``), so the many short
+      loops of a run (one retrieval, one ensemble member's embeddings) print nothing.
+    - Inside a :func:`progress_step` (``impute``, the ``fit_*`` functions) a loop draws no bar of its own: it
+      shows in the step's bar (``impute (mclSTExp): 45%|... [member 3/5 · reference embeddings 40%]``).
+    - In a terminal or a notebook, tqdm's bar (``tqdm.auto`` with ipywidgets, else its text bar, which avoids
+      ``IProgress not found`` in Jupyter). Elsewhere (stderr redirected to a log file or a pipe) plain lines with
+      no carriage returns: one every :data:`LINE_INTERVAL` seconds while the loop runs, and one when it ends.
+
+    Takes tqdm's arguments; the object returned has tqdm's iteration, ``update``, ``close``, ``set_description``,
+    ``set_postfix`` and context-manager interface.
     """
-    if _has_ipywidgets():
-        from tqdm.auto import tqdm
-    else:
-        from tqdm.std import tqdm
-
     kwargs.setdefault("disable", not settings.progress)
-    kwargs.setdefault("delay", 1.0)
-    return tqdm(iterable, **kwargs)
+    step = _STEP.get()
+    if step is not None:
+        return _Nested(step, iterable, **kwargs)
+    kwargs.setdefault("delay", PROGRESS_DELAY)
+    fp = kwargs.get("file") or sys.stderr
+    if _interactive(fp):
+        if _has_ipywidgets():
+            from tqdm.auto import tqdm
+        else:
+            from tqdm.std import tqdm
+        return tqdm(iterable, **kwargs)
+    kwargs["file"] = _LineWriter(fp)
+    kwargs["leave"] = True  # the last line says where the loop ended
+    kwargs.setdefault("mininterval", 0)  # the bar spaces its lines itself
+    kwargs.setdefault("ascii", True)
+    return _line_bar()(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def progress_step(desc: str) -> Iterator[None]:
+    """Show the loops run inside the block as one bar, ``desc``: a step the user sees as one (``impute``).
+
+    The bar's fraction is that of the outermost loop (members done of an ensemble); its postfix names the loops
+    running and how far each is (``members 2/5 · reference embeddings 3/10``). Inside another step it adds nothing.
+    """
+    if _STEP.get() is not None or not settings.progress:
+        yield
+        return
+    kwargs = {"total": 1, "desc": desc, "miniters": 0}
+    interactive = _interactive(sys.stderr)
+    fmt = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+    bar = progress(**kwargs, bar_format=fmt if interactive else fmt.replace("|{bar}|", ""))
+    step = _Step(bar)
+    token = _STEP.set(step)
+    try:
+        yield
+        step.finish()
+    finally:
+        _STEP.reset(token)
+        bar.close()
+
+
+def one_progress_bar(desc: str | Callable[..., str]) -> Callable:
+    """Run the decorated function inside :func:`progress_step` (``desc``: a string, or a function of its arguments)."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with progress_step(desc(*args, **kwargs) if callable(desc) else desc):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+class _Step:
+    """The bar of a :func:`progress_step` and the loops open inside it (outermost first)."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.loops, self.done = bar, [], 0.0
+
+    def show(self) -> None:
+        # the outermost loop's fraction (the loops inside it come one after another and each restarts at 0; a
+        # later top-level loop too): the bar never goes back
+        outer = self.loops[0] if self.loops else None
+        frac = min(1.0, outer.n / outer.total) if outer is not None and outer.total else 0.0
+        frac = max(self.done, frac)
+        text = " · ".join(loop.label() for loop in self.loops)
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.update(frac - self.done)
+        self.done = frac
+
+    def finish(self) -> None:
+        self.loops.clear()
+        self.bar.set_postfix_str("", refresh=False)
+        self.bar.update(1.0 - self.done)
+        self.done = 1.0
+
+
+class _Nested:
+    """A loop inside a :func:`progress_step`: no bar of its own, it moves the step's bar."""
+
+    def __init__(self, step: _Step, iterable=None, *, desc=None, total=None, initial=0, disable=False, **_) -> None:
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.step, self.iterable, self.desc, self.total = step, iterable, desc, total
+        self.n, self.disable = initial, disable
+        if not disable:
+            step.loops.append(self)
+            step.show()
+
+    def label(self) -> str:
+        done = f"{self.n:g}/{self.total:g}" if self.total else f"{self.n:g}"
+        return f"{self.desc or 'loop'} {done}"
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __len__(self) -> int:
+        return len(self.iterable) if self.iterable is not None else int(self.total or 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if not self.disable and self in self.step.loops:
+            self.step.show()
+
+    def close(self) -> None:
+        if self in self.step.loops:
+            self.step.loops.remove(self)
+            self.step.show()
+
+    def set_description(self, desc=None, refresh=True) -> None:
+        self.desc = desc
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def refresh(self, *args, **kwargs) -> None:
+        pass
+
+
+def _interactive(fp) -> bool:
+    """Whether ``fp`` shows a live bar: a terminal, or a Jupyter kernel's output."""
+    try:
+        if fp.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+    except Exception:  # pragma: no cover - a broken IPython
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+class _LineWriter:
+    """File for the line bar: passes whole lines, drops tqdm's bare carriage returns and newlines."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+
+    def write(self, s: str) -> None:
+        if s.strip("\r\n "):
+            self.fp.write(s)
+
+    def flush(self) -> None:
+        getattr(self.fp, "flush", lambda: None)()
+
+
+_LINE_BAR: list = []
+
+
+def _line_bar() -> type:
+    """Tqdm's text bar writing its status as whole lines (log files): one per LINE_INTERVAL, and the last."""
+    if _LINE_BAR:
+        return _LINE_BAR[0]
+    from tqdm.std import tqdm
+
+    class LineBar(tqdm):
+        _hx_closing = False
+        _hx_last_line = -float("inf")
+        _hx_last_text = ""
+
+        def display(self, msg=None, pos=None):
+            if msg == "":  # tqdm clearing its line
+                return True
+            now = time.monotonic()
+            if not self._hx_closing and now - self._hx_last_line < LINE_INTERVAL:
+                return True
+            text = (self.__str__() if msg is None else msg).strip()
+            if text and text != self._hx_last_text:
+                self.fp.write(text + "\n")
+                self.fp.flush()
+                self._hx_last_line, self._hx_last_text = now, text
+            return True
+
+        def close(self):
+            self._hx_closing = True
+            super().close()
+
+    _LINE_BAR.append(LineBar)
+    return LineBar
 
 
 def _has_ipywidgets() -> bool:

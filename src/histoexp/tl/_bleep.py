@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,6 +23,7 @@ FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "weight_decay":
 FINETUNE_DEFAULTS = {"epochs": 30, "batch_size": 128, "lr": 1e-4, "weight_decay": 1e-3, "patience": 5, "n_ensemble": 1}
 
 
+@one_progress_bar("fit_bleep")
 def fit_bleep(
     adata: AnnData,
     *,

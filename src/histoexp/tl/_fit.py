@@ -21,7 +21,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger, settings
-from .._utils import claim_keys, jsonable, mark_written, resolve_library_key
+from .._utils import claim_keys, jsonable, mark_written, progress, resolve_library_key
 
 
 def _embedding_record(adata: AnnData, rep: str) -> dict | None:
@@ -287,7 +287,7 @@ def train_members(
     n = int(hp.get("n_ensemble", 1))
     nets, histories = [], []
     with torch_threads(1 if data.mode == "frozen" and data.device.type == "cpu" else None):
-        for member in range(n):
+        for member in progress(range(n), desc="members") if n > 1 else range(n):  # in the fit's one bar
             seed = random_state + member
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

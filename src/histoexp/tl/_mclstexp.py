@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +68,7 @@ def spatial_sentences(coords: np.ndarray, sections: np.ndarray | None, size: int
     return sampler
 
 
+@one_progress_bar("fit_mclstexp")
 def fit_mclstexp(
     adata: AnnData,
     *,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +85,7 @@ def smooth_targets(expr: np.ndarray, coords: np.ndarray, sections: np.ndarray) -
     return out
 
 
+@one_progress_bar("fit_nh2st")
 def fit_nh2st(
     adata: AnnData,
     *,

@@ -12,7 +12,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger, settings
-from .._utils import jsonable, resolve_library_key
+from .._utils import jsonable, one_progress_bar, progress, resolve_library_key
 from ._evaluate import MEASURED
 from ._fit import _embedding_record
 
@@ -298,6 +298,11 @@ def _measurement(query: AnnData, genes: list[str], layer: str | None, model) -> 
     return full, measured
 
 
+def _impute_desc(query=None, model=None, *args, **kwargs) -> str:
+    return f"impute ({getattr(model, 'method', None) or 'model'})"
+
+
+@one_progress_bar(_impute_desc)
 def impute(
     query: AnnData,
     model,
@@ -451,7 +456,7 @@ def impute(
                 )
             spots, values, out_genes = _reference_bank(model, reference, genes, layer, center=center_reference)
         pred = None
-        for member in range(model.n_ensemble):
+        for member in progress(range(model.n_ensemble), desc="members"):  # one bar: the step's
             q_emb = model.encode_images(images, batch_size=batch_size, member=member)
             if prepared is not None:
                 bank_emb = prepared.embeddings(member)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,7 @@ def _embedding_table(adata: AnnData, gene_embeddings) -> pd.DataFrame:
     return out
 
 
+@one_progress_bar("fit_zeroshot")
 def fit_zeroshot(
     adata: AnnData,
     *,
