@@ -244,8 +244,11 @@ def test_errors(synth3, fitted):
     test = synth3[synth3.obs["library_id"] == "S2"].copy()
     with pytest.raises(KeyError, match=r"embed_patches"):
         hx.tl.fit_bleep(train.copy(), genes="all", encoder="resnet18", key_added="other")
-    with pytest.raises(KeyError, match="overwrite"):
-        hx.tl.fit_bleep(train, genes="all", use_rep="X_fake", epochs=1)
+    mine = train.copy()
+    mine.uns["bleep"] = {"my": "notes"}  # the user's now: kept
+    with pytest.raises(KeyError, match=r"uns\['bleep'\].*changed since histoexp wrote it.*overwrite"):
+        hx.tl.fit_bleep(mine, genes="all", use_rep="X_fake", epochs=1)
+    assert mine.uns["bleep"] == {"my": "notes"}
     q = test.copy()
     del q.obsm["X_fake"]
     with pytest.raises(KeyError, match="X_fake"):

@@ -14,7 +14,7 @@ def test_domains_recovered_from_good_prediction(synth):
     hx.tl.spatial_domains(synth, layer=None)
     assert isinstance(synth.obs["measured_domains"].dtype, pd.CategoricalDtype)
     assert synth.uns["measured_domains"]["n_domains"] >= 2
-    hx.tl.spatial_domains(synth, compare="measured_domains")
+    hx.tl.spatial_domains(synth, layer="bleep", compare="measured_domains")  # two prediction layers: name one
     hx.tl.spatial_domains(synth, layer="shuffled", compare="measured_domains")
     good, bad = synth.uns["bleep_domains"]["ari"], synth.uns["shuffled_domains"]["ari"]
     assert good > 0.6, good
@@ -42,7 +42,10 @@ def test_domains_reproducible_and_keys(synth):
     hx.tl.spatial_domains(synth, n_pcs=10)
     first = synth.obs["bleep_domains"].copy()
     assert synth.uns["bleep_domains"]["params"]["n_genes"] == synth.n_vars - 1
-    with pytest.raises(KeyError, match="overwrite"):
+    hx.tl.spatial_domains(synth, n_pcs=10)  # a re-run replaces its own domains: the same ones
+    assert (synth.obs["bleep_domains"] == first).all()
+    synth.obs["bleep_domains"] = synth.obs["bleep_domains"].astype(str)  # now the user's column
+    with pytest.raises(KeyError, match="changed since histoexp wrote it.*overwrite"):
         hx.tl.spatial_domains(synth, n_pcs=10)
     hx.tl.spatial_domains(synth, n_pcs=10, overwrite=True)
     assert (synth.obs["bleep_domains"] == first).all()
@@ -65,7 +68,7 @@ def test_domains_real_section(her2st_c2):
     shuffled[:, idx] = X[rng.permutation(a.n_obs)]
     a.layers["shuffled"] = shuffled
     hx.tl.spatial_domains(a, layer=None, genes=genes)
-    hx.tl.spatial_domains(a, genes=genes, compare="measured_domains")
+    hx.tl.spatial_domains(a, layer="bleep", genes=genes, compare="measured_domains")
     hx.tl.spatial_domains(a, layer="shuffled", genes=genes, compare="measured_domains")
     assert 2 <= a.uns["measured_domains"]["n_domains"] <= 12
     assert a.uns["bleep_domains"]["params"]["n_genes"] == 200

@@ -57,12 +57,16 @@ def test_handcrafted_real_patches(c2_patches, tmp_path):
     assert params["mpp"] == pytest.approx(0.5) and params["size_um"] == pytest.approx(112.0)
     assert params["random_init"] is False or params["random_init"] == 0
 
-    # deterministic; an occupied key needs overwrite=True
-    with pytest.raises(KeyError, match="overwrite=True"):
-        hx.tl.embed_patches(adata, "handcrafted")
+    # deterministic; a re-run replaces histoexp's own key (as scanpy), a key the user made needs overwrite=True
     before = x.copy()
-    hx.tl.embed_patches(adata, "handcrafted", batch_size=17, overwrite=True)  # other batching, same numbers
+    hx.tl.embed_patches(adata, "handcrafted", batch_size=17)  # other batching, same numbers
     np.testing.assert_array_equal(adata.obsm["X_handcrafted"], before)
+    mine = adata.copy()
+    mine.obsm["X_handcrafted"] = np.zeros_like(before)
+    with pytest.raises(KeyError, match="changed since histoexp wrote it.*overwrite=True"):
+        hx.tl.embed_patches(mine, "handcrafted")
+    hx.tl.embed_patches(mine, "handcrafted", overwrite=True)
+    np.testing.assert_array_equal(mine.obsm["X_handcrafted"], before)
 
     # h5ad round trip of obsm + uns
     path = tmp_path / "emb.h5ad"

@@ -127,9 +127,9 @@ def test_evaluate_copy_and_truth_layer(synth):
     synth.layers["truth"] = X
     tab = hx.tl.evaluate(synth, truth="truth", copy=True, key_added="other")
     assert isinstance(tab, pd.DataFrame) and "other_pcc" not in synth.var and "other" not in synth.uns
-    tab2 = hx.tl.evaluate(synth, copy=True)  # X counts -> log1p, same as the truth layer
+    tab2 = hx.tl.evaluate(synth, layer="bleep", copy=True)  # X counts -> log1p, same as the truth layer
     np.testing.assert_allclose(tab["pcc"], tab2["pcc"], atol=1e-6)
-    tab3 = hx.tl.evaluate(synth, truth=X, copy=True)
+    tab3 = hx.tl.evaluate(synth, layer="bleep", truth=X, copy=True)
     np.testing.assert_allclose(tab["pcc"], tab3["pcc"], atol=1e-6)
     assert tab.attrs["metrics"]["truth"] == "layers['truth']"
 

@@ -160,7 +160,10 @@ def test_progress_without_ipywidgets_is_plain_tqdm(monkeypatch):
 
     from histoexp import _utils
 
+    monkeypatch.setattr(_utils, "_interactive", lambda fp: True)  # a terminal or a notebook
     monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: False)
     assert type(_utils.progress(range(3), disable=True)) is tqdm.std.tqdm
     monkeypatch.setattr(_utils, "_has_ipywidgets", lambda: True)
     assert isinstance(_utils.progress(range(3), disable=True), tqdm.auto.tqdm)
+    monkeypatch.setattr(_utils, "_interactive", lambda fp: False)  # a log file: tqdm's text bar writing lines
+    assert isinstance(_utils.progress(range(3), disable=True), tqdm.std.tqdm)

@@ -190,9 +190,10 @@ def test_errors(sy, tmp_path):
     a = sy
     hx.pp.extract_patches(a, mpp=2.0)
     before = a.obsm["patches"].copy()
-    with pytest.raises(KeyError, match="overwrite"):
+    a.obsm["patches"] = before[:, ::-1].copy()  # the user's pixels under histoexp's key: kept
+    with pytest.raises(KeyError, match="changed since histoexp wrote it.*overwrite"):
         hx.pp.extract_patches(a, mpp=1.0)
-    np.testing.assert_array_equal(a.obsm["patches"], before)
+    np.testing.assert_array_equal(a.obsm["patches"], before[:, ::-1])
     hx.pp.extract_patches(a, mpp=4.0, overwrite=True, store="none")  # overwrite replaces keys, removes stale pixels
     assert "patches" not in a.obsm and a.uns["histoexp"]["patches"]["patch_px"] == 16
     with pytest.raises(KeyError, match="extract_patches"):

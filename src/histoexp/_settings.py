@@ -34,7 +34,9 @@ class Settings:
     amp
         Use automatic mixed precision (bfloat16/float16 autocast) on GPU for encoders and training.
     progress
-        Show ``tqdm`` progress bars on long loops.
+        Show progress of long loops: one ``tqdm`` bar per call (an ensemble's members and their loops show inside
+        the one bar of ``impute`` or ``fit_*``), in a terminal or notebook; when stderr is a file or a pipe, plain
+        lines instead (no carriage returns), one every 30 s and one at the end.
     verbosity
         How much histoexp and the libraries it calls (scanpy, squidpy, anndata) report: ``0`` errors only,
         ``1`` warnings (default), ``2`` info (e.g. which µm/px source was used), ``3`` debug (per-epoch

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from anndata import AnnData
 
+from .._utils import prediction_key
 from ._utils import (
     EXPRESSION_LABEL,
     check_genes,
@@ -30,7 +31,7 @@ def _dense(M) -> np.ndarray:
 
 def correlation(
     adata: AnnData,
-    layer: str = "bleep",
+    layer: str | None = None,
     *,
     metric: str = "pcc",
     n_best: int = 10,
@@ -49,7 +50,8 @@ def correlation(
     adata
         Annotated data after :func:`histoexp.tl.evaluate`.
     layer
-        The ``key_added`` / layer that was evaluated.
+        The ``key_added`` / layer that was evaluated. ``None``: the one evaluated key (``uns[key]['metrics']``
+        with ``var[f'{key}_{metric}']``), else the one prediction layer (``'bleep'``, ``'ridge'``, ...).
     metric
         ``'pcc'`` (Pearson) or ``'spearman'``.
     n_best
@@ -69,6 +71,13 @@ def correlation(
     """
     import seaborn as sns
 
+    if layer is None:
+        evaluated = [
+            k
+            for k, v in adata.uns.items()
+            if isinstance(v, Mapping) and "metrics" in v and f"{k}_{metric}" in adata.var
+        ]
+        layer = evaluated[0] if len(evaluated) == 1 else prediction_key(adata)
     col = f"{layer}_{metric}"
     if col not in adata.var:
         raise KeyError(f"adata.var[{col!r}] not found: run hx.tl.evaluate(adata, layer={layer!r}) first.")

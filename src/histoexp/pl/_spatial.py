@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
+from .._utils import prediction_key
 from ._utils import (
     EXPRESSION_LABEL,
     VBound,
@@ -467,9 +468,33 @@ def _categories(col: pd.Series) -> list[str]:
         return sorted(vals)
 
 
+def _predicted_domains_key(adata: AnnData, compare: str | None) -> str:
+    """Return the ``obs`` column of predicted domains (``tl.spatial_domains`` on a prediction layer)."""
+    recorded = []
+    for col in adata.obs.columns:
+        entry = adata.uns.get(col)
+        params = entry.get("params") if isinstance(entry, Mapping) else None
+        if col != compare and isinstance(params, Mapping) and "resolution" in params and params.get("layer") != "X":
+            recorded.append(col)
+    if len(recorded) == 1:
+        return recorded[0]
+    if recorded:
+        raise ValueError(f"Pass `key=` to choose the predicted domains: adata.obs has several {recorded}.")
+    try:
+        guess = f"{prediction_key(adata)}_domains"
+    except (KeyError, ValueError):
+        guess = None
+    if guess is not None and guess in adata.obs:
+        return guess
+    raise KeyError(
+        f"No predicted domains found in adata.obs (columns {list(adata.obs.columns)}): run "
+        "hx.tl.spatial_domains(adata) on the prediction first, or pass `key=`."
+    )
+
+
 def spatial_domains(
     adata: AnnData,
-    key: str = "bleep_domains",
+    key: str | None = None,
     compare: str | None = "measured_domains",
     *,
     library_id: str | None = None,
@@ -501,7 +526,9 @@ def spatial_domains(
     adata
         Annotated data after :func:`histoexp.tl.spatial_domains` (``obs[key]``, ``obs[compare]``).
     key
-        ``obs`` column with the predicted domains.
+        ``obs`` column with the predicted domains. ``None``: the one column :func:`histoexp.tl.spatial_domains`
+        wrote from a prediction layer (its ``uns[key]['params']['layer']``), else ``f'{layer}_domains'`` of the one
+        prediction layer (``'bleep_domains'``, ``'ridge_domains'``, ...).
     compare
         ``obs`` column with the reference (measured) domains, or None for the predicted panel alone.
     library_id
@@ -540,6 +567,8 @@ def spatial_domains(
     from matplotlib.colors import to_rgba_array
     from matplotlib.lines import Line2D
 
+    if key is None:
+        key = _predicted_domains_key(adata, compare)
     for name, col in (("key", key), ("compare", compare)):
         if col is not None and col not in adata.obs:
             raise KeyError(

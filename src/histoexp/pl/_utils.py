@@ -12,6 +12,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger
+from .._utils import prediction_key
 
 #: What the colour of an expression map means (the prediction contract of :func:`histoexp.tl.impute`).
 EXPRESSION_LABEL = "log1p normalised counts"
@@ -156,14 +157,10 @@ def resolve_prediction(adata: AnnData, layer: str | None) -> tuple[str, str]:
     """
     others = [k for k in adata.layers if k != "measured"]
     if layer is None:
-        if len(others) == 1:
-            return others[0], others[0]
         if not others and x_is_prediction(adata):
             return "X", x_role(adata).split(":", 1)[1]
-        raise ValueError(
-            f"Pass `layer=` with the predictions: found layers {list(adata.layers)} and "
-            f"uns['histoexp']['X'] = {x_role(adata)!r} (expected exactly one prediction layer)."
-        )
+        key = prediction_key(adata)
+        return key, key
     if layer == "X":
         if not x_is_prediction(adata):
             raise ValueError(
@@ -171,11 +168,8 @@ def resolve_prediction(adata: AnnData, layer: str | None) -> tuple[str, str]:
                 f"{x_role(adata)!r}, expected 'prediction:<key>'); pass the prediction layer instead."
             )
         return "X", x_role(adata).split(":", 1)[1]
-    if layer == "measured":
-        raise ValueError("`layer='measured'` is the measurement, not a prediction; pass the prediction layer.")
-    if layer not in adata.layers:
-        raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}); run impute first.")
-    return layer, layer
+    key = prediction_key(adata, layer)
+    return key, key
 
 
 def resolve_compare(adata: AnnData, compare: str | None) -> str | None:

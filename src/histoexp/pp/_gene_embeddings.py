@@ -24,7 +24,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger
-from .._utils import check_key_free, jsonable, resolve_library_key
+from .._utils import claim_key, jsonable, mark_written, resolve_library_key
 
 __all__ = ["TextModelUnavailableError", "gene_embeddings", "match_genes"]
 
@@ -507,7 +507,7 @@ def gene_embeddings(
     key_added
         ``varm`` key when ``adata`` is given (``None``: ``f'X_gene_{method}'``).
     overwrite
-        Replace an existing ``varm``/``uns`` entry.
+        Replace an existing ``varm``/``uns`` entry that histoexp did not write (its own are replaced on a re-run).
     random_state
         Seed of the SVD solvers.
 
@@ -534,7 +534,7 @@ def gene_embeddings(
             genes = unique
     if adata is not None:
         key_added = key_added or f"X_gene_{method}"
-        check_key_free(adata.varm, key_added, where="adata.varm", overwrite=overwrite)
+        claim_key(adata, "varm", key_added, overwrite=overwrite)
     if method == "coexpression":
         adatas = [source] if isinstance(source, AnnData) else list(source) if isinstance(source, (list, tuple)) else []
         if not adatas:
@@ -595,9 +595,10 @@ def gene_embeddings(
 
 def store_gene_embeddings(adata: AnnData, df: pd.DataFrame, *, key_added: str, overwrite: bool = False) -> None:
     """Write ``df`` into ``adata.varm[key_added]`` (NaN rows for genes it lacks) with its provenance in ``uns``."""
-    check_key_free(adata.varm, key_added, where="adata.varm", overwrite=overwrite)
+    claim_key(adata, "varm", key_added, overwrite=overwrite)
     rows = df.reindex(adata.var_names.astype(str)).to_numpy(dtype=np.float32)
     adata.varm[key_added] = rows
+    mark_written(adata, "varm", key_added, by="gene_embeddings")
     hist = adata.uns.setdefault("histoexp", {})
     entry = dict(df.attrs.get("histoexp", {}))
     entry["n_genes_in_adata"] = int(np.isfinite(rows).all(1).sum())

@@ -15,7 +15,7 @@ from anndata import AnnData
 
 from .._fs import atomic_dir, check_output
 from .._settings import logger
-from .._utils import check_key_free, jsonable, library_ids, progress
+from .._utils import claim_keys, forget_written, jsonable, library_ids, mark_written, progress
 from ..image._slide import SlideImage, _backing_zarr_image, _fraction_outside, slide_for_library
 
 __all__ = ["PatchSource", "extract_patches", "get_patches"]
@@ -28,6 +28,8 @@ MAX_PATCH_PX = 16384
 _BATCH = 128
 #: marker kind of the zarr stores extract_patches creates (only those are ever replaced)
 _ZARR_KIND = "patches"
+#: names in ``uns['histoexp']`` that are not patch records
+_RESERVED = ("embeddings", "written", "X", "slide", "gene_embeddings")
 
 
 def _default_zarr_path(key_added: str) -> Path:
@@ -221,13 +223,16 @@ def extract_patches(
     path
         Zarr store for ``store='zarr'``; default a new ``<tempdir>/histoexp/<key_added>-<random>.zarr``
         (its path is recorded in ``uns['histoexp'][key_added]['path']``; move it somewhere
-        permanent for long-lived data). An existing ``path`` is replaced only with ``overwrite=True``
-        and only when it is a store ``extract_patches`` created (it writes a ``.histoexp.json`` marker
-        into each store): a folder or file histoexp did not make is never removed. The store is built
-        under a hidden name next to ``path`` and renamed into place when complete, so an interrupted
-        extraction leaves the previous store (or none), never a partial one.
+        permanent for long-lived data). An existing ``path`` is replaced only with ``overwrite=True``, or on a
+        re-run with the same ``key_added`` whose record names that store, and only when it is a store
+        ``extract_patches`` created (it writes a ``.histoexp.json`` marker into each store): a folder or file
+        histoexp did not make is never removed. The store is built under a hidden name next to ``path`` and
+        renamed into place when complete, so an interrupted extraction leaves the previous store (or none),
+        never a partial one.
     overwrite
-        Replace existing keys (and a zarr store at ``path`` that histoexp created).
+        Replace existing keys histoexp did not write, and a zarr store at ``path`` that histoexp created. Without
+        it, a re-run replaces this function's own keys (recorded in ``uns['histoexp']['written']``) and, when
+        ``path`` is the store those keys read, that store; anything else raises.
     copy
         Return a new AnnData instead of writing into ``adata``.
 
@@ -244,9 +249,11 @@ def extract_patches(
     Raises
     ------
     KeyError
-        A key already exists and ``overwrite=False``; unknown ``library_id``/``library_key``.
+        A key exists that histoexp did not write (or that changed since) and ``overwrite=False``; unknown
+        ``library_id``/``library_key``.
     FileExistsError
-        ``path`` exists and ``overwrite=False``, or it exists and histoexp did not create it.
+        ``path`` exists and ``overwrite=False`` (unless it is the store a re-run of ``key_added`` replaces), or it
+        exists and histoexp did not create it.
     ValueError
         Spots entirely outside their image, bad arguments, no image or no µm/px information; patches
         larger than ``MAX_PATCH_PX`` (16384) px per side or larger in total than the available
@@ -259,10 +266,12 @@ def extract_patches(
         raise ValueError(f"`context` must be positive, got {context!r}.")
     if "spatial" not in adata.obsm:
         raise KeyError("adata.obsm['spatial'] (spot centres in full-resolution pixels) is missing.")
-    check_key_free(adata.uns.get("histoexp", {}), key_added, where="adata.uns['histoexp']", overwrite=overwrite)
-    check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
-    for col in (f"{key_added}_outside", f"{key_added}_row"):
-        check_key_free(adata.obs, col, where="adata.obs", overwrite=overwrite)
+    if key_added in _RESERVED:
+        raise ValueError(f"`key_added={key_added!r}` names one of histoexp's own records {_RESERVED}; choose another.")
+    # a re-run replaces this function's own keys (and its zarr store at the same path); a key the user made needs
+    # overwrite=True
+    own = [("histoexp", key_added), ("obsm", key_added), ("obs", f"{key_added}_outside"), ("obs", f"{key_added}_row")]
+    rerun = ("histoexp", key_added) in claim_keys(adata, own, overwrite=overwrite)
     orig = adata
     if copy:
         adata = adata.copy()
@@ -354,10 +363,13 @@ def extract_patches(
         store = "memory" if nbytes < AUTO_MEMORY_LIMIT else "zarr"
         logger.info("store='auto' -> %r (%.2f GB of patches).", store, nbytes / 1e9)
     zp = None
+    replace_store = overwrite
     if store == "zarr":
         zp = Path(path).expanduser() if path is not None else _default_zarr_path(key_added)
         _check_store_path(orig, zp, key_added=key_added, copy=copy)
-        check_output(zp, overwrite=overwrite, arg="path", kind=_ZARR_KIND, empty_ok=False)
+        # the store this key's record names, re-extracted in place (still only if histoexp made it: check_output)
+        replace_store = overwrite or (rerun and not copy and _is_recorded_store(orig, key_added, zp))
+        check_output(zp, overwrite=replace_store, arg="path", kind=_ZARR_KIND, empty_ok=False)
     # refuse absurd totals before allocating anything (np.empty would "succeed" lazily, then swap or die)
     limit, where = (_available_memory(), "memory") if store == "memory" else (None, "")
     if store == "zarr":
@@ -404,7 +416,7 @@ def extract_patches(
 
         logger.info("Writing %d patches to %s", n, zp)
         # built next to `path` and renamed into place when complete; replaces only a store of ours
-        with atomic_dir(zp, overwrite=overwrite, kind=_ZARR_KIND, arg="path", empty_ok=False) as tmp:
+        with atomic_dir(zp, overwrite=replace_store, kind=_ZARR_KIND, arg="path", empty_ok=False) as tmp:
             fill(
                 zarr.create_array(
                     store=str(tmp), shape=(n, patch_px, patch_px, 3), chunks=(1, patch_px, patch_px, 3), dtype="uint8"
@@ -415,13 +427,18 @@ def extract_patches(
     # --- write keys (only after everything succeeded) ---
     if key_added in adata.obsm and store != "memory":
         del adata.obsm[key_added]
+        forget_written(adata, "obsm", key_added)
     if f"{key_added}_row" in adata.obs and store != "zarr":
         del adata.obs[f"{key_added}_row"]
+        forget_written(adata, "obs", f"{key_added}_row")
     adata.obs[f"{key_added}_outside"] = outside.astype(np.float32)
+    mark_written(adata, "obs", f"{key_added}_outside", by="extract_patches")
     if store == "memory":
         adata.obsm[key_added] = arr
+        mark_written(adata, "obsm", key_added, by="extract_patches")
     elif store == "zarr":
         adata.obs[f"{key_added}_row"] = rows
+        mark_written(adata, "obs", f"{key_added}_row", by="extract_patches")
     adata.uns.setdefault("histoexp", {})
     adata.uns["histoexp"][key_added] = jsonable(
         {
@@ -448,8 +465,20 @@ def extract_patches(
             },
         }
     )
+    mark_written(adata, "histoexp", key_added, by="extract_patches")
     logger.info("Extracted %d patches of %d px (%.4g µm at %.4g µm/px), store=%r.", n, patch_px, fov_um, eff_mpp, store)
     return adata if copy else None
+
+
+def _is_recorded_store(adata: AnnData, key_added: str, zp: Path) -> bool:
+    """Whether ``zp`` is the zarr store that ``uns['histoexp'][key_added]`` (histoexp's record) reads from."""
+    rec = (adata.uns.get("histoexp", {}) or {}).get(key_added)
+    if not (isinstance(rec, dict) and rec.get("store") == "zarr" and rec.get("path")):
+        return False
+    recorded = Path(rec["path"]).expanduser()
+    return recorded.absolute() == zp.expanduser().absolute() or (
+        recorded.exists() and zp.exists() and recorded.samefile(zp)
+    )
 
 
 class PatchSource:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._crossfit import supports_crossfit
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
@@ -23,6 +24,7 @@ FROZEN_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 1e-3, "weight_decay":
 FINETUNE_DEFAULTS = {"epochs": 30, "batch_size": 128, "lr": 1e-4, "weight_decay": 1e-3, "patience": 5, "n_ensemble": 1}
 
 
+@one_progress_bar("fit_bleep")
 @supports_crossfit()
 def fit_bleep(
     adata: AnnData,
@@ -182,7 +184,7 @@ def fit_bleep(
         (``params``, ``genes``, ``history``; an ensemble's history is member 0's, with all members'
         under ``'members'`` keyed ``'0'``, ``'1'``, ...).
     overwrite
-        Replace those keys if they exist.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed of the initialisation, split, shuffling and dropout: the same seed on the same device
         gives the same model.

@@ -9,12 +9,27 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import check_key_free, import_scanpy, import_squidpy, jsonable, library_verbosity, resolve_library_key
+from .._utils import (
+    claim_keys,
+    import_scanpy,
+    import_squidpy,
+    jsonable,
+    library_verbosity,
+    mark_written,
+    prediction_key,
+    resolve_library_key,
+)
 
 
 def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tuple[np.ndarray, list[str]]:
     if layer is None:
         from ..pp import expression_matrix
+
+        if adata.X is None:
+            raise ValueError(
+                "`layer=None` reads the measured counts in adata.X, which is None (the output of hx.tl.impute keeps "
+                "its measurement in layers['measured']): pass `layer='measured'`, or `layer=` with the predictions."
+            )
 
         genes = list(adata.var_names) if genes is None else list(genes)
         return expression_matrix(adata, genes, normalize=normalize), genes
@@ -40,7 +55,7 @@ def _expression(adata: AnnData, layer: str | None, genes, normalize: str) -> tup
 def spatial_domains(
     adata: AnnData,
     *,
-    layer: str | None = "bleep",
+    layer: str | None = "auto",
     genes: Sequence[str] | None = None,
     normalize: str = "log1p",
     n_pcs: int = 30,
@@ -76,7 +91,9 @@ def spatial_domains(
     adata
         Annotated data with ``obsm['spatial']``.
     layer
-        Layer with (predicted) expression, or ``None`` for the measured, log-normalised ``X``.
+        Layer with (predicted) expression, or ``None`` for the measured, log-normalised ``X``. ``'auto'``: the one
+        prediction layer (the layer :func:`histoexp.tl.impute` wrote, whatever the model: ``'bleep'``,
+        ``'ridge'``, ...; an error lists the layers when there are several).
     genes
         Restrict to these genes (default: all usable genes).
     normalize
@@ -104,7 +121,8 @@ def spatial_domains(
     random_state
         Seed of PCA and leiden.
     overwrite
-        Replace an existing ``obs[key_added]``.
+        Replace an existing ``obs[key_added]`` / ``uns[key_added]`` that histoexp did not write (a re-run replaces
+        the domains this function wrote without it).
 
     Returns
     -------
@@ -116,8 +134,10 @@ def spatial_domains(
 
     sc = import_scanpy()
 
+    if layer == "auto":
+        layer = prediction_key(adata, arg="layer")
     key = key_added or (f"{layer}_domains" if layer is not None else "measured_domains")
-    check_key_free(adata.obs, key, where="adata.obs", overwrite=overwrite)
+    claim_keys(adata, [("obs", key), ("uns", key)], overwrite=overwrite)  # a re-run replaces its own domains
     min_spots = max(3, n_spatial_neighbors + 1) if use_spatial else 3
     if adata.n_obs < min_spots:
         raise ValueError(
@@ -203,6 +223,8 @@ def spatial_domains(
     else:
         logger.info("spatial_domains %s: %d domains", key, len(cats))
     adata.uns[key] = jsonable(info)
+    mark_written(adata, "obs", key, by="spatial_domains")
+    mark_written(adata, "uns", key, by="spatial_domains")
 
 
 def ari(adata: AnnData, key1: str, key2: str) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._settings import logger, settings
-from .._utils import check_key_free, jsonable
+from .._utils import claim_key, jsonable, mark_written
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -135,7 +135,8 @@ def embed_patches(
         Embeddings go to ``obsm[key_added]`` (default ``'X_<encoder name>'``, e.g. ``'X_resnet50'``; with
         ``scales``: ``'X_<encoder name>_ms'``, e.g. ``'X_handcrafted_ms'``).
     overwrite
-        Replace an existing ``obsm[key_added]``.
+        Replace an existing ``obsm[key_added]`` that histoexp did not write. Without it, a key this function (or
+        another of histoexp's) wrote and nobody changed since is replaced (a re-run), anything else raises.
     copy
         Return a modified copy instead of writing in place.
     distributed
@@ -179,7 +180,7 @@ def embed_patches(
     if key_added is None and isinstance(encoder, str):
         key_added = f"X_{_name_of(encoder)}{suffix}"
     if key_added is not None:
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
 
     import histoexp.pp as pp
 
@@ -197,7 +198,7 @@ def embed_patches(
     check_patch_mpp(enc, getattr(src, "mpp", geometry.get("mpp")))
     if key_added is None:
         key_added = f"X_{enc.name}{suffix}"
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
 
     dev = settings.resolve_device(device)
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
@@ -261,6 +262,7 @@ def embed_patches(
         )
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    mark_written(adata, "obsm", key_added, by="embed_patches")
     return adata if copy else None
 
 
@@ -474,7 +476,7 @@ def embed_neighbourhood(
     key_added
         ``obsm`` key (default ``'X_<encoder name>_grid'``).
     overwrite
-        Replace an existing ``obsm[key_added]``.
+        As in :func:`embed_patches`: needed only to replace a key histoexp did not write.
     copy
         Return a modified copy instead of writing in place.
 
@@ -501,14 +503,14 @@ def embed_neighbourhood(
     if key_added is None and isinstance(encoder, str):
         key_added = f"X_{_name_of(encoder)}_grid"
     if key_added is not None:
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
     grid = int(grid)
     ctx, rec, _, window_px = _context_source(adata, patches_key, grid)
     windows = _GridWindows(ctx, grid, int(rec["patch_px"]))
     enc = encoder if isinstance(encoder, Encoder) else get_encoder(encoder, weights=weights)
     if key_added is None:
         key_added = f"X_{enc.name}_grid"
-        check_key_free(adata.obsm, key_added, where="adata.obsm", overwrite=overwrite)
+        claim_key(adata, "obsm", key_added, overwrite=overwrite)
     dev = settings.resolve_device(device)
     use_amp = bool(settings.amp if amp is None else amp) and dev.type == "cuda"
     g2 = grid * grid
@@ -547,6 +549,7 @@ def embed_neighbourhood(
     }
     hx_uns = adata.uns.setdefault("histoexp", {})
     hx_uns.setdefault("embeddings", {})[key_added] = jsonable(params)
+    mark_written(adata, "obsm", key_added, by="embed_neighbourhood")
     return adata if copy else None
 
 
@@ -561,11 +564,12 @@ def embed_query(
 ) -> list[str]:
     """Compute the image features a frozen-feature model reads, as it was trained on (missing ones only).
 
-    ``obsm[model.use_rep]`` with :func:`embed_patches` (at the training ``scales`` for multi-scale features) and each neighbourhood input of the model (NH2ST's
-    windows) with :func:`embed_neighbourhood`, with the encoder, weights, scales and grid of the training records.
-    Features already in ``obsm`` whose records match the model's (encoder and weights exactly, patch geometry
-    within 1 %) are kept; ones that differ raise a ``ValueError``, or are computed again with ``overwrite=True``.
-    The query's patches must have the model's geometry (``model.image_spec()``). A fine-tuned model reads patches:
+    ``obsm[model.use_rep]`` with :func:`embed_patches` (at the training ``scales`` for multi-scale features) and
+    each neighbourhood input of the model (NH2ST's windows) with :func:`embed_neighbourhood`, with the encoder,
+    weights, scales and grid of the training records. Features already in ``obsm`` whose records match the model's
+    (encoder, weights and scales exactly, patch geometry within 1 %) are kept; ones that differ raise a
+    ``ValueError``, or are computed again with ``overwrite=True``. The query's patches must have the model's
+    geometry (``model.image_spec()``). A fine-tuned model reads patches:
     nothing to compute.
 
     Parameters
@@ -578,8 +582,8 @@ def embed_query(
     batch_size, device, num_workers
         As in :func:`embed_patches`.
     overwrite
-        Compute again the features whose records differ from the model's (default: an error says so), e.g. features computed
-        at other scales.
+        Compute again the features whose records differ from the model's, e.g. features computed at other scales
+        (default: an error says so).
 
     Returns
     -------

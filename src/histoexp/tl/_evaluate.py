@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger
-from .._utils import jsonable, resolve_library_key
+from .._utils import jsonable, prediction_key, resolve_library_key
 
 #: Status values of :func:`gene_metrics` rows. Only ``'ok'`` and ``'constant_prediction'`` rows are evaluated.
 STATUS = ("ok", "constant_prediction", "constant_truth", "not_predicted")
@@ -353,7 +353,7 @@ def _truth_matrix(adata: AnnData, truth, genes: list[str], normalize: str) -> tu
 def evaluate(
     adata: AnnData,
     *,
-    layer: str = "bleep",
+    layer: str | None = None,
     truth: str | np.ndarray | pd.DataFrame | None = None,
     genes: Sequence[str] | None = None,
     normalize: str = "log1p",
@@ -396,7 +396,9 @@ def evaluate(
         measurement in ``layers['measured']``), or any AnnData with predictions in a layer and counts in
         ``X``.
     layer
-        Layer holding the predictions.
+        Layer holding the predictions. ``None``: the one prediction layer of ``adata`` (the layer
+        :func:`histoexp.tl.impute` wrote, whatever the model: ``'bleep'``, ``'ridge'``, ``'nh2st'``, ...); an
+        error lists the layers when there are several.
     truth
         ``None``: ``layers['measured']`` (genes with ``var['measured']``) when present, else
         :func:`histoexp.pp.expression_matrix` of the counts in ``X`` with ``normalize`` (``log1p`` of counts
@@ -431,11 +433,10 @@ def evaluate(
       a recomputation: an existing ``metrics`` entry and existing metric columns are replaced (logged);
       other entries of ``uns[key]`` such as ``'params'`` are kept.
     """
-    key = key_added or layer
     if not isinstance(n_top, (int, np.integer)) or n_top < 1:
         raise ValueError(f"`n_top` must be an integer >= 1, got {n_top!r}.")
-    if layer not in adata.layers:
-        raise KeyError(f"`layer={layer!r}` is not in adata.layers (found {list(adata.layers)}); run impute first.")
+    layer = prediction_key(adata, layer, exclude=[truth] if isinstance(truth, str) else [])
+    key = key_added or layer
     if truth is not None and isinstance(truth, str) and truth == layer:
         raise ValueError(f"`truth={truth!r}` is the prediction layer itself.")
     P = adata.layers[layer]

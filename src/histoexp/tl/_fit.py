@@ -21,7 +21,7 @@ from anndata import AnnData
 
 from .._constants import DEFAULT_TARGET_SUM
 from .._settings import logger, settings
-from .._utils import check_key_free, jsonable, resolve_library_key
+from .._utils import claim_keys, jsonable, mark_written, progress, resolve_library_key
 
 
 def _embedding_record(adata: AnnData, rep: str) -> dict | None:
@@ -94,6 +94,7 @@ class FitData:
     params: dict = field(default_factory=dict)
     _encoder_args: tuple | None = None
     preprocess: Any = None
+    method: str = ""
 
     def datasets(self, **kwargs):
         """Training and validation :class:`histoexp.train.SpotDataset` (validation ``None`` when empty)."""
@@ -161,9 +162,8 @@ def prepare_fit(
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
-    for key in out_obsm:
-        check_key_free(adata.obsm, key, where="adata.obsm", overwrite=overwrite)
-    check_key_free(adata.uns, key_added, where="adata.uns", overwrite=overwrite)
+    # a re-run replaces the keys a fit wrote; others need overwrite=True
+    claim_keys(adata, [*(("obsm", key) for key in out_obsm), ("uns", key_added)], overwrite=overwrite)
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
     if adata.n_obs < 2:
@@ -204,6 +204,7 @@ def prepare_fit(
         device=dev,
         config=config,
         coords=coords,
+        method=method,
     )
     if not finetune_encoder:
         rep = use_rep if use_rep is not None else f"X_{encoder}"
@@ -314,7 +315,7 @@ def train_members(
     whole = checkpoint_dir is not None and n > 1 and is_main_process()
     lock = folder_lock(checkpoint_dir, arg="checkpoint_dir") if whole else contextlib.nullcontext()
     with lock, torch_threads(1 if data.mode == "frozen" and data.device.type == "cpu" else None):
-        for member in range(n):
+        for member in progress(range(n), desc="members") if n > 1 else range(n):  # in the fit's one bar
             seed = random_state + member
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -365,9 +366,12 @@ def write_fit_keys(
     obsm: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write the fit's ``obsm`` outputs and ``uns[key_added]`` = ``{'params', 'genes', 'history'}`` (JSON-able)."""
+    by = f"fit ({data.method})"
     for key, value in (obsm or {}).items():
         data.adata.obsm[key] = value
+        mark_written(data.adata, "obsm", key, by=by)
     entry = {"params": {**data.params, **params}, "genes": data.genes}
     if history is not None:
         entry["history"] = history
     data.adata.uns[key_added] = jsonable(entry)
+    mark_written(data.adata, "uns", key_added, by=by)

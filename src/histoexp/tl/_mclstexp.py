@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._crossfit import supports_crossfit
 from ._fit import check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
@@ -68,6 +69,7 @@ def spatial_sentences(coords: np.ndarray, sections: np.ndarray | None, size: int
     return sampler
 
 
+@one_progress_bar("fit_mclstexp")
 @supports_crossfit()
 def fit_mclstexp(
     adata: AnnData,
@@ -76,7 +78,7 @@ def fit_mclstexp(
     layer: str | None = None,
     normalize: Literal["log1p", "none"] = "log1p",
     use_rep: str | None = None,
-    encoder: str = "densenet121",
+    encoder: str = "resnet50",
     weights: str | None = "default",
     encoder_kwargs: dict | None = None,
     finetune_encoder: bool | None = None,
@@ -116,8 +118,8 @@ def fit_mclstexp(
     mclSTExp (Min, Shi et al., Briefings in Bioinformatics 2024; github.com/shizhiceng/mclSTExp) is a
     BLEEP-like retrieval method whose spot branch also reads where a spot is and what surrounds it:
 
-    - image branch: DenseNet-121 (fine-tuned) or frozen features -> projection head (BLEEP's, dropout 0) ->
-      ``projection_dim``;
+    - image branch: an image encoder (the paper: DenseNet-121, fine-tuned) or frozen features -> projection head
+      (BLEEP's, dropout 0) -> ``projection_dim``;
     - spot branch: log-normalised expression + learnable embeddings of the spot's grid x and y (two
       ``nn.Embedding`` tables of ``grid_size`` rows, added to the expression vector) -> a pre-norm transformer
       (``n_layers`` blocks, ``n_heads`` × ``head_dim`` attention, MLP width = number of genes, no dropout)
@@ -156,8 +158,14 @@ def fit_mclstexp(
     - the reference (the training spots kept in the model, or ``reference=`` in :func:`impute`) is embedded
       without the query section, never with it (the public code embeds all sections together, so the spot
       transformer attends across the test section);
+    - the default encoder is ResNet-50, as in every ``fit_<method>`` (so ``embed_patches(adata)`` followed by any
+      fit reads the same ``obsm['X_resnet50']``, and methods are compared on the same features); the paper uses
+      DenseNet-121 (its supplement ranks DenseNet-121 > ResNet-50 > ViT, fine-tuned from ImageNet):
+      ``encoder='densenet121'`` follows it. Nothing measured here decides between them: the her2st benchmark
+      (``benchmarks/her2st.py``) could only use random weights, with which DenseNet-121 features score higher
+      for every method, ridge included;
     - frozen features (default on CPU) are standardised and only the heads and the spot branch train; the
-      paper always fine-tunes DenseNet-121. Frozen defaults: ``epochs=100, batch_size=128, lr=1e-3,
+      paper always fine-tunes its encoder. Frozen defaults: ``epochs=100, batch_size=128, lr=1e-3,
       weight_decay=1e-3, patience=10, n_ensemble=5`` (lr 1e-3 instead of 1e-4: heads on frozen features; five
       members whose retrievals are averaged, as ``fit_bleep``: the paper trains one);
       fine-tuning: the paper's ``epochs=90, batch_size=128, lr=1e-4, weight_decay=1e-3`` with ``patience=10``;
@@ -185,8 +193,9 @@ def fit_mclstexp(
     use_rep
         ``obsm`` key of frozen image features (frozen mode; ``None``: ``obsm[f'X_{encoder}']``).
     encoder, weights, encoder_kwargs
-        Image encoder (registry name, default DenseNet-121 as the paper), its weights and further arguments
-        of :func:`histoexp.models.get_encoder` (finetune mode).
+        Image encoder (registry name; default ``'resnet50'`` as every ``fit_<method>``, the paper's is
+        ``'densenet121'``), its weights and further arguments of :func:`histoexp.models.get_encoder` (finetune
+        mode). With frozen features and no ``use_rep``, the features are read from ``obsm[f'X_{encoder}']``.
     finetune_encoder
         ``None``: ``True`` on CUDA, ``False`` otherwise.
     sentence
@@ -250,7 +259,7 @@ def fit_mclstexp(
         spot of ``adata``, the spot branch over its sections' inference sentences) and ``uns[key_added]``
         (``params``, ``genes``, ``history``).
     overwrite
-        Replace those keys if they exist.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed of the initialisation, split, sentences and shuffling: the same seed on the same device gives the
         same model.

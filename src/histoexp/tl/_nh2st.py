@@ -10,6 +10,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._geometry import describe, geometry_differences
+from .._utils import one_progress_bar
 from ._crossfit import supports_crossfit
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
@@ -86,6 +87,7 @@ def smooth_targets(expr: np.ndarray, coords: np.ndarray, sections: np.ndarray) -
     return out
 
 
+@one_progress_bar("fit_nh2st")
 @supports_crossfit()
 def fit_nh2st(
     adata: AnnData,
@@ -271,7 +273,8 @@ def fit_nh2st(
     key_added
         ``uns[key_added]`` receives ``params``, ``genes`` and ``history``.
     overwrite
-        Replace ``uns[key_added]`` if it exists.
+        Replace ``uns[key_added]`` when histoexp did not write it (a re-run replaces the keys this function wrote
+        without it).
     random_state
         Seed of the initialisation, split, shuffling and dropout.
     device

@@ -13,7 +13,7 @@ from anndata import AnnData
 from .._constants import DEFAULT_TARGET_SUM
 from .._geometry import check_query_record, describe, geometry_differences
 from .._settings import logger, settings
-from .._utils import jsonable, resolve_library_key
+from .._utils import jsonable, one_progress_bar, progress, resolve_library_key
 from ._embed import recorded_scales
 from ._evaluate import MEASURED
 from ._fit import _embedding_record
@@ -311,6 +311,11 @@ def _measurement(query: AnnData, genes: list[str], layer: str | None, model) -> 
     return full, measured
 
 
+def _impute_desc(query=None, model=None, *args, **kwargs) -> str:
+    return f"impute ({getattr(model, 'method', None) or 'model'})"
+
+
+@one_progress_bar(_impute_desc)
 def impute(
     query: AnnData,
     model,
@@ -507,7 +512,7 @@ def impute(
             values = np.concatenate([values, spots.expression[:, [pos[g] for g in extra]]], axis=1)
         all_genes = [*out_genes, *extra]
         acc, conf = _MemberMean(), None
-        for member in range(model.n_ensemble):
+        for member in progress(range(model.n_ensemble), desc="members"):  # one bar: the step's
             q_emb = model.encode_images(images, batch_size=batch_size, member=member)
             if prepared is not None:
                 bank_emb = prepared.embeddings(member)

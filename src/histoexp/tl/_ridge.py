@@ -134,7 +134,8 @@ def fit_ridge(
     key_added
         ``uns[key_added]`` receives ``params`` (incl. the chosen ``alpha``) and ``genes``.
     overwrite
-        Replace ``uns[key_added]`` if it exists.
+        Replace ``uns[key_added]`` when histoexp did not write it (a re-run replaces the keys this function wrote
+        without it).
     random_state
         Seed of the PCA solver.
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._utils import one_progress_bar
 from ._fit import _embedding_record, check_positive, prepare_fit, set_n_pcs, train_members, write_fit_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,7 @@ def _embedding_table(adata: AnnData, gene_embeddings) -> pd.DataFrame:
     return out
 
 
+@one_progress_bar("fit_zeroshot")
 def fit_zeroshot(
     adata: AnnData,
     *,
@@ -161,7 +163,7 @@ def fit_zeroshot(
         Writes ``obsm[f'X_{key_added}_image']`` (spot embeddings; an ensemble's first member) and
         ``uns[key_added]`` (``params``, ``genes``, ``history``).
     overwrite
-        Replace those keys.
+        Replace those keys when histoexp did not write them (a re-run replaces the keys this function wrote without it).
     random_state
         Seed: the same seed on the same device gives the same model.
     device
