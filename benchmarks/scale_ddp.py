@@ -19,9 +19,9 @@ gradient of the same 256 spots. Rows:
   dropout in the model): under DDP each rank holds 64 spots of the sentence; the loss gathers the sentence
   (the spot transformer attends over all 128, the contrastive loss spans every rank's images), so "same" is as
   for BLEEP with dropout 0; the DDP run is repeated for the bitwise check;
-- zero-shot (``fit_zeroshot`` SGN form, ``dropout=0``, other frozen defaults; all 785 panel genes as seen genes,
-  gene embeddings: ``hx.pp.gene_embeddings`` co-expression of the training sections C3..C6, 64 dimensions; the
-  panel genes without one (no counts in C3..C6) are left out of its training and of its scores):
+- zero-shot (``fit_zeroshot(method='neural')``, the SGN form, ``dropout=0``, other frozen defaults; all 785
+  panel genes as seen genes, gene embeddings: ``hx.pp.gene_embeddings`` co-expression of the training sections
+  C3..C6, 64 dimensions; the panel genes without one (no counts in C3..C6) are left out of its training and of its scores):
   its loss's Pearson term spans the gathered global batch; predicted on C2 as a supervised model (no zero-shot
   claim: this row checks DDP, not unseen genes).
 
@@ -89,7 +89,13 @@ def worker(args) -> None:
         table = pd.read_csv(args.gene_table, index_col=0)
         genes = [g for g in panel if g in table.index]  # co-expression leaves out genes without counts
         model = hx.tl.fit_zeroshot(
-            train, gene_embeddings=table, genes=genes, use_rep="X_handcrafted", dropout=args.dropout, random_state=0
+            train,
+            gene_embeddings=table,
+            genes=genes,
+            use_rep="X_handcrafted",
+            method="neural",
+            dropout=args.dropout,
+            random_state=0,
         )
     secs = time.perf_counter() - t0
     model.save(args.model_out)  # rank 0 writes; the others return at once

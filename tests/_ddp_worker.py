@@ -118,6 +118,7 @@ def zeroshot(tag: str, genes_per_step: int | None = None):
         gene_embeddings=table,
         genes="all",
         use_rep="X_feat",
+        method="neural",
         dim=16,
         dropout=0.0,
         genes_per_step=genes_per_step,

@@ -12,7 +12,7 @@ import histoexp as hx
 from histoexp.models.zeroshot import ZeroshotModel, zeroshot_loss
 
 N_GENES, N_SEEN = 60, 40
-FAST = {"use_rep": "X_feat", "epochs": 60}
+FAST = {"use_rep": "X_feat", "epochs": 60, "method": "neural"}
 
 
 def _pcc(pred, truth):
@@ -288,9 +288,155 @@ def test_real_her2st_unseen_gene(her2st_dir):
     hx.tl.embed_patches(ad, encoder="handcrafted")
     lib = ad.obs["library_id"].astype(str).to_numpy()
     train, test = ad[lib == "C3"].copy(), ad[lib == "C2"].copy()
-    model = hx.tl.fit_zeroshot(train, gene_embeddings=emb, genes=panel, use_rep="X_handcrafted", epochs=20)
-    pred = hx.tl.impute(test, model, genes=["ERBB2", *panel[:10]])
-    assert pred.var["seen_in_training"].tolist() == [False] + [True] * 10
-    assert pred.var["measured"].all()
-    hx.tl.evaluate(pred, layer="zeroshot")
-    assert np.isfinite(pred.var["zeroshot_pcc"]).all()
+    neural = hx.tl.fit_zeroshot(
+        train, gene_embeddings=emb, genes=panel, use_rep="X_handcrafted", method="neural", epochs=20
+    )
+    model = hx.tl.fit_zeroshot(train, gene_embeddings=emb, genes=panel, use_rep="X_handcrafted", overwrite=True)
+    assert model.form == "axes" and neural.form == "neural"
+    assert model.config["crossfit"]["unit"] == "spatial block"  # one training section: spatial blocks
+    for m, key in ((neural, "neural"), (model, "axes")):
+        pred = hx.tl.impute(test, m, genes=["ERBB2", *panel[:10]], key_added=key)
+        assert pred.var["seen_in_training"].tolist() == [False] + [True] * 10
+        assert pred.var["measured"].all()
+        hx.tl.evaluate(pred, layer=key)
+        assert np.isfinite(pred.var[f"{key}_pcc"]).all()
+    # the axes model says how far to trust ERBB2 (from its embedding neighbours' held-out accuracy)
+    assert np.isfinite(pred.var.loc["ERBB2", "expected_pcc"])
+    assert set(pred.uns["axes"]["metrics"]) >= {"seen", "unseen"}
+
+
+# ------------------------------------------------------------------------------------------ expression-axes form
+def _own_patterns(random_state: int = 0, n_per_section: int = 150, n_genes: int = 60):
+    """Three sections of log-expression: one strong pattern every gene follows, two weaker ones genes split on.
+
+    Every gene loads positively on the shared factor (the first expression axis); on the two other factors the
+    genes load with random signs, so an unseen gene's own pattern differs from the shared one and from the
+    average gene's. The image features read the three factors (plus noise); a gene's embedding is a fixed random
+    map of its three loadings (plus noise), as a co-expression embedding carries a gene's co-variation.
+    """
+    import anndata as an
+
+    rng = np.random.default_rng(random_state)
+    n = 3 * n_per_section
+    f = rng.normal(size=(n, 3)) * [2.0, 1.0, 1.0]
+    load = np.c_[1.0 + 0.2 * rng.normal(size=n_genes), rng.normal(size=(n_genes, 2))]
+    expr = 3.0 + f @ load.T + 0.7 * rng.normal(size=(n, n_genes))
+    feats = f @ rng.normal(size=(3, 10)) + 0.3 * rng.normal(size=(n, 10))
+    genes = [f"g{i:02d}" for i in range(n_genes)]
+    ad = an.AnnData(
+        X=expr.astype(np.float32),
+        obs=pd.DataFrame(
+            {"library_id": pd.Categorical(np.repeat(["S0", "S1", "S2"], n_per_section))},
+            index=[f"s{i}" for i in range(n)],
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    ad.obsm["X_feat"] = feats.astype(np.float32)
+    table = pd.DataFrame(load @ rng.normal(size=(3, 8)) + 0.05 * rng.normal(size=(n_genes, 8)), index=genes)
+    return ad, table
+
+
+AXES = {"use_rep": "X_feat", "normalize": "none"}
+
+
+def _unseen_scores(model, test, train, unseen):
+    out = hx.tl.impute(test, model, genes=unseen, interval=None)
+    truth = out.layers["measured"]
+    s = hx.tl.shared_axis(test.X, train.X)  # every gene's measurement: an evaluation device
+    table = hx.tl.gene_metrics(out.layers["zeroshot"], truth, unseen, shared_axis=s)
+    return float(table["pcc"].mean()), float(table["pcc_specific"].mean()), out
+
+
+@pytest.fixture(scope="module")
+def own():
+    ad, table = _own_patterns()
+    lib = ad.obs["library_id"].astype(str).to_numpy()
+    train, test = ad[lib != "S2"].copy(), ad[lib == "S2"].copy()
+    return train, test, table, list(ad.var_names[:40]), list(ad.var_names[40:])
+
+
+def test_axes_unseen_genes_own_patterns_beat_the_shuffled_control(own):
+    """The unseen genes' own patterns: the model recovers them, the control (shuffled embeddings) cannot."""
+    train, test, table, seen, unseen = own
+    model = hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES)
+    ctrl = hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES, shuffle_embeddings=True)
+    assert model.form == "axes" and model.config["axes_rank"] == 3  # the three factors, chosen by cross-fitting
+    assert ctrl.config["shuffle_embeddings"] == {"random_state": 0, "n_genes": 60} and "SHUFFLED" in repr(ctrl)
+    pcc, spec, out = _unseen_scores(model, test, train, unseen)
+    pcc_c, spec_c, _ = _unseen_scores(ctrl, test, train, unseen)
+    print(f"own patterns: model PCC {pcc:.3f} gene-specific {spec:.3f}; control {pcc_c:.3f} / {spec_c:.3f}")
+    assert spec > 0.6 and pcc > 0.6, (pcc, spec)
+    assert spec_c < 0.2 and spec - spec_c > 0.4, (spec, spec_c)
+    # the control's plain PCC stays high (0.81 here): every gene follows the shared pattern, as on her2st
+    assert pcc - pcc_c > 0.08, (pcc, pcc_c)
+    # expected accuracy of genes outside the training genes: from their embedding neighbours' held-out accuracy
+    assert np.isfinite(out.var["expected_pcc"]).all() and out.var["expected_pcc"].between(0.3, 1).all()
+    assert out.var["expected_specific"].dtype == bool
+    # evaluate separates training genes from the others
+    both = hx.tl.impute(test, model, genes=seen[:10] + unseen, interval=None)
+    hx.tl.evaluate(both, layer="zeroshot", significance=False)
+    metrics = both.uns["zeroshot"]["metrics"]
+    assert metrics["seen"]["n_genes"] == 10 and metrics["unseen"]["n_genes"] == 20
+
+
+def test_axes_save_load_identical_and_deterministic(own, tmp_path):
+    train, test, table, seen, unseen = own
+    model = hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES)
+    a = hx.tl.impute(test, model, genes=unseen + seen[:3])
+    model.save(tmp_path / "m")
+    loaded = hx.tl.load_model(tmp_path / "m")
+    assert isinstance(loaded, ZeroshotModel) and loaded.form == "axes"
+    b = hx.tl.impute(test, loaded, genes=unseen + seen[:3])
+    np.testing.assert_array_equal(a.layers["zeroshot"], b.layers["zeroshot"])
+    pd.testing.assert_frame_equal(a.var, b.var)
+    again = hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES)
+    for (k, v), w in zip(model.net.state_dict().items(), again.net.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    # a training gene keeps its own loadings: its prediction is the reduced-rank ridge of its own training data
+    mean, axes = hx._stats.expression_axes(hx.pp.expression_matrix(train, seen, normalize="none"), 3)
+    rows = [model.embedding_genes.index(g) for g in seen]
+    np.testing.assert_allclose(model.net.loadings[rows].numpy(), axes, atol=1e-5)
+    np.testing.assert_allclose(model.net.levels[rows].numpy(), mean, atol=1e-5)
+
+
+def test_zeroshot_crossfit_never_reads_what_it_predicts(own):
+    """A held-out gene's counts and a held-out section's counts never change their out-of-fold predictions."""
+    train, _, table, seen, _ = own
+    kw = {"gene_embeddings": table, "genes": seen, "rank": 3, **AXES}
+    oof, groups = hx.tl.zeroshot_crossfit(train, **kw)
+    assert oof.shape == (train.n_obs, len(seen)) and np.isfinite(oof.to_numpy()).all()
+    assert list(groups) == list(train.obs["library_id"].astype(str))
+    changed = train.copy()
+    changed.X[:, 5] = np.random.default_rng(9).normal(size=train.n_obs) * 10  # gene 5's counts replaced
+    oof2, _ = hx.tl.zeroshot_crossfit(changed, **kw)
+    np.testing.assert_allclose(oof2[seen[5]], oof[seen[5]], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(oof2.drop(columns=seen[5]), oof.drop(columns=seen[5]))  # it trains the other folds
+    sec = groups == "S0"
+    changed = train.copy()
+    changed.X[sec] = changed.X[sec][::-1]  # section S0's measurements scrambled across its spots
+    oof3, _ = hx.tl.zeroshot_crossfit(changed, **kw)
+    np.testing.assert_allclose(oof3[sec], oof[sec], rtol=1e-6, atol=1e-6)
+    auto, _ = hx.tl.zeroshot_crossfit(train, **{**kw, "rank": "auto"})
+    assert auto.attrs["rank"] == 3 and set(auto.attrs["rank_scores"]) >= {"1", "2", "3", "4"}
+
+
+def test_axes_arguments_and_errors(own):
+    train, _, table, seen, _ = own
+    with pytest.raises(ValueError, match=r"\['epochs'\] belong to method='neural'"):
+        hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES, epochs=3)
+    with pytest.raises(ValueError, match="belong to method='axes'"):
+        hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES, method="neural", rank=3)
+    with pytest.raises(ValueError, match="`method`"):
+        hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES, method="sgn")
+    with pytest.raises(ValueError, match="`rank`"):
+        hx.tl.fit_zeroshot(train.copy(), gene_embeddings=table, genes=seen, **AXES, rank=0)
+    one = train[train.obs["library_id"] == "S0"].copy()  # one section, no positions: nothing to cross-fit over
+    with pytest.raises(ValueError, match="pass an integer `rank` and `crossfit=False`"):
+        hx.tl.fit_zeroshot(one, gene_embeddings=table, genes=seen, **AXES)
+    model = hx.tl.fit_zeroshot(one, gene_embeddings=table, genes=seen, **AXES, rank=3, crossfit=None)
+    assert model.config["crossfit"] is None and model.expected is None
+    with pytest.raises(KeyError, match="no embedding"):
+        hx.tl.impute(one, model, genes=["NOT_A_GENE"])
+    shuffled = hx.tl.shuffle_embedding_table(table, 0)
+    assert sorted(map(tuple, shuffled.to_numpy())) == sorted(map(tuple, table.to_numpy()))
+    assert not np.array_equal(shuffled.to_numpy(), table.to_numpy()) and shuffled.index.equals(table.index)

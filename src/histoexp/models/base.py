@@ -257,6 +257,20 @@ class ExpressionModel:
 
         return expected_table(self)
 
+    def expected_for(self, genes: list[str]):
+        """Return the expected accuracy of ``genes`` (rows in that order; NaN / False where the model has none).
+
+        ``None`` when the model has no cross-fitted expectations. The default covers the model genes
+        (:attr:`expected`); a model that predicts other genes (zero-shot) extends it.
+        """
+        table = self.expected
+        if table is None:
+            return None
+        out = table.reindex(list(genes))
+        if "expected_specific" in out:
+            out["expected_specific"] = out["expected_specific"].eq(True).to_numpy(dtype=bool)  # NaN rows: False
+        return out
+
     def image_spec(self) -> dict:
         """How a query's images must be prepared for this model: ``encoder``, ``weights``, ``patch_px``, ``size_um``.
 

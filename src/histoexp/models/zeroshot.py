@@ -1,5 +1,13 @@
 """Zero-shot expression prediction: genes never trained on, predicted from gene embeddings.
 
+Two forms of :class:`ZeroshotModel` (``config['form']``):
+
+- ``'axes'`` (:class:`ZeroshotAxesNet`, the default of :func:`histoexp.tl.fit_zeroshot`): the image predicts the
+  scores of the top ``k`` principal axes of the training expression; every gene of the embedding table has its
+  loadings on those axes and a mean level (a training gene its own, any other gene read from its embedding by a
+  map learned on the training genes), stored as buffers; ``y[s, g] = level_g + scores(x_s) · loadings_g``;
+- ``'neural'`` (:class:`ZeroshotNet`), described below.
+
 SGN (Yang et al., MICCAI 2024) predicts a gene at a spot as the dot product of the spot's image embedding
 and a projection of the gene's embedding, so any gene with an embedding can be predicted. The Deep
 Association Multimodal Learning paper (Zhou et al., MICCAI 2025) adds three parts, each an option here:
@@ -30,7 +38,7 @@ from torch import nn
 from .base import RegressionModel, register_model
 from .heads import FeatureInput
 
-__all__ = ["ZeroshotModel", "ZeroshotNet", "zeroshot_loss"]
+__all__ = ["ZeroshotAxesNet", "ZeroshotModel", "ZeroshotNet", "zeroshot_loss"]
 
 
 def zeroshot_loss(pred: torch.Tensor, target: torch.Tensor, pcc_weight: float = 0.5) -> torch.Tensor:
@@ -232,6 +240,37 @@ class ZeroshotNet(nn.Module):
         return out
 
 
+class ZeroshotAxesNet(nn.Module):
+    """Expression-axes zero-shot network: image -> ``rank`` axis scores; per-gene loadings and levels as buffers.
+
+    Parameters
+    ----------
+    feature_dim
+        Width of the frozen image features.
+    n_genes
+        Rows of the gene tables (every gene of the model's embedding table).
+    rank
+        Number of expression axes.
+    n_pcs
+        Principal components of the standardised features the ridge reads (``None``: all features).
+    """
+
+    def __init__(self, feature_dim: int, n_genes: int, rank: int, n_pcs: int | None = None) -> None:
+        super().__init__()
+        self.features = FeatureInput(feature_dim, n_pcs, whiten=False)
+        self.scores = nn.Linear(self.features.out_dim, rank)
+        self.register_buffer("loadings", torch.zeros(n_genes, rank))
+        self.register_buffer("levels", torch.zeros(n_genes))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted axis scores ``(B, rank)`` from frozen features ``(B, feature_dim)``."""
+        return self.scores(self.features(x))
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Predicted expression ``(B, G)`` of the genes in table rows ``rows``."""
+        return self.levels[rows] + self.encode_image(x) @ self.loadings[rows].T
+
+
 @register_model
 class ZeroshotModel(RegressionModel):
     """A zero-shot regression model (:func:`histoexp.tl.fit_zeroshot`): predicts any gene with a stored embedding.
@@ -243,9 +282,13 @@ class ZeroshotModel(RegressionModel):
     method = "zeroshot"
 
     @classmethod
-    def build_net(cls, config: dict, encoder: nn.Module | None = None) -> ZeroshotNet:  # noqa: D102
+    def build_net(cls, config: dict, encoder: nn.Module | None = None) -> ZeroshotNet | ZeroshotAxesNet:  # noqa: D102
         if encoder is not None:
             raise ValueError("The zero-shot model reads frozen features only.")
+        if config.get("form", "neural") == "axes":
+            return ZeroshotAxesNet(
+                config["feature_dim"], len(config["embedding_genes"]), config["axes_rank"], config.get("n_pcs")
+            )
         n_seen = len(config["genes"])
         return ZeroshotNet(
             config["feature_dim"] - config.get("nuclei_dim", 0),
@@ -283,12 +326,66 @@ class ZeroshotModel(RegressionModel):
             "model.embedding_genes); fit with a table that embeds them (hx.pp.gene_embeddings)."
         )
 
+    @property
+    def form(self) -> str:
+        """``'axes'`` (expression axes, the default of :func:`histoexp.tl.fit_zeroshot`) or ``'neural'`` (SGN)."""
+        return str(self.config.get("form", "neural"))
+
     def _repr_extra(self) -> str:
-        parts = [f"{len(self.embedding_genes)} genes with embeddings"]
+        parts = [f"form={self.form!r}", f"{len(self.embedding_genes)} genes with embeddings"]
+        if self.form == "axes":
+            parts.append(f"rank={self.config['axes_rank']}")
+        if self.config.get("shuffle_embeddings"):
+            parts.append("SHUFFLED embeddings (control)")
         for name in ("prompter_layers", "graph_k", "nuclei_dim"):
             if self.config.get(name):
                 parts.append(f"{name}={self.config[name]}")
         return ", " + ", ".join(parts)
+
+    def expected_for(self, genes: list[str]):
+        """Return the expected accuracy of ``genes``: training genes from section cross-fitting, others from zero-shot.
+
+        A gene outside the training genes gets the mean, over its ``config['crossfit']['neighbours']`` nearest
+        training genes in the embedding table (cosine), of their accuracy when they were held out of training
+        (gene-fold cross-fitting, ``arrays['zeroshot_pcc']``, ``arrays['zeroshot_pcc_specific']``: genes x
+        held-out sections); the ``expected_specific`` rule is applied to that mean.
+        """
+        base = super().expected_for(genes)
+        zs_pcc, zs_spec = self.arrays.get("zeroshot_pcc"), self.arrays.get("zeroshot_pcc_specific")
+        if base is None or zs_pcc is None or zs_spec is None:
+            return base
+        trained = set(self.genes)
+        others = [g for g in genes if g not in trained and g in set(self.embedding_genes)]
+        if not others:
+            return base
+        from .._expected import SPECIFIC_MIN
+
+        table = self.gene_embeddings
+        train = table.loc[self.genes].to_numpy(dtype=np.float64)
+        query = table.loc[others].to_numpy(dtype=np.float64)
+        train /= np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+        query /= np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+        k = int(min((self.config.get("crossfit") or {}).get("neighbours", 10), len(self.genes)))
+        nearest = np.argsort(-(query @ train.T), axis=1, kind="stable")[:, :k]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: neighbours constant in every fold
+            pcc = np.nanmean(np.asarray(zs_pcc, dtype=np.float64)[nearest], axis=1)  # (genes, folds)
+            spec = np.nanmean(np.asarray(zs_spec, dtype=np.float64)[nearest], axis=1)
+            rule = (self.config.get("crossfit") or {}).get("specific_min", SPECIFIC_MIN)
+            values = {
+                "expected_pcc": np.nanmean(pcc, 1),
+                "expected_pcc_sd": np.nanstd(pcc, 1),
+                "expected_pcc_specific": np.nanmean(spec, 1),
+                "expected_pcc_specific_sd": np.nanstd(spec, 1),
+                "expected_specific": (np.nanmean(spec, 1) >= rule) & (np.nanmin(spec, 1) > 0),
+            }
+        out = base.copy()
+        for col, v in values.items():
+            if col in out:
+                out.loc[others, col] = v
+        return out
 
     def _check_loaded(self, path) -> None:
         table = self.arrays.get("gene_embeddings")
@@ -314,6 +411,17 @@ class ZeroshotModel(RegressionModel):
                 f"(e.g. {unknown[:5]}); refit with `gene_embeddings=` covering them (hx.pp.gene_embeddings)."
             )
         row = {g: i for i, g in enumerate(self.embedding_genes)}
+        if self.form == "axes":
+            rows = torch.as_tensor([row[g] for g in genes], dtype=torch.long)
+            outs = self._run_images(
+                lambda net, x: net(x, rows.to(x.device)),
+                images,
+                member=member,
+                batch_size=batch_size,
+                device=device,
+                desc="prediction",
+            )
+            return outs[0] if len(outs) == 1 else np.mean(outs, axis=0).astype(np.float32)
         emb = torch.as_tensor(self.arrays["gene_embeddings"][[row[g] for g in genes]], dtype=torch.float32)
         seen = {g: i for i, g in enumerate(self.genes)}
         exclude = torch.as_tensor([seen.get(g, -1) for g in genes], dtype=torch.long)

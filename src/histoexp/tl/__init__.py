@@ -11,7 +11,7 @@ from ._predict import PreparedReference, impute, load_model, prediction_interval
 from ._retrieval import nearest_neighbours, register_weighting, retrieval_weightings
 from ._ridge import fit_ridge
 from ._slides import impute_slide, impute_slides, read_slide_list
-from ._zeroshot import fit_zeroshot
+from ._zeroshot import fit_zeroshot, shuffle_embedding_table, zeroshot_crossfit
 
 __all__ = [
     "PreparedReference",
@@ -37,5 +37,7 @@ __all__ = [
     "retrieval_weightings",
     "shared_axis",
     "spatial_domains",
+    "shuffle_embedding_table",
     "summarize_metrics",
+    "zeroshot_crossfit",
 ]

@@ -637,22 +637,22 @@ def _add_trust(out: AnnData, query: AnnData, model, key: str, genes: list[str], 
     pos = {g: i for i, g in enumerate(model.genes)}
     rows = np.array([pos.get(g, -1) for g in genes])
     inside = rows >= 0
-    table = model.expected
+    table = model.expected_for(genes)
     if table is not None:
         for col in table.columns:
             values = table[col].to_numpy()
-            if values.dtype == bool:
-                full = np.zeros(len(genes), dtype=bool)
-            else:
-                full = np.full(len(genes), np.nan, dtype=np.float32)
-            full[inside] = values[rows[inside]]
-            out.var[col] = full
+            out.var[col] = values.astype(bool) if values.dtype == bool else values.astype(np.float32)
         out.uns[key]["params"]["expected"] = jsonable(
             {
                 "source": f"cross-fitting over {len((model.config.get('crossfit') or {}).get('folds', []))} "
                 f"held-out training {(model.config.get('crossfit') or {}).get('unit', 'section')}s",
                 "specific_rule": "expected_pcc_specific >= "
                 f"{(model.config.get('crossfit') or {}).get('specific_min')} and > 0 in every fold",
+                **(
+                    {"genes_outside_training": (model.config.get("crossfit") or {})["unseen"]}
+                    if "unseen" in (model.config.get("crossfit") or {})
+                    else {}
+                ),
             }
         )
     quant = model.arrays.get("residual_quantiles")
