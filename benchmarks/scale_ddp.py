@@ -21,8 +21,8 @@ gradient of the same 256 spots. Rows:
   for BLEEP with dropout 0; the DDP run is repeated for the bitwise check;
 - zero-shot (``fit_zeroshot(method='neural')``, the SGN form, ``dropout=0``, other frozen defaults; all 785
   panel genes as seen genes, gene embeddings: ``hx.pp.gene_embeddings`` co-expression of the training sections
-  C3..C6, 64 dimensions; the panel genes without one (no counts in C3..C6) are left out of its training and of its scores):
-  its loss's Pearson term spans the gathered global batch; predicted on C2 as a supervised model (no zero-shot
+  C3..C6, 64 dimensions; the panel genes without one (no counts in C3..C6) are left out of its training and of its
+  scores): its loss's Pearson term spans the gathered global batch; predicted on C2 as a supervised model (no zero-shot
   claim: this row checks DDP, not unseen genes).
 
 Wall time: ``fit_*`` only (not the imports or data loading), from each process; the model file is written by
