@@ -168,10 +168,11 @@ def test_quiet_run_prints_only_results(synth_files, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stderr == "", res.stderr[-3000:]
         lines = res.stdout.strip().splitlines()
-        assert 1 <= len(lines) <= 3 and all("\x1b[" not in ln for ln in lines), res.stdout
+        assert 1 <= len(lines) <= 4 and all("\x1b[" not in ln for ln in lines), res.stdout
         printed.append(res.stdout)
     assert "model (10 genes, encoder handcrafted) saved to" in printed[0]
     assert "predicted 10 genes for" in printed[1]
+    assert "genes expected to carry gene-specific signal:" in printed[1]
     assert (out / "predictions.h5ad").is_file()
 
 
