@@ -173,8 +173,10 @@ def test_provenance_embed_query_and_impute(small, tmp_path):
     hx.tl.embed_patches(query, "handcrafted", key_added="X_handcrafted_ms", overwrite=True)
     with pytest.raises(ValueError, match=r"scales=\(1,\) but the model was trained on features at scales=\(1, 2"):
         hx.tl.impute(query, model)
-    assert hx.tl.embed_query(query, model) == []  # present features are kept ...
-    assert hx.tl.embed_query(query, model, overwrite=True) == ["X_handcrafted_ms"]  # ... unless asked
+    with pytest.raises(ValueError, match=r"scales \(1.0,\).*\(1.0, 2.0, 3.0, 5.0\).*overwrite=True"):
+        hx.tl.embed_query(query, model)  # features of other scales are refused ...
+    assert hx.tl.embed_query(query, model, overwrite=True) == ["X_handcrafted_ms"]  # ... or recomputed when asked
+    assert hx.tl.embed_query(query, model) == []  # matching features are kept
     np.testing.assert_allclose(hx.tl.impute(query, model).layers["ridge"], pred, rtol=1e-5, atol=1e-6)
 
     # a single-scale model refuses multi-scale features under its key

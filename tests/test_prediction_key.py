@@ -11,7 +11,7 @@ from histoexp._utils import prediction_key
 
 @pytest.fixture(scope="module")
 def ridge_pred():
-    """A ridge prediction (layers 'ridge' and 'measured') of a synthetic section from two others."""
+    """A ridge prediction (layers 'ridge', its interval bounds, 'measured') of a synthetic section from two others."""
     ad = hx.datasets.synthetic(n_sections=3, random_state=0)
     hx.pp.extract_patches(ad, patch_px=32)
     hx.tl.embed_patches(ad, "handcrafted")
@@ -19,7 +19,7 @@ def ridge_pred():
     train, query = ad[lib != "S2"].copy(), ad[lib == "S2"].copy()
     model = hx.tl.fit_ridge(train, genes="all", use_rep="X_handcrafted")
     pred = hx.tl.impute(query, model)
-    assert set(pred.layers) == {"ridge", "measured"}
+    assert set(pred.layers) == {"ridge", "measured", "ridge_lower", "ridge_upper"}  # intervals: not predictions
     return pred
 
 
@@ -53,10 +53,11 @@ def test_several_or_no_prediction_layers_are_never_guessed(ridge_pred):
     hx.tl.evaluate(two, layer="bleep")
     assert "bleep_pcc" in two.var and "ridge_pcc" not in two.var
     none = ridge_pred.copy()
-    del none.layers["ridge"]
+    for k in ("ridge", "ridge_lower", "ridge_upper"):
+        del none.layers[k]
     with pytest.raises(KeyError, match="no prediction layer.*hx.tl.impute"):
         hx.tl.evaluate(none)
-    with pytest.raises(KeyError, match=r"`layer='bleep'` is not in adata.layers \(found \['ridge', 'measured'\]\)"):
+    with pytest.raises(KeyError, match=r"`layer='bleep'` is not in adata.layers \(found \['ridge', .*'measured'"):
         hx.tl.evaluate(ridge_pred.copy(), layer="bleep")
     with pytest.raises(ValueError, match="measurement, not a prediction"):
         hx.tl.evaluate(ridge_pred.copy(), layer="measured")

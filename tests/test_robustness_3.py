@@ -105,7 +105,7 @@ FIT = {
         head_dim=8,
     ),
     "zeroshot": lambda a, g: hx.tl.fit_zeroshot(
-        a, gene_embeddings=_table(g), genes=g, use_rep="X_handcrafted", epochs=1, dim=8, batch_size=16
+        a, gene_embeddings=_table(g), genes=g, use_rep="X_handcrafted", method="neural", epochs=1, dim=8, batch_size=16
     ),
     "nh2st": lambda a, g: hx.tl.fit_nh2st(
         a, genes=g, use_rep="X_handcrafted", epochs=1, n_ensemble=1, dim=8, heads=1, batch_size=16
@@ -336,7 +336,7 @@ RESUME = {
     "bleep": (hx.tl.fit_bleep, {"temperature": 1.0}, {"temperature": 0.5}),
     "mclstexp": (hx.tl.fit_mclstexp, {"image_weight": 0.5, "n_layers": 1, "head_dim": 8}, {"image_weight": 0.9}),
     "nh2st": (hx.tl.fit_nh2st, {"contrastive": True, "dim": 8, "heads": 1}, {"contrastive": False}),
-    "zeroshot": (hx.tl.fit_zeroshot, {"pcc_weight": 0.5, "dim": 8}, {"pcc_weight": 0.0}),
+    "zeroshot": (hx.tl.fit_zeroshot, {"method": "neural", "pcc_weight": 0.5, "dim": 8}, {"pcc_weight": 0.0}),
 }
 
 
@@ -602,7 +602,7 @@ def test_unclear_errors_are_clear(models, real, genes, tmp_path):
     two = real["C2"][:, genes[:4]].copy()
     two.var_names = [genes[0], genes[1], genes[2], genes[0].lower()]
     with pytest.raises(ValueError, match="all match the embedding of"):
-        hx.tl.fit_zeroshot(two, gene_embeddings=_table(genes[:3]), genes="all", use_rep="X_handcrafted", epochs=1)
+        hx.tl.fit_zeroshot(two, gene_embeddings=_table(genes[:3]), genes="all", use_rep="X_handcrafted")
 
 
 def test_truncated_tiff_names_its_file(tmp_path):

@@ -234,8 +234,11 @@ def test_store_in_varm_and_fit_from_varm_key(data):
     emb = hx.pp.gene_embeddings(table, adata=ad, key_added="X_gene_emb")
     assert ad.varm["X_gene_emb"].shape == (ad.n_vars, 8)
     assert ad.uns["histoexp"]["gene_embeddings"]["X_gene_emb"]["method"] == "table"
+    hx.pp.gene_embeddings(table, adata=ad, key_added="X_gene_emb")  # a re-run replaces histoexp's own key
+    ad.varm["X_gene_emb"] = ad.varm["X_gene_emb"] * 2  # the user's change is never replaced silently
     with pytest.raises(KeyError, match="already exists"):
         hx.pp.gene_embeddings(table, adata=ad, key_added="X_gene_emb")
+    hx.pp.gene_embeddings(table, adata=ad, key_added="X_gene_emb", overwrite=True)
     model = hx.tl.fit_zeroshot(ad, gene_embeddings="X_gene_emb", genes=seen, **FAST, random_state=0)
     assert model.embedding_genes == list(emb.index)
     # a gene without an embedding in the stored table (a NaN row) cannot be predicted

@@ -547,7 +547,8 @@ def prediction_key(adata: AnnData, layer: str | None = None, *, exclude: Iterabl
     """Return the layer holding the predictions of ``adata`` (the one way ``evaluate`` and the plots resolve it).
 
     ``layer`` given: that layer (it must exist and must not be the measurement). ``None``: the only layer other
-    than ``'measured'`` (and ``exclude``), as in the output of :func:`histoexp.tl.impute`, whatever the model
+    than ``'measured'``, the interval bounds ``'<key>_lower'`` / ``'<key>_upper'`` of another layer (and
+    ``exclude``), as in the output of :func:`histoexp.tl.impute`, whatever the model
     (``'bleep'``, ``'ridge'``, ``'nh2st'``, ...). None or several raise an error that lists the layers and says
     what to pass: several layers are never guessed between.
     """
@@ -562,7 +563,9 @@ def prediction_key(adata: AnnData, layer: str | None = None, *, exclude: Iterabl
             )
         return layer
     skip = {MEASURED_LAYER, *exclude}
-    candidates = [k for k in found if k not in skip]
+    # a prediction's interval bounds (impute's `<key>_lower` / `<key>_upper`) are not predictions
+    bounds = {f"{k}_{side}" for k in found for side in ("lower", "upper")}
+    candidates = [k for k in found if k not in skip and k not in bounds]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:

@@ -29,7 +29,7 @@ from anndata import AnnData
 
 from .._expected import SPECIFIC_MIN
 from .._settings import logger, settings
-from .._utils import jsonable, progress, resolve_library_key
+from .._utils import jsonable, mark_written, progress, resolve_library_key, written_by
 
 #: Ranks searched by ``rank='auto'`` (capped by the training spots and genes), besides full rank.
 RANK_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50)
@@ -366,4 +366,7 @@ def _record(model, adata, key_added, record, crossfit) -> None:
     model.config.setdefault("params", {}).update(jsonable(params))
     entry = adata.uns.get(key_added)
     if isinstance(entry, dict) and isinstance(entry.get("params"), dict):
+        by = written_by(adata, "uns", key_added)
         entry["params"].update(jsonable(params))
+        if by is not None:  # still the fit's own key: a re-run may replace it
+            mark_written(adata, "uns", key_added, by=by)
