@@ -31,6 +31,8 @@ _SCALES_HELP = (
     "multi-scale image features, e.g. 1,2,3,5: crops of 1x, 2x, ... the patch side around each spot, each at "
     "--patch-px pixels, encoded and concatenated (default: the patch alone)"
 )
+#: the demo's default scales (``--scales 1``: the patch alone)
+DEMO_SCALES = "1,2,3,5"
 
 
 class CLIError(Exception):
@@ -346,6 +348,8 @@ def _summary_table(columns: dict[str, dict]) -> pd.DataFrame:
         ("pcc_heg", "Pearson, HEG-50"),
         ("pcc_at_h", "Pearson, best 50 genes (PCC@H)"),
         ("pcc_at_s", "Pearson, median"),
+        ("pcc_specific_mean", "gene-specific Pearson, mean (PCC@M)"),
+        ("frac_specific_significant", "share of genes gene-specific significant"),
         ("spearman_mean", "Spearman, mean"),
         ("mse_mean", "MSE"),
         ("mae_mean", "MAE"),
@@ -436,7 +440,10 @@ def cmd_demo(args) -> int:
     genes = _genes_arg(args.genes) if args.genes else (100 if args.quick else "her2st")
     patch_px = args.patch_px or (64 if args.quick and args.encoder == "handcrafted" else None)
     weights = _weights_arg(args.weights)
-    scales = _scales_arg(args.scales)
+    # multi-scale features by default (inner CV prefers them on her2st); --quick and --scales 1: the patch alone
+    scales = _scales_arg(args.scales if args.scales is not None else (None if args.quick else DEMO_SCALES))
+    if scales == (1.0,):
+        scales = None
     out = Path(args.out)
     if args.data_dir is not None:
         _check_her2st_dir(args.data_dir, [*train, test])
@@ -478,14 +485,24 @@ def cmd_demo(args) -> int:
     prepare_features(query, device=args.device, **feat_kw)
     step.note(f"features obsm[{rep!r}]: {ref.obsm[rep].shape[1]} dims")
 
-    step("training BLEEP (frozen image features -> projection heads, contrastive loss) and the ridge baseline")
+    step(
+        "training BLEEP (frozen image features -> projection heads, contrastive loss), ridge and the one-pattern "
+        "baseline; output rank and smoothing chosen by leave-one-section-out inside the training sections"
+    )
     fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed, "device": args.device}
+    fit_kw.update(rank="auto", smooth_predictions="auto")
     if epochs is not None:
         fit_kw["epochs"] = epochs
     model = hx.tl.fit_bleep(ref, **fit_kw)
     model.save(out / "model", overwrite=ow)
-    ridge = hx.tl.fit_ridge(ref, genes=model.genes, use_rep=rep, random_state=args.seed)
-    step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}; ridge alpha {ridge.config['alpha']:g}")
+    ridge_kw = {"genes": model.genes, "use_rep": rep, "random_state": args.seed}
+    ridge = hx.tl.fit_ridge(ref, rank="auto", smooth_predictions="auto", **ridge_kw)
+    one = hx.tl.fit_ridge(ref, rank=1, crossfit=False, key_added="one_pattern", **ridge_kw)
+    chosen = ", ".join(
+        f"{name} rank {m.config.get('rank') or 'full'}, smoothing {m.config.get('smooth_predictions') or 0:g}"
+        for name, m in (("BLEEP", model), ("ridge", ridge))
+    )
+    step.note(f"{len(model.genes)} genes; model saved to {out / 'model'}; inner CV chose {chosen}")
 
     # genes outside the training panel (ERBB2 is not in the 785-gene panel) are predicted from the
     # reference bank's counts: retrieval works for any gene the reference spots have.
@@ -501,6 +518,7 @@ def cmd_demo(args) -> int:
         device=args.device,
     )
     rpred = hx.tl.impute(query, ridge, device=args.device)
+    opred = hx.tl.impute(query, one, key_added="one_pattern", device=args.device)
     if extra:
         step.note(f"also predicted from the reference counts (not in the training panel): {', '.join(extra)}")
 
@@ -513,12 +531,14 @@ def cmd_demo(args) -> int:
         step.note(f"{len(unmeasured)} training genes are not measured in {test} and not evaluated: {unmeasured[:5]}")
     hx.tl.evaluate(pred, layer="bleep", genes=panel)
     hx.tl.evaluate(rpred, layer="ridge", genes=panel)
+    hx.tl.evaluate(opred, layer="one_pattern", genes=panel)
     table = hx.tl.evaluate(pred, layer="bleep", genes=panel, copy=True)
     extra_tab = hx.tl.evaluate(pred, layer="bleep", genes=extra, copy=True) if extra else None
     ev_genes = list(table.index[table["status"].isin(["ok", "constant_prediction"])])
     truth = pred[:, ev_genes].layers["measured"]
     base = gene_metrics(_mean_baseline(hx.pp.expression_matrix(ref, ev_genes), query.n_obs), truth, ev_genes)
     columns = {"BLEEP": pred.uns["bleep"]["metrics"], "ridge": rpred.uns["ridge"]["metrics"]}
+    columns["one-pattern"] = opred.uns["one_pattern"]["metrics"]
     summary = _summary_table({**columns, "mean baseline": summarize(base)})
     per_gene = table.drop(columns=["truth_var"]).sort_values("pcc", ascending=False)
     _write_csv(per_gene, out / "metrics_per_gene.csv", overwrite=ow, index_label="gene")
@@ -551,7 +571,12 @@ def cmd_demo(args) -> int:
                 "epochs": epochs,
                 "bleep": pred.uns["bleep"]["metrics"],
                 "ridge": rpred.uns["ridge"]["metrics"],
+                "one_pattern": opred.uns["one_pattern"]["metrics"],
                 "mean_baseline": summarize(base),
+                "chosen": {
+                    name: {k: m.config.get(k) for k in ("rank", "smooth_predictions")}
+                    for name, m in (("bleep", model), ("ridge", ridge))
+                },
                 "extra_genes": {} if extra_tab is None else extra_tab[["pcc", "spearman", "mse"]].to_dict("index"),
                 "ari_domains": ari,
                 "seconds": round(time.perf_counter() - step.t0, 1),
@@ -562,7 +587,8 @@ def cmd_demo(args) -> int:
         out / "summary.json",
         overwrite=ow,
     )
-    print(f"\nHER2ST {test} predicted from {', '.join(train)} ({args.encoder} features, BLEEP):")
+    feats = f"{args.encoder} features" + (f" at scales {','.join(f'{v:g}' for v in scales)}" if scales else "")
+    print(f"\nHER2ST {test} predicted from {', '.join(train)} ({feats}; rank and smoothing by inner CV):")
     print(_format_table(summary))
     print(f"spatial domains ARI (predicted vs measured): {ari:.3f}")
     print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in per_gene["pcc"].head(10).items()))
@@ -976,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="main job: train BLEEP on 4 HER2ST sections, predict the 5th, evaluate, plot",
+        help="main job: train BLEEP on 4 HER2ST sections, predict the 5th, evaluate against ridge and baselines, plot",
         description="Load HER2ST sections C2-C6, train BLEEP on four, predict the held-out one, and write "
         "predictions.h5ad, metrics.csv, metrics_per_gene.csv, gene maps, correlation and domain plots to --out.",
     )
@@ -999,7 +1025,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-maps", type=int, default=4, help="best genes drawn besides ERBB2 and GNAS (default 4)")
     p.add_argument("--quick", action="store_true", help="small run: 2 training sections, 100 genes, 10 epochs")
-    p.add_argument("--scales", default=None, help=_SCALES_HELP)
+    p.add_argument(
+        "--scales",
+        default=None,
+        help=f"multi-scale image features (default {DEMO_SCALES}: the patch and its 2x, 3x, 5x wider context; "
+        "--quick: the patch alone; 1: the patch alone)",
+    )
     _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
