@@ -352,33 +352,33 @@ def impute(
     The output is the same for every model and every query (see the table in the docs): a **new**
     AnnData over the query's spots whose ``var`` are the predicted genes only,
 
-    =============================  ===================================================================
-    ``layers[key_added]``          predictions, float32, log1p(normalize_total 1e4) scale, no NaN
-    ``layers['measured']``         the query's own measurement of those genes on the same scale (library
-                                   size over all the query's genes), when the query measured any of them;
-                                   columns of unmeasured genes are NaN and ``var['measured']`` is False
-    ``var['measured']``            the query measured the gene
-    ``var['seen_in_training']``    the gene is one of the model's training genes
-    ``X``                          ``None``; the predictions with ``to_X=True`` (then
-                                   ``uns['histoexp']['X'] == 'prediction:<key_added>'``)
-    ``obs``, ``obsm``, ``obsp``    the query's, copied; ``obs[f'{key_added}_confidence']`` for retrieval
-                                   models (mean cosine similarity of the neighbours used, in [-1, 1])
-    ``uns``                        the query's (images, scalefactors), copied; ``uns[key_added]['params']``
-                                   the prediction's parameters and the model's description
-    ``obs[f'{key_added}_spread']`` ensembles: mean over genes of the members' standard deviation (in
-                                   log-expression units; lower = the members agree)
-    ``obs[f'{key_added}_shared_axis']``  when the query measured every model gene: its measurement, centred
-                                   on the training mean, projected on the training expression's first axis
-                                   (the shared spatial pattern; :func:`histoexp.tl.evaluate` reads it for the
-                                   gene-specific PCC; computed from the truth, it never enters a prediction)
-    ``var['expected_pcc']`` ...    cross-fitted models: the expected accuracy of each model gene on a new
-                                   section (``expected_pcc``, ``expected_pcc_sd``, ``expected_pcc_specific``,
-                                   ``expected_pcc_specific_sd``, ``expected_specific``; NaN / False for
-                                   genes outside the model's genes), from held-out training sections
-    ``layers[f'{key_added}_lower']``, ``layers[f'{key_added}_upper']``  cross-fitted models, ``interval``
-                                   set: split-conformal prediction interval of each spot and model gene
-                                   (NaN for other genes)
-    =============================  ===================================================================
+    ====================================  ========================================================================
+    ``layers[key_added]``                 predictions, float32, log1p(normalize_total 1e4) scale, no NaN
+    ``layers['measured']``                the query's own measurement of those genes on the same scale (library
+                                          size over all the query's genes), when the query measured any of them;
+                                          columns of unmeasured genes are NaN and ``var['measured']`` is False
+    ``var['measured']``                   the query measured the gene
+    ``var['seen_in_training']``           the gene is one of the model's training genes
+    ``X``                                 ``None``; the predictions with ``to_X=True`` (then
+                                          ``uns['histoexp']['X'] == 'prediction:<key_added>'``)
+    ``obs``, ``obsm``, ``obsp``           the query's, copied; ``obs[f'{key_added}_confidence']`` for retrieval
+                                          models (mean cosine similarity of the neighbours used, in [-1, 1])
+    ``uns``                               the query's (images, scalefactors), copied; ``uns[key_added]['params']``
+                                          the prediction's parameters and the model's description
+    ``obs['<key_added>_spread']``         ensembles: mean over genes of the members' standard deviation (in
+                                          log-expression units; lower = the members agree)
+    ``obs['<key_added>_shared_axis']``    when the query measured every model gene: its measurement, centred
+                                          on the training mean, projected on the training expression's first axis
+                                          (the shared spatial pattern; :func:`histoexp.tl.evaluate` reads it for the
+                                          gene-specific PCC; computed from the truth, it never enters a prediction)
+    ``var['expected_pcc']`` ...           cross-fitted models: the expected accuracy of each model gene on a new
+                                          section (``expected_pcc``, ``expected_pcc_sd``, ``expected_pcc_specific``,
+                                          ``expected_pcc_specific_sd``, ``expected_specific``; NaN / False for
+                                          genes outside the model's genes), from held-out training sections
+    ``layers['<key_added>_lower']``       cross-fitted models with ``interval`` set: the lower bound of each spot's
+                                          split-conformal prediction interval (NaN outside the model's genes);
+                                          ``layers['<key_added>_upper']`` the upper bound
+    ====================================  ========================================================================
 
     Post-processing of models that have them (recorded in ``uns[key_added]['params']``): the model genes'
     predictions are projected onto the model's ``rank`` expression axes (the leading principal axes of its
