@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._cv import leave_one_section_out
+from .._utils import one_progress_bar
 from ._crossfit import RANK_CANDIDATES, crossfit_groups, mean_pcc, supports_crossfit
 from ._fit import prepare_fit, write_fit_keys
 
@@ -60,6 +61,7 @@ def select_alpha_rank(
     return best[0], best[1], {f"{a:g}|{r if r is not None else 'full'}": float(v) for (a, r), v in full.items()}
 
 
+@one_progress_bar("fit_ridge")
 @supports_crossfit(handles_rank=True, inner=lambda model: {"alphas": [model.config["alpha"]]})
 def fit_ridge(
     adata: AnnData,
