@@ -167,21 +167,26 @@ def supports_crossfit(*, handles_rank: bool = False, inner: Callable[[object], d
             first = dict(call, smooth_predictions=None, crossfit=False)
             if not handles_rank:
                 first["rank"] = None
-            t0 = time.time()
-            model = fit_fn(**first)
             adata = call["adata"]
-            finish_fit(
-                model,
-                adata,
-                fit_fn=fit_fn,
-                call=call,
-                rank=rank,
-                smooth_w=smooth_w,
-                crossfit=crossfit,
-                handles_rank=handles_rank,
-                inner=inner,
-                seconds_fit=time.time() - t0,
-            )
+            # one bar for the fit and its cross-fitting refits (1 + folds steps), so it never shows 100 % early
+            steps = 1 + _planned_folds(adata, call, rank, smooth_w, crossfit, handles_rank)
+            with progress(total=steps, desc="fit" if steps == 1 else "fit + cross-fitting") as outer:
+                t0 = time.time()
+                model = fit_fn(**first)
+                outer.update(1)
+                finish_fit(
+                    model,
+                    adata,
+                    fit_fn=fit_fn,
+                    call=call,
+                    rank=rank,
+                    smooth_w=smooth_w,
+                    crossfit=crossfit,
+                    handles_rank=handles_rank,
+                    inner=inner,
+                    seconds_fit=time.time() - t0,
+                    outer=outer,
+                )
             return model
 
         return wrapper
@@ -189,7 +194,24 @@ def supports_crossfit(*, handles_rank: bool = False, inner: Callable[[object], d
     return decorate
 
 
-def finish_fit(model, adata, *, fit_fn, call, rank, smooth_w, crossfit, handles_rank, inner, seconds_fit) -> None:
+def _planned_folds(adata, call, rank, smooth_w, crossfit, handles_rank) -> int:
+    """How many cross-fitting refits a fit will run (for its progress bar only; 0 when none is expected)."""
+    need_oof = rank == "auto" and not handles_rank or smooth_w == "auto"
+    if crossfit is False and not need_oof or (crossfit is None and call.get("finetune_encoder") and not need_oof):
+        return 0
+    try:
+        grouping = crossfit_groups(adata, resolve_library_key(adata, call.get("library_key")), call["random_state"])
+    except (KeyError, ValueError):
+        return 0
+    if grouping is None:
+        return 0
+    groups = grouping[0]
+    return sum(int((groups == g).sum() >= MIN_GROUP_SPOTS) for g in pd.unique(groups))
+
+
+def finish_fit(
+    model, adata, *, fit_fn, call, rank, smooth_w, crossfit, handles_rank, inner, seconds_fit, outer=None
+) -> None:
     """Attach the expression axes, cross-fit when asked (or by default), choose rank / smoothing, record it all."""
     from ..pp import expression_matrix
 
@@ -228,7 +250,7 @@ def finish_fit(model, adata, *, fit_fn, call, rank, smooth_w, crossfit, handles_
         raise ValueError(f"Cross-fitting needs two {unit}s of at least {MIN_GROUP_SPOTS} spots, got {len(folds)}.")
     t0 = time.time()
     inner_rank = final_rank if handles_rank else None
-    oof = _out_of_fold(model, adata, fit_fn, call, groups, folds, unit, inner_rank, inner)
+    oof = _out_of_fold(model, adata, fit_fn, call, groups, folds, unit, inner_rank, inner, outer)
     k_max = max([c for c in RANK_CANDIDATES if c < len(model.genes)] + [1])
     fold_axes = _fold_axes(truth, groups, folds, k_max)
     if rank == "auto" and not handles_rank:
@@ -282,7 +304,7 @@ def finish_fit(model, adata, *, fit_fn, call, rank, smooth_w, crossfit, handles_
     _record(model, adata, call["key_added"], record, record["crossfit"])
 
 
-def _out_of_fold(model, adata, fit_fn, call, groups, folds, unit, inner_rank, inner) -> np.ndarray:
+def _out_of_fold(model, adata, fit_fn, call, groups, folds, unit, inner_rank, inner, outer=None) -> np.ndarray:
     """Predictions of every scored group's spots by the method trained on the other groups (raw, model genes)."""
     from ._predict import impute
 
@@ -311,6 +333,8 @@ def _out_of_fold(model, adata, fit_fn, call, groups, folds, unit, inner_rank, in
             finally:
                 settings.progress = old
             oof[groups == g] = np.asarray(pred.layers["oof"], dtype=np.float64)
+            if outer is not None:
+                outer.update(1)
     finally:
         settings.progress = old
     return oof
