@@ -34,6 +34,11 @@ intervals at 0.8 and 0.9 (mean over genes, worst decile of genes, mean width).
 Usage::
 
     python benchmarks/her2st.py [--data-dir ../shared/data/her2st] [--cache DIR] [--methods ridge bleep ...]
+        [--members mclstexp=1 nh2st=1]
+
+``--members`` sets the ensemble size of a network method (default: the method's own, five members for the frozen
+networks); with cross-fitting each member is refitted once per training section, so five-member mclSTExp and NH2ST
+rows cost about 25 network fits per fold and feature set.
 
 Writes ``benchmarks/results/her2st.json`` and ``benchmarks/results/her2st.md`` (after every fold).
 """
@@ -206,8 +211,21 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=SECTIONS, help="test sections (folds) to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ari", action="store_true", help="skip the spatial-domain ARI")
+    p.add_argument(
+        "--members",
+        nargs="+",
+        default=[],
+        metavar="METHOD=N",
+        help="ensemble size of a network method (e.g. mclstexp=1 nh2st=1; default: the method's own default)",
+    )
     p.add_argument("--out", default=str(HERE / "results" / "her2st"))
     args = p.parse_args()
+    members = {}
+    for item in args.members:
+        name, _, n = item.partition("=")
+        if name not in METHODS or name == "ridge" or not n.isdigit() or int(n) < 1:
+            p.error(f"--members {item!r}: expected METHOD=N with a network method and N >= 1")
+        members[name] = int(n)
     hx.settings.progress = False
     hx.settings.device = "cpu"
     t_start = time.time()
@@ -264,7 +282,8 @@ def main() -> None:
                 record(f"ridge[{feats}]", hx.tl.impute(query, ridge).layers["ridge"], time.time() - t)
             for method in args.methods:
                 t = time.time()
-                model = fit(method, train, panel, feats, args.seed, rank="auto", smooth_predictions="auto")
+                size = {"n_ensemble": members[method]} if method in members else {}
+                model = fit(method, train, panel, feats, args.seed, rank="auto", smooth_predictions="auto", **size)
                 secs = time.time() - t
                 key = model.method
                 if method != "ridge":
