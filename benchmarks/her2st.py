@@ -12,6 +12,10 @@ Features (frozen, the training-free ``handcrafted`` encoder on 112 px crops):
   spot, each resized to 112 px (1, 2, 3, 5 µm/px), features concatenated;
 - ``grid`` (NH2ST's neighbour branch only): the 5 x 5 windows of 112 µm around the spot (``embed_neighbourhood``).
 
+NH2ST runs on ``own`` only: its neighbour branch reads the 5 x 5 windows in the spot features' own representation
+(``fit_nh2st`` refuses windows of another width), so NH2ST on multi-scale features would need 5 x 5 windows of
+multi-scale features (25 times the multi-scale embedding); its neighbour branch is its own form of context.
+
 Rows, for each feature set ``F``:
 
 - ``mean``: the training mean (correlation 0 by construction); ``one-pattern[F]``: ``fit_ridge(rank=1)``, one
@@ -281,6 +285,8 @@ def main() -> None:
                 ridge = fit("ridge", train, panel, feats, args.seed, crossfit=False)
                 record(f"ridge[{feats}]", hx.tl.impute(query, ridge).layers["ridge"], time.time() - t)
             for method in args.methods:
+                if method == "nh2st" and feats != "own":
+                    continue  # its neighbour branch reads 5 x 5 windows of the spot features (see the docstring)
                 t = time.time()
                 size = {"n_ensemble": members[method]} if method in members else {}
                 model = fit(method, train, panel, feats, args.seed, rank="auto", smooth_predictions="auto", **size)
