@@ -203,3 +203,20 @@ def test_fit_nh2st_and_impute(synth_files, tmp_path, method):
     pred = ad.read_h5ad(out / "predictions.h5ad")
     assert np.isfinite(np.asarray(pred.layers[method])).all()
     assert not any(k.startswith("X_handcrafted") for k in pred.obsm)  # features dropped from the output
+
+
+def test_fit_rank_and_smoothing_options(synth_files, tmp_path, capsys):
+    """`fit --rank/--smooth` reach fit_*; the default chooses both by inner cross-validation; bad values refused."""
+    _, (s0, s1) = synth_files
+    base = ["fit", str(s0), str(s1), "--method", "ridge", "--genes", "10", "--patch-px", "32", "-q"]
+    assert main([*base, "-o", str(tmp_path / "fixed"), "--rank", "2", "--smooth", "none"]) == 0
+    fixed = hx.tl.load_model(tmp_path / "fixed")
+    assert fixed.config["rank"] == 2 and not fixed.config["smooth_predictions"]
+    assert main([*base, "-o", str(tmp_path / "auto")]) == 0
+    auto = hx.tl.load_model(tmp_path / "auto")
+    assert "smooth_scores" in auto.config["params"]  # chosen on the out-of-fold predictions
+    capsys.readouterr()
+    for bad in (["--rank", "0"], ["--rank", "two"], ["--smooth", "1.5"]):
+        assert main([*base, "-o", str(tmp_path / "bad"), *bad]) == 1
+        assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

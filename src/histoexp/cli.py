@@ -211,6 +211,32 @@ def _weights_arg(value: str | None) -> str | None:
     return value
 
 
+def _rank_arg(value: str):
+    """``--rank auto | full | N`` -> ``'auto'``, ``None`` or ``N`` (``fit_*``'s ``rank``)."""
+    if value == "auto":
+        return "auto"
+    if value in ("full", "none"):
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise CLIError(f"--rank {value!r}: expected auto, full or a positive integer (expression axes kept).")
+
+
+def _smooth_arg(value: str):
+    """``--smooth auto | none | W`` -> ``'auto'``, ``None`` or ``W`` in [0, 1) (``fit_*``'s ``smooth_predictions``)."""
+    if value == "auto":
+        return "auto"
+    if value == "none":
+        return None
+    try:
+        w = float(value)
+    except ValueError:
+        w = -1.0
+    if not 0 <= w < 1:
+        raise CLIError(f"--smooth {value!r}: expected auto, none or a weight in [0, 1).")
+    return w or None
+
+
 def _scales_arg(value: str | None) -> tuple[float, ...] | None:
     """``--scales 1,2,3,5`` -> ``(1.0, 2.0, 3.0, 5.0)`` (checked as ``hx.tl.embed_patches`` checks them)."""
     if value is None:
@@ -615,6 +641,7 @@ def cmd_fit(args) -> int:
     weights = _weights_arg(args.weights)
     genes = _genes_arg(args.genes)
     scales = _scales_arg(args.scales)
+    rank, smooth_w = _rank_arg(args.rank), _smooth_arg(args.smooth)
     if scales is not None and args.method == "nh2st":
         raise CLIError(
             "--scales applies to bleep, mclstexp and ridge: NH2ST reads the spot's surroundings itself (its 5 x 5 "
@@ -664,6 +691,7 @@ def cmd_fit(args) -> int:
             rec["window_px_fullres"] = {k: v for r in recs for k, v in r.items()}
     step(f"training {args.method} on {ref.n_obs} spots")
     fit_kw = {"genes": genes, "use_rep": rep, "encoder": args.encoder, "random_state": args.seed}
+    fit_kw.update(rank=rank, smooth_predictions=smooth_w)
     if args.method == "ridge":
         model = hx.tl.fit_ridge(ref, **fit_kw)
     else:
@@ -1049,6 +1077,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: fit_bleep's)")
     p.add_argument("--scales", default=None, help=_SCALES_HELP + "; not with nh2st")
+    p.add_argument(
+        "--rank",
+        default="auto",
+        help="expression axes the predictions are projected on: auto (default, chosen by leave-one-section-out "
+        "inside the references) | full | N",
+    )
+    p.add_argument(
+        "--smooth",
+        default="auto",
+        help="weight of smoothing predictions over neighbouring spots: auto (default, chosen likewise) | none | W",
+    )
     p.add_argument("--patch-px", type=int, default=None, help="patch side in pixels (default 112 handcrafted, 224 CNN)")
     _add_overwrite(p)
     _add_common(p)
