@@ -616,6 +616,16 @@ def cmd_demo(args) -> int:
     feats = f"{args.encoder} features" + (f" at scales {','.join(f'{v:g}' for v in scales)}" if scales else "")
     print(f"\nHER2ST {test} predicted from {', '.join(train)} ({feats}; rank and smoothing by inner CV):")
     print(_format_table(summary))
+    oof = {
+        name: (m.config.get("crossfit") or {}).get("oof_pcc_mean") for name, m in (("BLEEP", model), ("ridge", ridge))
+    }
+    if all(v is not None for v in oof.values()):
+        best = max(oof, key=oof.get)
+        print(
+            "inner CV (training sections held out in turn, PCC@M): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in oof.items())
+            + f" -> {best} is the configuration to use on an unmeasured slide"
+        )
     print(f"spatial domains ARI (predicted vs measured): {ari:.3f}")
     print("best-predicted genes: " + ", ".join(f"{g} {v:.2f}" for g, v in per_gene["pcc"].head(10).items()))
     for g in DEMO_GENES:
