@@ -170,6 +170,14 @@ def cached(cache: Path | None, name: str, fn):
     return x
 
 
+def multiscale(adata) -> np.ndarray:
+    """Handcrafted features of the 112 µm patch and its 2x, 3x, 5x context, each at 112 px, concatenated."""
+    tmp = adata.copy()
+    hx.pp.extract_patches(tmp, size_um=112, patch_px=112, store="none", key_added="p")
+    hx.tl.embed_patches(tmp, "handcrafted", patches_key="p", key_added="X", scales=(1, 2, 3, 5))
+    return np.asarray(tmp.obsm["X"], dtype=np.float32)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
@@ -181,8 +189,16 @@ def main() -> None:
     p.add_argument("--no-neural", action="store_true", help="skip the neural (SGN) rows")
     p.add_argument("--neural", nargs="+", default=list(NEURAL), help="neural variants to run")
     p.add_argument("--cache", default=None, help="folder caching features and gene embeddings")
-    p.add_argument("--out", default=str(HERE / "results" / "her2st_zeroshot"))
+    p.add_argument(
+        "--features",
+        default="own",
+        choices=["own", "ms"],
+        help="image features: own (the 112 µm patch) or ms (scales 1, 2, 3, 5 of it, embed_patches(scales=...))",
+    )
+    p.add_argument("--out", default=None, help="results path without suffix (default results/her2st_zeroshot[_ms])")
     args = p.parse_args()
+    if args.out is None:
+        args.out = str(HERE / "results" / ("her2st_zeroshot" if args.features == "own" else "her2st_zeroshot_ms"))
     hx.settings.progress = False
     hx.settings.device = "cpu"
     t_start = time.time()
@@ -208,11 +224,16 @@ def main() -> None:
     table = emb.loc[panel]
     log(f"C2..C6 {adata.n_obs} spots; panel {len(panel)} genes with embeddings (without: {missing})")
     for name, fn in (
-        ("handcrafted", lambda: embed(adata, "handcrafted", patch_px=112, size_um=112)),
+        ("handcrafted", lambda: embed(adata, "handcrafted", patch_px=112, size_um=112))
+        if args.features == "own"
+        else ("handcrafted_ms", lambda: multiscale(adata)),
         ("nuclei", lambda: nuclei_quadrants(adata)),
     ):
         t = time.time()
-        adata.obsm[f"X_{name}"] = cached(cache, f"{name}.npy", fn)
+        # every model reads obsm['X_handcrafted']: the chosen features
+        adata.obsm["X_handcrafted" if name.startswith("handcrafted") else f"X_{name}"] = cached(
+            cache, f"{name}.npy", fn
+        )
         timings[f"features_{name}"] = time.time() - t
     neural = [] if args.no_neural else list(args.neural)
 
@@ -355,7 +376,12 @@ def main() -> None:
             "targets": "log1p(normalize_total 1e4) of the her2st 785-gene panel",
             "gene_embeddings": emb.attrs.get("histoexp") or f"coexpression, {args.n_components} dims (cached)",
             "embedding_sections": others,
-            "features": "handcrafted encoder, 112 um patches at 112 px; nuclei: 6 nuclei stats x 4 quadrants",
+            "features": (
+                "handcrafted encoder, 112 um patches at 112 px"
+                if args.features == "own"
+                else "handcrafted encoder on 112/224/336/560 um crops at 112 px (embed_patches scales 1, 2, 3, 5)"
+            )
+            + "; nuclei: 6 nuclei stats x 4 quadrants",
             "neural_variants": {n: {"genes_per_step": 128, **NEURAL[n]} for n in neural},
         },
         "sections": per_section,
@@ -391,8 +417,8 @@ def report(result: dict, methods: list[str], zs_rows: list[str], by_fold, folds:
         "panel genes with an embedding (seed "
         f"{st['gene_seed']}). Each gene is predicted on the held-out section by a model that never saw its counts in "
         "C2..C6 (zero-shot rows) or by the supervised rows trained on them. Gene embeddings: 64-d co-expression of "
-        f"{len(st['embedding_sections'])} count-only sections of patients A, B, D-H. Handcrafted features (112 µm, "
-        "112 px). CONTROL = the same model with the embeddings shuffled among the panel genes (CONTROL[all genes]: "
+        f"{len(st['embedding_sections'])} count-only sections of patients A, B, D-H. Features: {st['features']}. "
+        "CONTROL = the same model with the embeddings shuffled among the panel genes (CONTROL[all genes]: "
         "among the whole table's 11,927 genes). Gene-specific PCC: "
         "partial r given the section's score on the first training axis (EVALUATION.md); specific-2: given its scores "
         "on the first two training axes (see the script's docstring). Mean over the held-out sections:",
