@@ -140,13 +140,13 @@ def fit_zeroshot(
 
     On her2st (``benchmarks/her2st_zeroshot.py``: leave-one-section-out over C2..C6 x five gene folds of the
     785-gene panel, every unseen gene's counts kept out of everything in C2..C6; handcrafted features; 64-d
-    co-expression embeddings of the 29 count-only sections of patients A, B, D-H), unseen genes reach PCC@M 0.135
-    against 0.094 for the shuffled control (ahead by at least 0.017 on every held-out section), 109 % of ridge
+    co-expression embeddings of the 29 count-only sections of patients A, B, D-H), unseen genes reach PCC@M 0.140
+    against 0.096 for the shuffled control (ahead by at least 0.023 on every held-out section), 113 % of ridge
     trained on those very genes (0.124). The **gene-specific** PCC@M (given the first training axis) does not
-    beat the control (0.082 vs 0.097; not established why: a control gene takes some other gene's loadings, which
-    may still follow a second pattern most genes share). Given the first two axes the model keeps 0.015 against
-    0.006 (ahead on every section and gene fold, by less than 0.01): the embeddings place a gene on the shared
-    axes well, and say little about its own pattern beyond them.
+    beat the control (0.089 vs 0.099; not established why: a control gene takes some other gene's loadings, which
+    may still follow a second pattern most genes share). Given the first two axes the model keeps 0.018 against
+    0.007 (ahead on every section and gene fold, by less than 0.02 on each): the embeddings place a gene on the
+    shared axes well, and say little about its own pattern beyond them.
 
     ``method='neural'``: SGN's form and the Deep Association parts, each measured against its control there:
 
