@@ -62,11 +62,21 @@ def shared_axis_scores(truth: np.ndarray, mean: np.ndarray, loading: np.ndarray)
 
 
 def _residualise(x: np.ndarray, s: np.ndarray | None) -> np.ndarray:
-    """Columns of ``x`` minus their least-squares fit on ``[1, s]`` (only the mean when ``s`` is None/constant)."""
+    """Columns of ``x`` minus their least-squares fit on ``[1, s]`` (only the mean when ``s`` is None/constant).
+
+    ``s`` is one covariate ``(n,)`` or several ``(n, k)`` (e.g. the scores on the first ``k`` shared axes).
+    """
     xc = x - x.mean(0)
     if s is None:
         return xc
-    sc = np.asarray(s, dtype=np.float64).ravel()
+    sc = np.asarray(s, dtype=np.float64)
+    if sc.ndim == 2 and sc.shape[1] > 1:
+        sc = sc - sc.mean(0)
+        # an orthonormal basis of the covariates' span; directions that are (numerically) constant add nothing
+        u, sv, _ = np.linalg.svd(sc, full_matrices=False)
+        q = u[:, sv > np.sqrt(_EPS) * max(1.0, float(np.abs(sc).max(initial=0.0))) * np.sqrt(len(sc))]
+        return xc - q @ (q.T @ xc)
+    sc = sc.ravel()
     sc = sc - sc.mean()
     ss = float(sc @ sc)
     if ss <= _EPS * max(1.0, float(np.abs(sc).max(initial=0.0)) ** 2):
@@ -75,7 +85,7 @@ def _residualise(x: np.ndarray, s: np.ndarray | None) -> np.ndarray:
 
 
 def partial_pearson(pred: np.ndarray, truth: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column partial correlation of ``pred`` and ``truth`` given ``[1, s]``.
+    """Per-column partial correlation of ``pred`` and ``truth`` given ``[1, s]`` (``s``: ``(n,)`` or ``(n, k)``).
 
     Returns ``(r, constant)``: ``r`` (NaN where the truth residual is constant, 0 where only the prediction's
     residual is) and a boolean mask of columns whose prediction residual is constant. With ``s=None`` this is

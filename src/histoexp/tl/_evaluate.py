@@ -54,6 +54,10 @@ def gene_metrics(
         expression, centred on the *training* mean, projected on the first principal axis of the training
         expression: :func:`histoexp.tl.shared_axis`), ``'truth'`` (default: the first principal component of
         ``truth`` itself, the fallback when the training axis is not known) or ``None`` (no gene-specific columns).
+        An array ``(n_spots, k)`` (``hx.tl.shared_axis(..., n_axes=k)``) partials out the scores on the first
+        ``k`` training axes together: a stricter figure where a second pattern is shared by most genes (on her2st
+        the first axis is a tumour/stroma contrast and the second the sequencing-depth pattern; see the zero-shot
+        page of the docs).
     coords
         ``(n_spots, 2)`` spot positions: adds the spatial significance of the gene-specific PCC (below).
     groups
@@ -151,11 +155,16 @@ def _specific_columns(out, idx, p, t, shared_axis, keep, coords, groups) -> None
         s = _truth_pc1(t)
         out.attrs["shared_axis"] = "PC1 of the evaluated truth (no training axis given)"
     else:
-        s_all = np.asarray(shared_axis, dtype=np.float64).ravel()
-        if len(s_all) != len(keep) or not np.isfinite(s_all).all():
-            raise ValueError(f"`shared_axis` must be {len(keep)} finite numbers (one per spot), got {len(s_all)}.")
+        s_all = np.asarray(shared_axis, dtype=np.float64)
+        if s_all.ndim == 2 and s_all.shape[1] == 1:
+            s_all = s_all[:, 0]
+        if s_all.ndim not in (1, 2) or len(s_all) != len(keep) or s_all.size == 0 or not np.isfinite(s_all).all():
+            raise ValueError(
+                f"`shared_axis` must be {len(keep)} finite numbers (one per spot), or an array ({len(keep)}, k) of "
+                f"scores on k shared axes, got shape {s_all.shape}."
+            )
         s = s_all[keep]
-        out.attrs["shared_axis"] = "given"
+        out.attrs["shared_axis"] = "given" if s.ndim == 1 else f"given ({s.shape[1]} axes)"
     r, _ = partial_pearson(p, t, s)
     ok = out["status"].iloc[idx].to_numpy() != "constant_truth"
     r[~ok] = np.nan
@@ -170,7 +179,7 @@ def _specific_columns(out, idx, p, t, shared_axis, keep, coords, groups) -> None
     from .._stats import _residualise
 
     n_eff = spatial_effective_n(_residualise(p, s), _residualise(t, s), xy)
-    pval = specific_pvalues(r, n_eff, n_covariates=1)
+    pval = specific_pvalues(r, n_eff, n_covariates=1 if s.ndim == 1 else s.shape[1])
     pval[~ok] = np.nan
     out["pcc_specific_pval"] = np.nan
     out["pcc_specific_qval"] = np.nan
@@ -206,7 +215,7 @@ def _separate_groups(xy: np.ndarray, groups) -> np.ndarray:
     return out
 
 
-def shared_axis(truth: np.ndarray, train_expression: np.ndarray) -> np.ndarray:
+def shared_axis(truth: np.ndarray, train_expression: np.ndarray, n_axes: int = 1) -> np.ndarray:
     """Scores of a section's spots on the shared axis of the training expression (an evaluation device).
 
     The first principal axis of ``train_expression`` (spots x genes, log-normalised, centred on its mean) is the
@@ -220,19 +229,29 @@ def shared_axis(truth: np.ndarray, train_expression: np.ndarray) -> np.ndarray:
         ``(n_spots, n_genes)`` measured expression of the evaluated section.
     train_expression
         ``(n_train_spots, n_genes)`` expression of the training spots, same genes and normalisation.
+    n_axes
+        Number of leading training axes: ``1`` (default, the definition of the gene-specific PCC) returns
+        ``(n_spots,)``; ``k > 1`` returns the scores on the first ``k`` axes, ``(n_spots, k)``, for the stricter
+        figure that partials them out together (:func:`gene_metrics`).
     """
     from .._stats import expression_axes, shared_axis_scores
 
+    if isinstance(n_axes, bool) or not isinstance(n_axes, (int, np.integer)) or n_axes < 1:
+        raise ValueError(f"`n_axes` must be a positive integer, got {n_axes!r}.")
     truth = np.asarray(truth, dtype=np.float64)
     train = np.asarray(train_expression, dtype=np.float64)
     if truth.ndim != 2 or train.ndim != 2 or truth.shape[1] != train.shape[1]:
         raise ValueError(
             f"`truth` and `train_expression` must be 2-d with the same genes, got {truth.shape} and {train.shape}."
         )
-    mean, axes = expression_axes(train, 1)
+    mean, axes = expression_axes(train, n_axes)
     if axes.shape[1] == 0:
         raise ValueError("`train_expression` is constant: it has no shared axis.")
-    return shared_axis_scores(truth, mean, axes[:, 0])
+    if axes.shape[1] < n_axes:
+        raise ValueError(f"`train_expression` has {axes.shape[1]} principal axes, fewer than n_axes={n_axes}.")
+    if n_axes == 1:
+        return shared_axis_scores(truth, mean, axes[:, 0])
+    return (truth - mean) @ axes
 
 
 def summarize(table: pd.DataFrame, *, n_top: int = 50, n_spots: int | None = None, fdr: float = 0.05) -> dict:
@@ -413,7 +432,8 @@ def evaluate(
     shared_axis
         The shared axis of the spots: ``None`` (default) reads ``obs[f'{layer}_shared_axis']`` (written by
         :func:`histoexp.tl.impute`), else the first principal component of the measurement itself (recorded in
-        the summary's ``shared_axis``); an array of one value per spot; ``'truth'`` forces the fallback.
+        the summary's ``shared_axis``); an array of one value per spot (or ``(n_obs, k)``: scores on ``k`` axes,
+        partialled out together, see :func:`gene_metrics`); ``'truth'`` forces the fallback.
     significance
         Compute the spatial significance of the gene-specific PCC (needs ``obsm['spatial']``; spots of several
         sections in ``obs['library_id']`` are kept apart).
