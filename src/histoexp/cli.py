@@ -956,6 +956,7 @@ def gene_table(pred, key: str):
         "expected_pcc_sd",
         "expected_pcc_specific",
         "expected_pcc_specific_sd",
+        "expected_pcc_control",
         "expected_specific",
     ):
         if col in pred.var:

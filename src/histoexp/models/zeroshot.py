@@ -348,12 +348,20 @@ class ZeroshotModel(RegressionModel):
         A gene outside the training genes gets the mean, over its ``config['crossfit']['neighbours']`` nearest
         training genes in the embedding table (cosine), of their accuracy when they were held out of training
         (gene-fold cross-fitting, ``arrays['zeroshot_pcc']``, ``arrays['zeroshot_pcc_specific']``: genes x
-        held-out sections); the ``expected_specific`` rule is applied to that mean.
+        held-out sections). ``expected_pcc_control`` is the same mean for the shuffled-embedding control
+        (``arrays['zeroshot_pcc_control']``): what the gene's map would score knowing nothing about the gene. Such
+        a gene is ``expected_specific`` when its neighbours' PCC is ahead of the control's by at least
+        ``specific_min`` on average and in every held-out section (a one-axis gene-specific r is not used here:
+        the control keeps a high one from the patterns most genes share). Models saved without the control's
+        table apply the training genes' rule to ``expected_pcc_specific``.
         """
         base = super().expected_for(genes)
         zs_pcc, zs_spec = self.arrays.get("zeroshot_pcc"), self.arrays.get("zeroshot_pcc_specific")
+        zs_ctrl = self.arrays.get("zeroshot_pcc_control")
         if base is None or zs_pcc is None or zs_spec is None:
             return base
+        if zs_ctrl is not None:
+            base["expected_pcc_control"] = np.nan
         trained = set(self.genes)
         others = [g for g in genes if g not in trained and g in set(self.embedding_genes)]
         if not others:
@@ -381,6 +389,11 @@ class ZeroshotModel(RegressionModel):
                 "expected_pcc_specific_sd": np.nanstd(spec, 1),
                 "expected_specific": (np.nanmean(spec, 1) >= rule) & (np.nanmin(spec, 1) > 0),
             }
+            if zs_ctrl is not None:
+                ctrl = np.nanmean(np.asarray(zs_ctrl, dtype=np.float64)[nearest], axis=1)
+                margin = pcc - ctrl
+                values["expected_pcc_control"] = np.nanmean(ctrl, 1)
+                values["expected_specific"] = (np.nanmean(margin, 1) >= rule) & (np.nanmin(margin, 1) > 0)
         out = base.copy()
         for col, v in values.items():
             if col in out:

@@ -374,7 +374,9 @@ def impute(
     ``var['expected_pcc']`` ...           cross-fitted models: the expected accuracy of each model gene on a new
                                           section (``expected_pcc``, ``expected_pcc_sd``, ``expected_pcc_specific``,
                                           ``expected_pcc_specific_sd``, ``expected_specific``; NaN / False for
-                                          genes outside the model's genes), from held-out training sections
+                                          genes outside the model's genes), from held-out training sections;
+                                          zero-shot models also cover unseen genes and add
+                                          ``expected_pcc_control`` (the shuffled-embedding control's)
     ``layers['<key_added>_lower']``       cross-fitted models with ``interval`` set: the lower bound of each spot's
                                           split-conformal prediction interval (NaN outside the model's genes);
                                           ``layers['<key_added>_upper']`` the upper bound

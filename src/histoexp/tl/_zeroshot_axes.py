@@ -146,14 +146,21 @@ def fit_axes(
     coef, intercept, a_img = ridge_per_output(z, scores, groups, image_alphas, random_state)
     if inputs is None:
         return AxesFit(coef, intercept, a_img, axes, mean, np.zeros(0), mean, axes)
-    # the map learns each gene's loadings per unit of its standard deviation (every gene weighs the same, as in a
-    # mean per-gene Pearson), its mean and its log standard deviation (the scale, for the expression's level)
-    sd = np.maximum(y.std(0), SD_FLOOR)
+    loadings, levels, a_map = map_genes(axes, mean, y.std(0), inputs, seen_rows, target_rows, map_alphas)
+    return AxesFit(coef, intercept, a_img, loadings, levels, a_map, mean, axes)
+
+
+def map_genes(axes, mean, sd, inputs, seen_rows, target_rows, map_alphas=MAP_ALPHAS):
+    """Map gene inputs to loadings ``(n_target, k)``, levels and the map's penalties (:func:`fit_axes`' gene side).
+
+    The map learns each training gene's loadings per unit of its standard deviation ``sd`` (every gene weighs the
+    same, as in a mean per-gene Pearson), its mean and its log standard deviation (the scale, for the level).
+    """
+    sd = np.maximum(np.asarray(sd, dtype=np.float64), SD_FLOOR)
     targets = np.concatenate([axes / sd[:, None], mean[:, None], np.log(sd)[:, None]], axis=1)
     pred, a_map = embedding_map(inputs[seen_rows], targets, inputs[target_rows], map_alphas)
     k = axes.shape[1]
-    loadings = pred[:, :k] * np.exp(pred[:, k + 1])[:, None]
-    return AxesFit(coef, intercept, a_img, loadings, pred[:, k], a_map, mean, axes)
+    return pred[:, :k] * np.exp(pred[:, k + 1])[:, None], pred[:, k], a_map
 
 
 def max_rank(n_spots: int, n_genes: int) -> int:
