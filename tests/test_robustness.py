@@ -7,7 +7,6 @@ imported once) in the middle of checkpoint, h5ad and model writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,23 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import snapshot
 
 import histoexp as hx
 from histoexp import _fs
 from histoexp.cli import main
 
 SRC = str(Path(hx.__file__).resolve().parents[1])
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (``'dir'`` for folders): equal snapshots = untouched."""
-    root = Path(root)
-    if root.is_file():
-        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def user_folder(path: Path) -> Path:

@@ -22,6 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _helpers import snapshot
 
 import histoexp as hx
 from histoexp.cli import main
@@ -29,17 +30,6 @@ from histoexp.cli import main
 SRC = str(Path(hx.__file__).resolve().parents[1])
 PX = 16  # patch side of the training features
 N_GENES = 20
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (hidden ones too; ``'dir'`` for folders): equal = untouched."""
-    root = Path(root)
-    if root.is_file():
-        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def state(a: ad.AnnData) -> tuple:
