@@ -383,6 +383,14 @@ def test_axes_unseen_genes_own_patterns_beat_the_shuffled_control(own):
     ctrl_out = hx.tl.impute(test, ctrl, genes=seen[:2] + unseen, interval=None)
     assert ctrl_out.var.loc[unseen, "expected_specific"].sum() <= 3
     assert ctrl_out.var.loc[seen[:2], "expected_pcc_control"].isna().all()
+    # gene_map's title line says so
+    from histoexp.pl._spatial import _expected_note
+
+    flagged = [g for g in unseen if out.var.loc[g, "expected_specific"]]
+    assert "(control 0." in _expected_note(out, flagged[0], with_r=True)
+    assert "not expected to beat" not in _expected_note(out, flagged[0], with_r=True)
+    assert "not expected to beat the shuffled-embedding control" in _expected_note(ctrl_out, unseen[0], with_r=True)
+    assert "control" not in _expected_note(ctrl_out, seen[0], with_r=True)
     # evaluate separates training genes from the others
     both = hx.tl.impute(test, model, genes=seen[:10] + unseen, interval=None)
     hx.tl.evaluate(both, layer="zeroshot", significance=False)

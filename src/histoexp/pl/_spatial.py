@@ -255,7 +255,8 @@ def gene_map(
     trust each map: without a measurement the title gives the gene's expected Pearson r on a new section
     (± its spread over the cross-fitting folds), and a gene not expected to carry gene-specific signal
     (``var['expected_specific']`` False: its map is expected to follow the spatial pattern most genes share) is
-    marked "shared pattern only".
+    marked "shared pattern only". A zero-shot model's unseen gene also shows the expected r of the
+    shuffled-embedding control (``var['expected_pcc_control']``), and is marked when it is not expected to beat it.
 
     Spots are drawn at their physical size (``spot_diameter_fullres``; tiles of
     :func:`histoexp.pp.tile_tissue` as squares of the tile size), cropped to the tissue, with a µm scale
@@ -417,11 +418,21 @@ def _expected_note(adata: AnnData, gene: str, *, with_r: bool) -> str:
     if r is None or not np.isfinite(r):
         return "\nno expected accuracy (outside the model's genes)" if with_r else ""
     parts = []
+    # a zero-shot model's unseen gene is judged against the shuffled-embedding control (expected_pcc_control)
+    ctrl = row.get("expected_pcc_control") if "expected_pcc_control" in adata.var else None
+    unseen = ctrl is not None and np.isfinite(ctrl)
     if with_r:
         sd = row.get("expected_pcc_sd")
-        parts.append(f"expected r {r:.2f}" + (f" ± {sd:.2f}" if sd is not None and np.isfinite(sd) else ""))
+        parts.append(
+            f"expected r {r:.2f}"
+            + (f" ± {sd:.2f}" if sd is not None and np.isfinite(sd) else "")
+            + (f" (control {ctrl:.2f})" if unseen else "")
+        )
     if "expected_specific" in adata.var and not bool(row["expected_specific"]):
-        parts.append("shared pattern only (no gene-specific signal expected)")
+        if unseen:
+            parts.append("not expected to beat the shuffled-embedding control")
+        else:
+            parts.append("shared pattern only (no gene-specific signal expected)")
     return ("\n" + " · ".join(parts)) if parts else ""
 
 
