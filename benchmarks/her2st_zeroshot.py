@@ -170,6 +170,29 @@ def cached(cache: Path | None, name: str, fn):
     return x
 
 
+def common_args(p: argparse.ArgumentParser, out_name: str) -> None:
+    """The arguments every her2st zero-shot script shares: data, cache, seeds, output path."""
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--cache", default=None, help="folder caching features and gene embeddings")
+    p.add_argument("--gene-seed", type=int, default=0, help="seed of the five gene folds")
+    p.add_argument("--seed", type=int, default=0, help="model seed and the controls' shuffle seed")
+    p.add_argument("--out", default=str(HERE / "results" / out_name), help="results path without suffix")
+
+
+def supervised_baselines(train, query, genes: list[str], rep: str) -> dict[str, np.ndarray]:
+    """The protocol's reference rows on ``genes`` (trained on their counts): mean, one-pattern, ridge (predictions)."""
+    kw = {"genes": genes, "use_rep": rep, "crossfit": False, "overwrite": True}
+    ridge = hx.tl.fit_ridge(train, **kw)
+    one = hx.tl.fit_ridge(train, rank=1, **kw)
+    out = {
+        "ridge (supervised)": hx.tl.impute(query, ridge, interval=None).layers["ridge"],
+        "one-pattern (supervised)": hx.tl.impute(query, one, interval=None).layers["ridge"],
+    }
+    level = np.asarray(ridge.config["expression_mean"], np.float32)
+    out["mean"] = np.broadcast_to(level, out["ridge (supervised)"].shape)
+    return out
+
+
 def multiscale(adata) -> np.ndarray:
     """Handcrafted features of the 112 µm patch and its 2x, 3x, 5x context, each at 112 px, concatenated."""
     tmp = adata.copy()

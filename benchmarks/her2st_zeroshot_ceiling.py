@@ -19,6 +19,8 @@ among the panel genes (``hx.tl.shuffle_embedding_table``'s permutation). Rows:
   counts in the training sections (what a perfect embedding would give; not zero-shot);
 - ``CEILING supervised``: the same reduced-rank model trained on the unseen genes' own counts (axes of their own
   expression; not zero-shot);
+- ``mean``, ``one-pattern (supervised)``, ``ridge (supervised)``: the protocol's reference rows, trained on the
+  unseen genes' own counts (``hx.tl.fit_ridge``, ``rank=1`` for one-pattern), judged against the default's control;
 - ``... no axis-1 term``: the same predictions without the first axis' term (a diagnostic, not a method): the
   gene-specific PCC partials out the *measured* first-axis score, so the error of the *predicted* one stays in
   the prediction's residual, in proportion to the gene's first-axis loading.
@@ -53,7 +55,15 @@ from histoexp.tl._zeroshot_axes import embedding_inputs, fit_axes
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from her2st_bleep import SECTIONS, embed  # noqa: E402
-from her2st_zeroshot import cached, log, machine, multiscale, residualise  # noqa: E402
+from her2st_zeroshot import (  # noqa: E402
+    cached,
+    common_args,
+    log,
+    machine,
+    multiscale,
+    residualise,
+    supervised_baselines,
+)
 
 INPUTS = ("coexpression-64", "coexpression-128", "coexpression-64 +level", "coexpression-64 +bank loadings")
 CEILINGS = ("CEILING own loadings", "CEILING supervised")
@@ -139,6 +149,26 @@ def run(features: np.ndarray, truth: np.ndarray, lib: np.ndarray, tables: dict, 
     return res, ctrl
 
 
+def baselines(adata, features, truth, lib, panel, fold_of) -> dict[str, np.ndarray]:
+    """Mean, one-pattern and ridge trained on each fold's genes (``hx.tl.fit_ridge``): {row: (sections, folds, 3)}."""
+    out: dict[str, np.ndarray] = {}
+    for i, test in enumerate(SECTIONS):
+        tr, te = lib != test, lib == test
+        train, query = adata[tr].copy(), adata[te].copy()
+        train.obsm["X_f"], query.obsm["X_f"] = features[tr], features[te]
+        mean_tr, axes_tr = expression_axes(truth[tr], 2)
+        s2 = (truth[te] - mean_tr) @ axes_tr
+        for f in range(5):
+            held = np.flatnonzero(fold_of == f)
+            preds = supervised_baselines(train, query, [panel[j] for j in held], "X_f")
+            for name, pred in preds.items():
+                out.setdefault(name, np.zeros((len(SECTIONS), 5, 3)))[i, f] = scores3(
+                    np.asarray(pred, np.float64), truth[te][:, held], s2
+                )
+        log(f"baselines: {test} done")
+    return out
+
+
 def check_against_library(adata, features, panel, table64, fold_of, rank: int) -> float:
     """Largest |difference| between the numpy core and ``hx.tl.fit_zeroshot`` (C2 held out, gene fold 0)."""
     lib = adata.obs["library_id"].astype(str).to_numpy()
@@ -169,13 +199,9 @@ def check_against_library(adata, features, panel, table64, fold_of, rank: int) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
-    p.add_argument("--cache", default=None, help="folder caching features and gene embeddings")
+    common_args(p, "her2st_zeroshot_ceiling")
     p.add_argument("--features", nargs="+", default=["own", "ms"], choices=["own", "ms"])
     p.add_argument("--ranks", type=int, nargs="+", default=[3, 8, 16])
-    p.add_argument("--gene-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE / "results" / "her2st_zeroshot_ceiling"))
     args = p.parse_args()
     hx.settings.progress = False
     hx.settings.device = "cpu"
@@ -219,8 +245,10 @@ def main() -> None:
     assert check < 1e-3, check
     results = {}
     for fname, x in feats.items():
+        base = baselines(adata, x, truth, lib, panel, fold_of)
         for rank in args.ranks:
             res, ctrl = run(x, truth, lib, tables, (bank_c, bank_sd), fold_of, perm, rank)
+            res = {**base, **res}
             default = ctrl["coexpression-64"]
             results[f"{fname}/{rank}"] = {}
             for r in res:
