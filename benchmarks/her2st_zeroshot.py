@@ -179,6 +179,16 @@ def common_args(p: argparse.ArgumentParser, out_name: str) -> None:
     p.add_argument("--out", default=str(HERE / "results" / out_name), help="results path without suffix")
 
 
+def write_results(out: str | Path, result: dict, text: str) -> None:
+    """Write ``out``.json and ``out``.md, each through a temporary file (no half-written result on a kill)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, body in ((".json", json.dumps(result, indent=1, default=str)), (".md", text + "\n")):
+        tmp = out.with_name(f".{out.name}{suffix}.tmp")
+        tmp.write_text(body)
+        os.replace(tmp, out.with_suffix(suffix))
+
+
 def supervised_baselines(train, query, genes: list[str], rep: str) -> dict[str, np.ndarray]:
     """The protocol's reference rows on ``genes`` (trained on their counts): mean, one-pattern, ridge (predictions)."""
     kw = {"genes": genes, "use_rep": rep, "crossfit": False, "overwrite": True}

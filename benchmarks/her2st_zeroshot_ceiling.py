@@ -39,7 +39,6 @@ Writes ``benchmarks/results/her2st_zeroshot_ceiling.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -63,6 +62,7 @@ from her2st_zeroshot import (  # noqa: E402
     multiscale,
     residualise,
     supervised_baselines,
+    write_results,
 )
 
 INPUTS = ("coexpression-64", "coexpression-128", "coexpression-64 +level", "coexpression-64 +bank loadings")
@@ -273,11 +273,8 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = report(result)
-    out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, result, text)
     print(text)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,7 +39,14 @@ import histoexp as hx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from her2st_bleep import SECTIONS, embed  # noqa: E402
-from her2st_zeroshot import cached, common_args, log, machine, supervised_baselines  # noqa: E402
+from her2st_zeroshot import (  # noqa: E402
+    cached,
+    common_args,
+    log,
+    machine,
+    supervised_baselines,
+    write_results,
+)
 
 
 def old_rule_flags(model, genes: list[str]) -> np.ndarray:
@@ -196,11 +202,8 @@ def main() -> None:
         },
         "seconds": round(time.time() - t0, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = report(result)
-    out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, result, text)
     print(text)
 
 
